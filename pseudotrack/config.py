@@ -1,0 +1,120 @@
+"""One typed configuration object per labelling round.
+
+Everything a round does is decided by a `RoundConfig`, so the same object
+drives the CLI, the Prefect flow parameters and the tests, and a round can be
+reproduced from the copy saved under `runs/<round>/config.json`.
+Defaults follow the CoTracker3 recipe (DESIGN.md, "The recipe's defaults").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg")
+MISSING_CAPTION_POLICIES = ("keep", "drop", "fail")
+
+
+@dataclass
+class RoundConfig:
+    """A labelling round: where videos come from, where results go, and the recipe.
+
+    teachers: registry names, optionally `name=checkpoint_path` to name a file
+    (e.g. a student checkpoint becoming the next round's teacher).
+    videos: label at most this many eligible videos, taken in a stable order so
+    a larger round contains a smaller one and reuses its labels.
+    """
+
+    bucket: str
+    workspace: str
+    round_id: str | None = None
+    videos: int | None = None
+    teachers: list[str] = field(default_factory=lambda: ["lk"])
+    teachers_per_clip: int = 1
+    checkpoints: str | None = None
+    seed: int = 0
+    batch_size: int = 32
+    workers: int = 1
+    device: str = "auto"
+    # clips (§3.1): 384x512, 64 frames for an online student, random stride 1..4
+    height: int = 384
+    width: int = 512
+    num_frames: int = 64
+    max_stride: int = 4
+    min_frames: int = 16
+    # queries (App. A): SIFT on 8 keyframes biased to the start, 384 tracks per clip
+    num_queries: int = 384
+    num_keyframes: int = 8
+    # caption filter
+    rules: str | None = None
+    captions: str | None = None
+    missing_caption: str | None = None  # None: the rules file decides
+    # shards
+    shard_max_bytes: int = 512 * 1024 * 1024
+    shard_max_samples: int = 256
+    retry_failed: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if not self.bucket:
+            problems.append("bucket is empty: give a local directory or s3://bucket/prefix")
+        if not self.workspace:
+            problems.append("workspace is empty: give a local directory or s3://bucket/prefix")
+        if not self.teachers:
+            problems.append("no teachers configured: pass at least one, e.g. --teacher lk")
+        if self.teachers_per_clip < 1 or self.teachers_per_clip > max(1, len(self.teachers)):
+            problems.append(
+                f"teachers_per_clip={self.teachers_per_clip} must be between 1 and the number of "
+                f"teachers ({len(self.teachers)})"
+            )
+        if self.videos is not None and self.videos < 1:
+            problems.append(f"videos={self.videos} must be a positive number (or unset for all)")
+        for name in ("batch_size", "workers", "num_frames", "num_queries", "num_keyframes", "max_stride"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if self.height % 2 or self.width % 2 or self.height < 16 or self.width < 16:
+            problems.append(f"label resolution {self.height}x{self.width} must be even and at least 16x16")
+        if not 1 <= self.min_frames <= self.num_frames:
+            problems.append(f"min_frames={self.min_frames} must be between 1 and num_frames={self.num_frames}")
+        if self.missing_caption is not None and self.missing_caption not in MISSING_CAPTION_POLICIES:
+            problems.append(
+                f"missing_caption={self.missing_caption!r}: choose one of {', '.join(MISSING_CAPTION_POLICIES)}"
+            )
+        if self.round_id is not None:
+            from .storage.layout import validate_round_id
+
+            try:
+                validate_round_id(self.round_id)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("invalid round configuration: " + "; ".join(problems))
+
+    def teacher_entries(self) -> list[tuple[str, str | None]]:
+        """(name, explicit checkpoint or None) for each configured teacher."""
+        entries = []
+        for entry in self.teachers:
+            name, _, path = entry.partition("=")
+            entries.append((name.strip(), path.strip() or None))
+        return entries
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RoundConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown round configuration keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> RoundConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,290 @@
+"""The `pseudotrack` command line.
+
+Heavy modules (torch, prefect) are imported inside the commands, so `--help`
+is instant and Prefect's settings can be defaulted before Prefect loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="pseudotrack",
+    help="Pseudo-label real videos with frozen point trackers and fine-tune a student tracker on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def _counts_table(title: str, counts: dict, column: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column(column)
+    table.add_column("videos", justify="right")
+    for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))):
+        table.add_row(str(name), str(count))
+    return table
+
+
+@app.command("round")
+def round_command(
+    bucket: Annotated[str, typer.Option(help="Source videos: a local directory or s3://bucket/prefix.")],
+    workspace: Annotated[
+        str, typer.Option(help="Where the catalog, shards and reports go: a local directory or s3://bucket/prefix.")
+    ],
+    videos: Annotated[
+        int | None, typer.Option(help="Label at most this many eligible videos (stable order). Default: all.")
+    ] = None,
+    teacher: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Teacher name, repeatable, optionally NAME=CHECKPOINT. Default: lk. Known: lk, cotracker3_online, "
+            "cotracker3_offline, cotracker2, tapir, bootstapir."
+        ),
+    ] = None,
+    teachers_per_clip: Annotated[int, typer.Option(help="Teachers run on each clip, chosen at random.")] = 1,
+    checkpoints: Annotated[
+        str | None, typer.Option(help="Directory holding the official checkpoint files of the neural teachers.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for strides, keyframes, queries and teacher choice.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Videos per label batch (the unit of work).")] = 32,
+    workers: Annotated[int, typer.Option(help="Label batches run at the same time in this process.")] = 1,
+    round_id: Annotated[
+        str | None, typer.Option(help="Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: new.")
+    ] = None,
+    frames: Annotated[int, typer.Option(help="Frames per clip (64 for an online student, up to 80 offline).")] = 64,
+    height: Annotated[int, typer.Option(help="Clip height in pixels (even).")] = 384,
+    width: Annotated[int, typer.Option(help="Clip width in pixels (even).")] = 512,
+    max_stride: Annotated[int, typer.Option(help="Frame stride is drawn from 1..max-stride.")] = 4,
+    queries: Annotated[int, typer.Option(help="Query points (tracks) per clip.")] = 384,
+    keyframes: Annotated[int, typer.Option(help="Keyframes SIFT samples queries on.")] = 8,
+    captions: Annotated[
+        str | None, typer.Option(help="Caption manifest (JSONL/CSV/Parquet). Default: captions.* in the bucket.")
+    ] = None,
+    rules: Annotated[
+        str | None, typer.Option(help="Caption rules file (TOML). Default: the packaged CoTracker3 rules.")
+    ] = None,
+    missing_caption: Annotated[
+        str | None, typer.Option(help="Videos without a caption: keep, drop or fail. Default: the rules file's.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    retry_failed: Annotated[bool, typer.Option(help="Label videos that failed in earlier runs again.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+) -> None:
+    """Run a labelling round: discover, filter captions, sample queries, run teachers, write shards."""
+    _quiet_prefect(verbose)
+    from ..config import RoundConfig
+    from ..errors import ConfigError
+
+    try:
+        config = RoundConfig(
+            bucket=bucket,
+            workspace=workspace,
+            round_id=round_id,
+            videos=videos,
+            teachers=teacher or ["lk"],
+            teachers_per_clip=teachers_per_clip,
+            checkpoints=checkpoints,
+            seed=seed,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            height=height,
+            width=width,
+            num_frames=frames,
+            max_stride=max_stride,
+            num_queries=queries,
+            num_keyframes=keyframes,
+            rules=rules,
+            captions=captions,
+            missing_caption=missing_caption,
+            retry_failed=retry_failed,
+        )
+        summary = _run_with_progress(config)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    _print_summary(summary)
+    if summary["failed"] and not summary["labelled"]:
+        raise typer.Exit(1)
+
+
+def _run_with_progress(config) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .label_round import add_progress_listener, run_label_round_flow
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("labelled {task.fields[labelled]} failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    state = {"task": None, "labelled": 0, "failed": 0}
+
+    def listener(event: str, payload: dict) -> None:
+        if event == "planned":
+            state["task"] = progress.add_task(
+                f"round {payload['round_id']}", total=payload["total"], labelled=0, failed=0
+            )
+            console.print(
+                f"planned {payload['total']} videos to label "
+                f"({payload['filtered']} filtered by caption, {payload['reused']} already done)"
+            )
+        elif event in ("labelled", "failed") and state["task"] is not None:
+            state[event] += 1
+            progress.update(state["task"], advance=1, labelled=state["labelled"], failed=state["failed"])
+
+    remove = add_progress_listener(listener)
+    try:
+        console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
+        with progress:
+            return run_label_round_flow(config)
+    finally:
+        remove()
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"round {summary['round_id']}", title_justify="left")
+    table.add_column("state")
+    table.add_column("videos", justify="right")
+    for name in ("labelled", "filtered", "failed", "reused", "recovered"):
+        table.add_row(name, str(summary[name]))
+    out.print(table)
+    if summary["teachers"]:
+        out.print(_counts_table("teachers", summary["teachers"], "teacher"))
+    if summary["failure_reasons"]:
+        out.print(_counts_table("failure reasons", summary["failure_reasons"], "reason"))
+    if summary["filter_rules"]:
+        out.print(_counts_table("caption filter", summary["filter_rules"], "rule"))
+    rate = (summary["labelled"] + summary["failed"]) / max(summary["seconds"], 1e-9)
+    out.print(
+        f"{len(summary['shards'])} shards written in {summary['seconds']:.1f} s ({rate * 3600:.0f} videos/hour)"
+    )
+
+
+@app.command()
+def status(
+    workspace: Annotated[str, typer.Option(help="The workspace of the rounds (local directory or s3://...).")],
+    round_id: Annotated[str | None, typer.Option(help="Only this round. Default: every round.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Counts per round by state, teacher and failure reason, read from the catalog."""
+    from ..errors import ConfigError
+    from ..storage.catalog import Catalog
+    from ..storage.objects import open_store
+
+    try:
+        store = open_store(workspace)
+        store.check_readable()
+        summary = Catalog(store).summary(round_id=round_id)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        out.print_json(json.dumps(summary, default=str))
+        return
+    _print_status(summary)
+
+
+def _print_status(summary: dict) -> None:
+    rounds = summary.get("rounds", {})
+    table = Table(title="rounds", title_justify="left")
+    table.add_column("round")
+    for state in ("labelled", "filtered", "failed"):
+        table.add_column(state, justify="right")
+    for name, counts in sorted(rounds.items()):
+        table.add_row(name, *(str(counts.get(s, 0)) for s in ("labelled", "filtered", "failed")))
+    out.print(table)
+    if summary.get("by_status"):
+        out.print(_counts_table("all videos (latest state)", summary["by_status"], "state"))
+    if summary.get("by_teacher"):
+        out.print(_counts_table("teachers", summary["by_teacher"], "teacher"))
+    if summary.get("by_reason"):
+        out.print(_counts_table("failure reasons", summary["by_reason"], "reason"))
+    if summary.get("by_filter_rule"):
+        out.print(_counts_table("caption filter", summary["by_filter_rule"], "rule"))
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the demo bucket into (created).")],
+    videos: Annotated[int, typer.Option(help="Generated videos to write.")] = 12,
+    frames: Annotated[int, typer.Option(help="Frames per generated video.")] = 48,
+    height: Annotated[int, typer.Option(help="Height of the generated videos.")] = 240,
+    width: Annotated[int, typer.Option(help="Width of the generated videos.")] = 320,
+    seed: Annotated[int, typer.Option(help="Seed of the generated scenes and captions.")] = 0,
+    broken: Annotated[int, typer.Option(help="Also write this many broken files, to show failed rows.")] = 1,
+    include: Annotated[
+        Path | None, typer.Option(help="Also copy the videos (and captions.jsonl) of this directory.")
+    ] = None,
+) -> None:
+    """Write a local bucket of generated videos with captions, some of which the caption filter drops."""
+    from ..demo import write_demo_bucket
+
+    written = write_demo_bucket(out_dir, videos, frames, height, width, seed, broken, include)
+    out.print(f"wrote {written['videos']} videos ({written['droppable']} with captions the filter drops, "
+              f"{written['broken']} broken) and {written['captions']} captions to {out_dir}")
+
+
+@app.command()
+def show(
+    workspace: Annotated[str, typer.Option(help="The workspace holding the shards and catalog.")],
+    video: Annotated[str | None, typer.Option(help="Source key of the video to show.")] = None,
+    sample: Annotated[str | None, typer.Option(help="Sample key to show (instead of --video).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Which teacher's labels. Default: the first.")] = None,
+    output: Annotated[Path, typer.Option("--out", help="Output .png (frame grid) or .mp4 (all frames).")] = Path(
+        "tracks.png"
+    ),
+    max_tracks: Annotated[int, typer.Option(help="Draw at most this many tracks.")] = 96,
+) -> None:
+    """Render one sample's pseudo-tracks over its frames to a PNG or MP4."""
+    from ..errors import ConfigError
+    from ..render import render_sample_file
+
+    if (video is None) == (sample is None):
+        _fail("give exactly one of --video KEY or --sample KEY")
+    try:
+        info = render_sample_file(workspace, output, video_key=video, sample_key=sample, teacher=teacher,
+                                  max_tracks=max_tracks)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    out.print(f"wrote {output} ({info['teacher']} labels of {info['source_key']}, {info['frames']} frames)")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The `label-round` flow: discover -> caption filter -> label batches -> shards -> catalog.
+
+The flow only orchestrates; each stage is a plain function in `tasks/`. It
+refuses to start (before touching any video) when the bucket is missing, the
+workspace is not writable, or a teacher has no checkpoint. It then recovers
+shards committed by an interrupted run, plans only what is new or changed,
+and fans label batches out to a bounded pool of workers.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ..config import RoundConfig
+from ..errors import ConfigError
+from ..storage.catalog import Catalog
+from ..storage.objects import open_store
+from ..tasks.caption_filter import CaptionIndex, CaptionRules, filter_captions
+from ..tasks.discover import VideoItem, batches, discover_task, pending
+from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resolve_checkpoints
+from ..tasks.shards import committed_shards
+
+ProgressListener = Callable[[str, dict], None]
+_listeners: list[ProgressListener] = []
+
+
+def add_progress_listener(listener: ProgressListener) -> Callable[[], None]:
+    """In-process observers (the CLI's progress bar); returns a function that removes it."""
+    _listeners.append(listener)
+    return lambda: _listeners.remove(listener)
+
+
+def _notify(event: str, payload: dict) -> None:
+    for listener in list(_listeners):
+        listener(event, payload)
+
+
+@dataclass
+class RoundSummary:
+    round_id: str
+    discovered: int = 0
+    planned: int = 0
+    reused: int = 0  # already labelled/filtered/failed with the same ETag
+    filtered: int = 0
+    labelled: int = 0
+    failed: int = 0
+    recovered: int = 0  # samples of shards committed by an interrupted run, catalogued now
+    shards: list[str] = field(default_factory=list)
+    teachers: dict[str, int] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    filter_rules: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def new_round_id() -> str:
+    return datetime.now(UTC).strftime("round-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
+
+
+def _in_flow() -> bool:
+    return FlowRunContext.get() is not None
+
+
+def open_workspace(config: RoundConfig):
+    """Open and check both stores; a missing bucket or unwritable workspace stops the round at once."""
+    bucket = open_store(config.bucket)
+    bucket.check_readable()
+    workspace = open_store(config.workspace)
+    workspace.check_writable()
+    return bucket, workspace
+
+
+def recover_committed(workspace, catalog: Catalog, round_id: str) -> int:
+    """Catalogue the samples of shards whose manifest exists but whose catalog events were lost in a crash."""
+    latest = catalog.latest()
+    known = set()
+    if latest.num_rows:
+        for shard, status in zip(latest.column("shard_id").to_pylist(), latest.column("status").to_pylist(),
+                                 strict=True):
+            if status == "labelled" and shard:
+                known.add(shard)
+    rows = []
+    for manifest in committed_shards(workspace, round_id):
+        if manifest["shard"] not in known:
+            rows.extend(manifest.get("rows", []))
+    if rows:
+        catalog.append(rows)
+    return len(rows)
+
+
+def plan_round(
+    config: RoundConfig, bucket, videos: list[VideoItem], all_keys: list[str], done: dict[str, str]
+) -> tuple[list[PlannedVideo], list[dict], int]:
+    """Walk videos in stable order: (to label, filter/caption rows to record, reused count).
+
+    With `config.videos = N` the walk stops once N videos passed the caption
+    filter (labelled earlier or to be labelled now), so a larger round holds a
+    smaller one.
+    """
+    rules = CaptionRules.load(config.rules)
+    index = CaptionIndex.build(bucket, all_keys, config.captions)
+    todo_all, _ = pending(videos, done)
+    todo_keys = {v.key for v in todo_all}
+    planned: list[PlannedVideo] = []
+    rows: list[dict] = []
+    eligible = reused = 0
+    limit = config.videos
+    chunk = max(256, 2 * (limit or 0))
+    for start in range(0, len(videos), chunk):
+        part = videos[start : start + chunk]
+        verdicts = filter_captions([v.key for v in part], index, rules, config.missing_caption)
+        for video, verdict in zip(part, verdicts, strict=True):
+            if limit is not None and eligible >= limit:
+                return planned, rows, reused
+            is_new = video.key in todo_keys
+            if verdict.failure:
+                if is_new:
+                    rows.append(_row(video, "failed", caption=None, stage="caption", reason=verdict.failure))
+                continue
+            if not verdict.keep:
+                if is_new:
+                    rows.append(_row(video, "filtered", caption=verdict.caption, filter_rule=verdict.rule))
+                continue
+            eligible += 1
+            if is_new:
+                planned.append(PlannedVideo(video.key, video.size, video.etag, verdict.caption))
+            else:
+                reused += 1
+    return planned, rows, reused
+
+
+def _row(video: VideoItem, status: str, **extra) -> dict:
+    return {"video_key": video.key, "size": video.size, "etag": video.etag, "status": status, **extra}
+
+
+def _summary_markdown(summary: RoundSummary) -> str:
+    lines = [
+        f"# Round `{summary.round_id}`",
+        "",
+        "| state | videos |",
+        "|---|---|",
+        f"| labelled | {summary.labelled} |",
+        f"| filtered | {summary.filtered} |",
+        f"| failed | {summary.failed} |",
+        f"| reused from earlier runs | {summary.reused} |",
+        "",
+        f"{len(summary.shards)} shards, {summary.seconds:.1f} s, "
+        f"{(summary.labelled + summary.failed) / max(summary.seconds, 1e-9) * 3600:.0f} videos/hour",
+    ]
+    for title, counts in (
+        ("teacher", summary.teachers),
+        ("failure reason", summary.failure_reasons),
+        ("filter rule", summary.filter_rules),
+    ):
+        if counts:
+            lines += ["", f"| {title} | videos |", "|---|---|"]
+            lines += [f"| {_md_escape(k)} | {v} |" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+
+def _md_escape(text: str) -> str:
+    return re.sub(r"([|\\`*_<>\[\]])", r"\\\1", text)
+
+
+def run_round(config: RoundConfig) -> RoundSummary:
+    """The whole round; inside a Prefect flow run, batches become task runs and progress artifacts."""
+    started = time.perf_counter()
+    bucket, workspace = open_workspace(config)
+    checkpoints = resolve_checkpoints(config)
+    if config.round_id is None:
+        config.round_id = new_round_id()
+    round_id = config.round_id
+    summary = RoundSummary(round_id)
+    workspace.write_bytes(f"runs/{round_id}/config.json", config.to_json().encode("utf-8"))
+    catalog = Catalog(workspace)
+    log = get_run_logger() if _in_flow() else None
+
+    summary.recovered = recover_committed(workspace, catalog, round_id)
+    discovery = discover_task(bucket) if _in_flow() else discover_task.fn(bucket)
+    summary.discovered = len(discovery.videos)
+    if not discovery.videos and log:
+        log.warning("no videos found in %s", config.bucket)
+    done = catalog.done(statuses=("labelled", "filtered") if config.retry_failed else None)
+    planned, rows, summary.reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done)
+    if rows:
+        catalog.append([dict(r, round_id=round_id, batch_id="plan") for r in rows])
+    for row in rows:
+        if row["status"] == "filtered":
+            summary.filtered += 1
+            summary.filter_rules[row["filter_rule"]] = summary.filter_rules.get(row["filter_rule"], 0) + 1
+        else:
+            summary.failed += 1
+            key = f"caption: {row['reason']}"
+            summary.failure_reasons[key] = summary.failure_reasons.get(key, 0) + 1
+    summary.planned = len(planned)
+    _notify("planned", {"round_id": round_id, "total": len(planned), "filtered": summary.filtered,
+                        "reused": summary.reused})
+    if log:
+        log.info(
+            "round %s: %d videos found, %d to label, %d filtered, %d reused",
+            round_id, summary.discovered, len(planned), summary.filtered, summary.reused,
+        )
+
+    progress_id = None
+    if _in_flow():
+        progress_id = create_progress_artifact(
+            0.0, key=artifact_key("label-progress", round_id), description=f"labelling progress of {round_id}"
+        )
+
+    def on_video(status: str, row: dict) -> None:
+        _notify(status, row)
+
+    results: list[BatchResult] = []
+    work = batches(planned, config.batch_size)
+    args = (config, checkpoints, bucket, workspace, catalog, on_video)
+    if _in_flow():
+        futures = [label_batch_task.submit(batch, *args) for batch in work]
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in finished:
+                results.append(future.result())
+            if progress_id:
+                update_progress_artifact(progress_id, 100.0 * len(results) / len(futures))
+    else:
+        results = [label_batch_task.fn(batch, *args) for batch in work]
+
+    for result in results:
+        summary.labelled += result.labelled
+        summary.failed += result.failed
+        summary.shards += result.shards
+        summary.teachers = dict(Counter(summary.teachers) + Counter(result.teachers))
+        summary.failure_reasons = dict(Counter(summary.failure_reasons) + Counter(result.reasons))
+        for stage, seconds in result.stage_seconds.items():
+            summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
+    summary.seconds = time.perf_counter() - started
+    workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
+    if _in_flow():
+        if progress_id:
+            update_progress_artifact(progress_id, 100.0)
+        create_markdown_artifact(
+            _summary_markdown(summary), key=artifact_key("label-summary", round_id),
+            description=f"summary of labelling round {round_id}",
+        )
+    _notify("done", summary.to_dict())
+    return summary
+
+
+def _json(obj) -> bytes:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
+
+
+@flow(name="label-round", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def label_round(config: RoundConfig) -> dict:
+    """Label a bucket of videos into WebDataset shards with frozen teachers (a Prefect flow run)."""
+    return run_round(config).to_dict()
+
+
+def run_label_round_flow(config: RoundConfig) -> dict:
+    """Run `label-round` as a Prefect flow run with `config.workers` batches at a time."""
+    runner = ThreadPoolTaskRunner(max_workers=max(1, config.workers))
+    return label_round.with_options(task_runner=runner)(config)
+
+
+__all__ = ["ConfigError", "RoundConfig", "RoundSummary", "add_progress_listener", "label_round", "run_label_round_flow", "run_round"]

@@ -1,0 +1,112 @@
+"""Draw pseudo-tracks over a sample's frames, for `pseudotrack show` and the dashboard's previews."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import ConfigError
+
+
+def track_colors(n: int) -> np.ndarray:
+    """[n, 3] uint8 RGB, hues spread so neighbouring tracks differ."""
+    hues = (np.arange(n) * 0.618033988749895 % 1.0 * 179).astype(np.uint8)
+    hsv = np.stack([hues, np.full(n, 220, np.uint8), np.full(n, 255, np.uint8)], axis=-1)[None]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+def draw_tracks(
+    frames: np.ndarray, tracks: np.ndarray, visibility: np.ndarray, max_tracks: int = 96, trail: int = 8
+) -> np.ndarray:
+    """frames uint8 [T,H,W,3]; tracks [T,N,2]; visibility [T,N] -> frames with tracks drawn.
+
+    Visible points are filled dots with a short trail; occluded ones are hollow.
+    """
+    t_len, n = tracks.shape[:2]
+    pick = np.linspace(0, n - 1, min(n, max_tracks)).round().astype(int) if n else np.zeros(0, int)
+    colors = track_colors(len(pick))
+    out = frames.copy()
+    radius = max(2, round(min(frames.shape[1:3]) / 160))
+    for t in range(t_len):
+        canvas = np.ascontiguousarray(out[t])
+        for c, i in enumerate(pick):
+            color = tuple(int(v) for v in colors[c])
+            for s in range(max(0, t - trail), t):
+                if visibility[s, i] and visibility[s + 1, i]:
+                    p0 = tuple(np.round(tracks[s, i]).astype(int))
+                    p1 = tuple(np.round(tracks[s + 1, i]).astype(int))
+                    cv2.line(canvas, p0, p1, color, 1, cv2.LINE_AA)
+            center = tuple(np.round(tracks[t, i]).astype(int))
+            cv2.circle(canvas, center, radius, color, -1 if visibility[t, i] else 1, cv2.LINE_AA)
+        out[t] = canvas
+    return out
+
+
+def frame_grid(frames: np.ndarray, count: int = 6, columns: int = 3) -> np.ndarray:
+    idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
+    tiles = [frames[i] for i in idx]
+    while len(tiles) % columns:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[r : r + columns], axis=1) for r in range(0, len(tiles), columns)]
+    return np.concatenate(rows, axis=0)
+
+
+def find_sample(workspace_uri: str, video_key: str | None = None, sample_key: str | None = None) -> dict:
+    """Locate a labelled sample through the catalog and read it from its shard."""
+    from .storage.catalog import Catalog
+    from .storage.objects import open_store
+    from .tasks.shards import read_shard
+
+    store = open_store(workspace_uri)
+    store.check_readable()
+    latest = Catalog(store).latest()
+    rows = [r for r in latest.to_pylist() if r["status"] == "labelled"]
+    if video_key is not None:
+        match = [r for r in rows if r["video_key"] == video_key]
+    else:
+        match = [r for r in rows if r["sample_key"] == sample_key]
+    if not match:
+        what = f"video {video_key!r}" if video_key is not None else f"sample {sample_key!r}"
+        raise ConfigError(f"{what} has no labelled sample in {workspace_uri} (see `pseudotrack status`)")
+    row = match[0]
+    url = shard_url(store, row["shard_id"])
+    for sample in read_shard(url):
+        if sample["key"] == row["sample_key"]:
+            return sample
+    raise ConfigError(f"sample {row['sample_key']} is missing from shard {url}: the shard may have been replaced")
+
+
+def shard_url(store, key: str) -> str:
+    uri = store.uri(key)
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def render_sample_file(
+    workspace_uri: str,
+    output: str | Path,
+    video_key: str | None = None,
+    sample_key: str | None = None,
+    teacher: str | None = None,
+    max_tracks: int = 96,
+) -> dict:
+    from .demo import write_video
+    from .tasks.decode import decode_clip_bytes
+
+    sample = find_sample(workspace_uri, video_key, sample_key)
+    labels = sample["labels"]
+    name = teacher or sorted(labels)[0]
+    if name not in labels:
+        raise ConfigError(f"sample has no labels from teacher {name!r}; it has: {', '.join(sorted(labels))}")
+    frames = decode_clip_bytes(sample["mp4"])
+    drawn = draw_tracks(frames, labels[name]["tracks"], labels[name]["visibility"], max_tracks)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".mp4":
+        write_video(drawn, output, fps=float(sample["meta"].get("fps") or 12.0))
+    elif output.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        cv2.imwrite(str(output), cv2.cvtColor(frame_grid(drawn), cv2.COLOR_RGB2BGR))
+    else:
+        raise ConfigError(f"--out {output}: use a .png (frame grid) or .mp4 (all frames) file name")
+    return {"teacher": name, "source_key": sample["meta"]["source_key"], "frames": len(frames)}

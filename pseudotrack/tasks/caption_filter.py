@@ -1,0 +1,302 @@
+"""Caption filter (CoTracker3 App. A): keep real footage of people and animals in motion.
+
+Rules live in a TOML file a person can read and edit (the packaged default is
+`pseudotrack/rules/captions.toml`), never in code. Captions come from a
+manifest (JSONL, CSV or Parquet with a key column) or from sidecar files next
+to each video (`clip.txt` or `clip.json` for `clip.mp4`). Every decision names
+the rule that made it, so the catalog can say why a video was dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from prefect import task
+
+from ..errors import ConfigError, SampleError
+
+DEFAULT_RULES = Path(__file__).resolve().parents[1] / "rules" / "captions.toml"
+MANIFEST_NAMES = ("captions.jsonl", "captions.csv", "captions.parquet")
+KEY_COLUMNS = ("key", "video_key", "video", "file", "path", "filename")
+MAX_CAPTION_BYTES = 64 * 1024
+SIDECAR_SUFFIXES = (".txt", ".json")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    pattern: re.Pattern
+
+
+@dataclass(frozen=True)
+class Verdict:
+    keep: bool
+    rule: str | None = None  # the rule that dropped it (or the keep rule that admitted it)
+    matched: str | None = None  # the words of the caption that fired
+
+
+def _phrase_pattern(words: Iterable[str]) -> re.Pattern:
+    """One regex for a rule: whole words, optional plural, flexible spacing inside phrases."""
+    alternatives = []
+    for word in words:
+        parts = [re.escape(p) for p in re.split(r"[\s\-_]+", word.strip().lower()) if p]
+        if parts:
+            alternatives.append(r"[\s\-_]*".join(parts) + r"(?:s|es)?")
+    if not alternatives:
+        raise ValueError("a rule needs at least one word")
+    return re.compile(r"(?<![a-z0-9])(?:" + "|".join(sorted(alternatives, key=len, reverse=True)) + r")(?![a-z0-9])")
+
+
+@dataclass(frozen=True)
+class CaptionRules:
+    drop: tuple[Rule, ...]
+    keep: tuple[Rule, ...]
+    require_keep: bool = True
+    missing_caption: str = "keep"
+    source: str = str(DEFAULT_RULES)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> CaptionRules:
+        path = Path(path) if path else DEFAULT_RULES
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"caption rules file {path} does not exist (copy {DEFAULT_RULES} and edit it)") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"caption rules file {path} is not valid TOML: {exc}") from None
+
+        def rules(section: str) -> tuple[Rule, ...]:
+            out = []
+            for i, entry in enumerate(data.get(section, [])):
+                name, words = entry.get("name"), entry.get("words")
+                if not isinstance(name, str) or not isinstance(words, list) or not words:
+                    raise ConfigError(
+                        f"caption rules file {path}: [[{section}]] entry {i + 1} needs a `name` and a non-empty "
+                        "`words` list"
+                    )
+                out.append(Rule(name, _phrase_pattern(str(w) for w in words)))
+            return tuple(out)
+
+        missing = data.get("missing_caption", "keep")
+        if missing not in ("keep", "drop", "fail"):
+            raise ConfigError(f"caption rules file {path}: missing_caption must be keep, drop or fail, not {missing!r}")
+        return cls(
+            drop=rules("drop"),
+            keep=rules("keep"),
+            require_keep=bool(data.get("require_keep", True)),
+            missing_caption=missing,
+            source=str(path),
+        )
+
+    def judge(self, text: str) -> Verdict:
+        lowered = text.lower()
+        for rule in self.drop:
+            if m := rule.pattern.search(lowered):
+                return Verdict(False, rule.name, m.group(0))
+        for rule in self.keep:
+            if m := rule.pattern.search(lowered):
+                return Verdict(True, rule.name, m.group(0))
+        if self.require_keep and self.keep:
+            return Verdict(False, "no-keep-match", None)
+        return Verdict(True)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A video's caption text (keywords appended), or why it could not be read."""
+
+    text: str | None
+    source: str | None = None
+    error: str | None = None
+
+
+def _decode_caption(raw: bytes, where: str) -> str:
+    if len(raw) > MAX_CAPTION_BYTES:
+        raise ValueError(f"caption in {where} is {len(raw)} bytes, over the {MAX_CAPTION_BYTES}-byte limit")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"caption in {where} is not valid UTF-8 (byte {exc.start}): re-save it as UTF-8") from None
+
+
+def _caption_from_record(record: Mapping) -> str | None:
+    parts = [record.get("caption"), record.get("keywords"), record.get("text")]
+    texts = []
+    for part in parts:
+        if isinstance(part, list):
+            part = ", ".join(str(p) for p in part)
+        if isinstance(part, str) and part.strip():
+            texts.append(part.strip())
+    return " | ".join(texts) if texts else None
+
+
+def parse_manifest(data: bytes, name: str) -> dict[str, str]:
+    """Key -> caption text from a JSONL, CSV or Parquet manifest."""
+    suffix = PurePosixPath(name).suffix.lower()
+    records: list[Mapping]
+    try:
+        if suffix in (".jsonl", ".json"):
+            text = data.decode("utf-8-sig")
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif suffix == ".csv":
+            records = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            records = pq.read_table(io.BytesIO(data)).to_pylist()
+        else:
+            raise ConfigError(f"caption manifest {name}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"caption manifest {name} cannot be read: {type(exc).__name__}: {exc}") from None
+    captions: dict[str, str] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise ConfigError(f"caption manifest {name}: record {i + 1} is not an object")
+        key = next((record[c] for c in KEY_COLUMNS if record.get(c)), None)
+        if key is None:
+            raise ConfigError(
+                f"caption manifest {name}: record {i + 1} has no key column (one of {', '.join(KEY_COLUMNS)})"
+            )
+        text = _caption_from_record(record)
+        if text is not None:
+            captions[str(key)] = text
+    return captions
+
+
+class CaptionIndex:
+    """Finds each video's caption: manifest entries first, then sidecar files."""
+
+    def __init__(self, manifest: Mapping[str, str], sidecars: Mapping[str, str], read_bytes, manifest_name: str = ""):
+        self._manifest = dict(manifest)
+        self._by_basename: dict[str, str | None] = {}
+        for key in self._manifest:
+            base = PurePosixPath(key).name
+            self._by_basename[base] = None if base in self._by_basename else key  # None marks ambiguity
+        self._sidecars = sidecars
+        self._read_bytes = read_bytes
+        self._manifest_name = manifest_name
+
+    @classmethod
+    def build(cls, store, all_keys: Iterable[str], manifest_uri: str | None = None) -> CaptionIndex:
+        """`store` is the bucket; `all_keys` is every key listed in it (for sidecars and manifests)."""
+        keys = set(all_keys)
+        manifest: dict[str, str] = {}
+        name = ""
+        if manifest_uri:
+            data, name = _read_manifest_uri(store, manifest_uri)
+            manifest = parse_manifest(data, name)
+        else:
+            for candidate in MANIFEST_NAMES:
+                if candidate in keys:
+                    name = store.uri(candidate)
+                    manifest = parse_manifest(store.read_bytes(candidate), candidate)
+                    break
+        sidecars: dict[str, str] = {}
+        for key in keys:
+            path = PurePosixPath(key)
+            if path.suffix.lower() in SIDECAR_SUFFIXES and path.name not in MANIFEST_NAMES:
+                stem = str(path.with_suffix(""))
+                sidecars.setdefault(stem, key)
+        return cls(manifest, sidecars, store.read_bytes, name)
+
+    def _manifest_text(self, key: str) -> str | None:
+        if key in self._manifest:
+            return self._manifest[key]
+        match = self._by_basename.get(PurePosixPath(key).name)
+        return self._manifest.get(match) if match else None
+
+    def lookup(self, key: str) -> Caption:
+        text = self._manifest_text(key)
+        if text is not None:
+            if len(text.encode("utf-8", "replace")) > MAX_CAPTION_BYTES:
+                return Caption(None, self._manifest_name, f"caption in {self._manifest_name} is over the limit")
+            return Caption(text, self._manifest_name)
+        sidecar = self._sidecars.get(str(PurePosixPath(key).with_suffix("")))
+        if sidecar is None:
+            return Caption(None)
+        try:
+            raw = self._read_bytes(sidecar)
+            text = _decode_caption(raw, sidecar)
+            if sidecar.lower().endswith(".json"):
+                record = json.loads(text)
+                text = _caption_from_record(record) if isinstance(record, Mapping) else None
+                if text is None:
+                    return Caption(None, sidecar, f"caption sidecar {sidecar} has no 'caption' field")
+            return Caption(text.strip() or None, sidecar)
+        except json.JSONDecodeError as exc:
+            return Caption(None, sidecar, f"caption sidecar {sidecar} is not valid JSON ({exc.msg})")
+        except ValueError as exc:
+            return Caption(None, sidecar, str(exc))
+
+    def lookup_many(self, keys: list[str], threads: int = 16) -> list[Caption]:
+        """Sidecar reads are one request each on S3, so they go in parallel."""
+        if len(keys) < 32 or not self._sidecars:
+            return [self.lookup(k) for k in keys]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(self.lookup, keys))
+
+
+def _read_manifest_uri(bucket_store, uri: str) -> tuple[bytes, str]:
+    from ..storage.objects import open_store
+
+    if "://" not in uri and not Path(uri).is_absolute() and not Path(uri).exists() and bucket_store.exists(uri):
+        return bucket_store.read_bytes(uri), bucket_store.uri(uri)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    store = open_store(parent or ".")
+    if not store.exists(name):
+        raise ConfigError(f"caption manifest {uri} does not exist: check the path given to --captions")
+    return store.read_bytes(name), uri
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    key: str
+    keep: bool
+    caption: str | None
+    rule: str | None
+    failure: str | None = None  # set when the caption itself is unusable (a `failed` row)
+
+
+def filter_captions(
+    keys: list[str], index: CaptionIndex, rules: CaptionRules, missing_caption: str | None = None
+) -> list[FilterResult]:
+    """Judge each video by its caption; the order of `keys` is kept."""
+    policy = missing_caption or rules.missing_caption
+    results = []
+    for key, caption in zip(keys, index.lookup_many(keys), strict=True):
+        if caption.error:
+            results.append(FilterResult(key, False, None, None, failure=caption.error))
+        elif caption.text is None:
+            if policy == "keep":
+                results.append(FilterResult(key, True, None, None))
+            elif policy == "drop":
+                results.append(FilterResult(key, False, None, "no-caption"))
+            else:
+                results.append(
+                    FilterResult(key, False, None, None, failure="no caption found (add a sidecar or manifest entry)")
+                )
+        else:
+            verdict = rules.judge(caption.text)
+            results.append(FilterResult(key, verdict.keep, caption.text, None if verdict.keep else verdict.rule))
+    return results
+
+
+def caption_failure(result: FilterResult) -> SampleError:
+    return SampleError("caption", result.failure or "caption unreadable")
+
+
+@task(name="caption-filter", retries=2, retry_delay_seconds=[2, 10])
+def caption_filter_task(
+    keys: list[str], index: CaptionIndex, rules: CaptionRules, missing_caption: str | None = None
+) -> list[FilterResult]:
+    return filter_captions(keys, index, rules, missing_caption)

@@ -1,0 +1,209 @@
+"""WebDataset shard writing and reading, with a manifest per shard as its commit marker.
+
+A shard is written to a local temporary tar, uploaded whole (an atomic rename
+locally, a single PUT or multipart upload on S3), and only then is its JSON
+manifest written beside it. Readers and the catalog count a shard only once
+its manifest exists, so a crash at any point never exposes half a shard. The
+manifest also carries the catalog rows of its samples, so a round that dies
+between committing a shard and writing the catalog can recover them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from .. import __version__
+from ..teachers.base import TeacherOutput
+
+MANIFEST_SUFFIX = ".json"
+SHARDS_PREFIX = "shards"
+
+
+@dataclass
+class Sample:
+    """One labelled clip, as stored in a shard (DESIGN.md "Shards")."""
+
+    key: str
+    clip: bytes  # encoded frames exactly as the teachers saw them
+    queries: np.ndarray  # float32 [N, 3] (t, x, y)
+    labels: dict[str, TeacherOutput]  # teacher name -> its pseudo-labels
+    meta: dict = field(default_factory=dict)
+
+    def to_record(self) -> dict:
+        record: dict = {"__key__": self.key, "mp4": self.clip, "queries.npy": np.asarray(self.queries, np.float32)}
+        for name, out in self.labels.items():
+            record[f"{name}.tracks.npy"] = out.tracks
+            record[f"{name}.visibility.npy"] = out.visibility
+            record[f"{name}.confidence.npy"] = out.confidence
+        record["json"] = json.dumps(to_jsonable(self.meta), sort_keys=True).encode("utf-8")
+        return record
+
+
+def to_jsonable(value):
+    """JSON has no numpy scalars or arrays; convert them (webdataset's json encoder rejects them)."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class CommittedShard:
+    key: str  # object key of the tar in the workspace
+    manifest_key: str
+    sample_keys: list[str]
+    num_bytes: int
+    rows: list[dict]  # catalog rows of the samples, shard_id filled in
+
+
+class ShardSink:
+    """Collects samples of one label batch into shards under `shards/<round>/<batch_id>-NNNN.tar`.
+
+    Each batch has its own name pattern, so concurrent writers never collide, and
+    the names are deterministic, so a re-run of the same batch overwrites rather
+    than duplicates.
+    """
+
+    def __init__(
+        self,
+        workspace,
+        round_id: str,
+        batch_id: str,
+        max_bytes: int = 512 * 1024 * 1024,
+        max_samples: int = 256,
+    ):
+        self.workspace = workspace
+        self.prefix = f"{SHARDS_PREFIX}/{round_id}/{batch_id}"
+        self.round_id = round_id
+        self.max_bytes = max_bytes
+        self.max_samples = max_samples
+        self._index = 0
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="pseudotrack-shard-")
+        self._writer: wds.TarWriter | None = None
+        self._path: Path | None = None
+        self._samples: list[str] = []
+        self._rows: list[dict] = []
+        self._teachers: Counter = Counter()
+        self._bytes = 0
+
+    def _open(self) -> None:
+        self._path = Path(self._tmpdir.name) / f"shard-{self._index:04d}.tar"
+        self._writer = wds.TarWriter(str(self._path))
+        self._samples, self._rows, self._teachers, self._bytes = [], [], Counter(), 0
+
+    def add(self, sample: Sample, row: dict) -> list[CommittedShard]:
+        """Write one sample; returns the shard it completed, if any."""
+        if self._writer is None:
+            self._open()
+        assert self._writer is not None
+        record = sample.to_record()
+        self._writer.write(record)
+        self._bytes += sum(len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values())
+        self._samples.append(sample.key)
+        self._teachers.update(sample.labels)
+        self._rows.append(row)
+        if len(self._samples) >= self.max_samples or self._bytes >= self.max_bytes:
+            return [self._commit()]
+        return []
+
+    def close(self) -> list[CommittedShard]:
+        try:
+            return [self._commit()] if self._writer is not None else []
+        finally:
+            self._tmpdir.cleanup()
+
+    def abort(self) -> None:
+        """Drop the shard in progress: nothing of it becomes visible."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmpdir.cleanup()
+
+    def _commit(self) -> CommittedShard:
+        assert self._writer is not None and self._path is not None
+        self._writer.close()
+        self._writer = None
+        key = f"{self.prefix}-{self._index:04d}.tar"
+        self._index += 1
+        size = self._path.stat().st_size
+        digest = _sha256(self._path)
+        self.workspace.put_file(str(self._path), key)
+        rows = [dict(row, shard_id=key) for row in self._rows]
+        manifest = {
+            "shard": key,
+            "round_id": self.round_id,
+            "samples": self._samples,
+            "count": len(self._samples),
+            "teachers": dict(self._teachers),
+            "bytes": size,
+            "sha256": digest,
+            "created_at": time.time(),
+            "pseudotrack_version": __version__,
+            "rows": to_jsonable(rows),
+        }
+        manifest_key = key + MANIFEST_SUFFIX
+        self.workspace.write_bytes(manifest_key, json.dumps(manifest, indent=1).encode("utf-8"))
+        os.unlink(self._path)
+        return CommittedShard(key, manifest_key, list(self._samples), size, rows)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def committed_shards(workspace, round_id: str | None = None) -> list[dict]:
+    """Manifests of the committed shards (of one round, or all), sorted by shard key."""
+    prefix = f"{SHARDS_PREFIX}/{round_id}/" if round_id else f"{SHARDS_PREFIX}/"
+    manifests = []
+    for info in workspace.list(prefix):
+        if info.key.endswith(".tar" + MANIFEST_SUFFIX):
+            manifests.append(json.loads(workspace.read_bytes(info.key)))
+    return sorted(manifests, key=lambda m: m["shard"])
+
+
+def decode_sample(raw: dict) -> dict:
+    """A raw webdataset record -> {key, mp4, queries, labels: {teacher: {tracks, visibility, confidence}}, meta}."""
+    out: dict = {"key": raw["__key__"], "mp4": raw["mp4"], "labels": {}}
+    for name, value in raw.items():
+        if name.startswith("__") or name == "mp4":
+            continue
+        if name == "json":
+            out["meta"] = json.loads(value)
+        elif name == "queries.npy":
+            out["queries"] = np.load(io.BytesIO(value), allow_pickle=False)
+        elif name.endswith(".npy"):
+            teacher, field_name, _ = name.split(".")
+            out["labels"].setdefault(teacher, {})[field_name] = np.load(io.BytesIO(value), allow_pickle=False)
+    return out
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Iterate the decoded samples of one shard (local path or s3:// URL)."""
+    if url.startswith("s3://"):
+        from ..storage.objects import register_s3_gopen
+
+        register_s3_gopen()
+    dataset = wds.WebDataset(url, shardshuffle=False, empty_check=False)
+    for raw in dataset:
+        yield decode_sample(raw)
