@@ -81,7 +81,9 @@ class RoundConfig:
         if self.height % 2 or self.width % 2 or self.height < 16 or self.width < 16:
             problems.append(f"label resolution {self.height}x{self.width} must be even and at least 16x16")
         if not 1 <= self.min_frames <= self.num_frames:
-            problems.append(f"min_frames={self.min_frames} must be between 1 and num_frames={self.num_frames}")
+            problems.append(
+                f"min_frames={self.min_frames} must be between 1 and num_frames={self.num_frames}"
+            )
         if self.missing_caption is not None and self.missing_caption not in MISSING_CAPTION_POLICIES:
             problems.append(
                 f"missing_caption={self.missing_caption!r}: choose one of {', '.join(MISSING_CAPTION_POLICIES)}"

@@ -75,12 +75,15 @@ def find_sample(workspace_uri: str, video_key: str | None = None, sample_key: st
     for sample in read_shard(url):
         if sample["key"] == row["sample_key"]:
             return sample
-    raise ConfigError(f"sample {row['sample_key']} is missing from shard {url}: the shard may have been replaced")
+    raise ConfigError(
+        f"sample {row['sample_key']} is missing from shard {url}: the shard may have been replaced"
+    )
 
 
 def shard_url(store, key: str) -> str:
-    uri = store.uri(key)
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+    """A URL webdataset can open: the plain local path, or the s3:// URI."""
+    path = store.local_path(key)
+    return str(path) if path is not None else store.uri(key)
 
 
 def render_sample_file(

@@ -44,7 +44,9 @@ def test_default_rules(rules: CaptionRules, caption: str, keep: bool, rule: str)
 
 
 def test_real_clip_captions(rules: CaptionRules, shared_dir) -> None:
-    records = [json.loads(line) for line in (shared_dir / "videos" / "captions.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (shared_dir / "videos" / "captions.jsonl").read_text().splitlines()
+    ]
     verdicts = {r["file"]: rules.judge(r["caption"] + " " + r["keywords"]) for r in records}
     assert verdicts["bear.mp4"].keep and verdicts["cat.mp4"].keep
     assert not verdicts["apple.mp4"].keep and verdicts["apple.mp4"].rule == "no-keep-match"
@@ -65,7 +67,10 @@ def test_rules_file_is_read_and_validated(tmp_path) -> None:
 
 
 def test_manifest_formats(tmp_path) -> None:
-    rows = [{"file": "a.mp4", "caption": "A dog", "keywords": "dog,park"}, {"file": "b.mp4", "caption": "Sea"}]
+    rows = [
+        {"file": "a.mp4", "caption": "A dog", "keywords": "dog,park"},
+        {"file": "b.mp4", "caption": "Sea"},
+    ]
     jsonl = "\n".join(json.dumps(r) for r in rows).encode()
     assert parse_manifest(jsonl, "captions.jsonl") == {"a.mp4": "A dog | dog,park", "b.mp4": "Sea"}
     with open(tmp_path / "c.csv", "w", newline="") as fh:

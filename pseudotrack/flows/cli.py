@@ -51,7 +51,10 @@ def _counts_table(title: str, counts: dict, column: str) -> Table:
 def round_command(
     bucket: Annotated[str, typer.Option(help="Source videos: a local directory or s3://bucket/prefix.")],
     workspace: Annotated[
-        str, typer.Option(help="Where the catalog, shards and reports go: a local directory or s3://bucket/prefix.")
+        str,
+        typer.Option(
+            help="Where the catalog, shards and reports go: a local directory or s3://bucket/prefix."
+        ),
     ],
     videos: Annotated[
         int | None, typer.Option(help="Label at most this many eligible videos (stable order). Default: all.")
@@ -65,31 +68,39 @@ def round_command(
     ] = None,
     teachers_per_clip: Annotated[int, typer.Option(help="Teachers run on each clip, chosen at random.")] = 1,
     checkpoints: Annotated[
-        str | None, typer.Option(help="Directory holding the official checkpoint files of the neural teachers.")
+        str | None,
+        typer.Option(help="Directory holding the official checkpoint files of the neural teachers."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for strides, keyframes, queries and teacher choice.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Videos per label batch (the unit of work).")] = 32,
     workers: Annotated[int, typer.Option(help="Label batches run at the same time in this process.")] = 1,
     round_id: Annotated[
-        str | None, typer.Option(help="Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: new.")
+        str | None,
+        typer.Option(help="Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: new."),
     ] = None,
-    frames: Annotated[int, typer.Option(help="Frames per clip (64 for an online student, up to 80 offline).")] = 64,
+    frames: Annotated[
+        int, typer.Option(help="Frames per clip (64 for an online student, up to 80 offline).")
+    ] = 64,
     height: Annotated[int, typer.Option(help="Clip height in pixels (even).")] = 384,
     width: Annotated[int, typer.Option(help="Clip width in pixels (even).")] = 512,
     max_stride: Annotated[int, typer.Option(help="Frame stride is drawn from 1..max-stride.")] = 4,
     queries: Annotated[int, typer.Option(help="Query points (tracks) per clip.")] = 384,
     keyframes: Annotated[int, typer.Option(help="Keyframes SIFT samples queries on.")] = 8,
     captions: Annotated[
-        str | None, typer.Option(help="Caption manifest (JSONL/CSV/Parquet). Default: captions.* in the bucket.")
+        str | None,
+        typer.Option(help="Caption manifest (JSONL/CSV/Parquet). Default: captions.* in the bucket."),
     ] = None,
     rules: Annotated[
         str | None, typer.Option(help="Caption rules file (TOML). Default: the packaged CoTracker3 rules.")
     ] = None,
     missing_caption: Annotated[
-        str | None, typer.Option(help="Videos without a caption: keep, drop or fail. Default: the rules file's.")
+        str | None,
+        typer.Option(help="Videos without a caption: keep, drop or fail. Default: the rules file's."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    retry_failed: Annotated[bool, typer.Option(help="Label videos that failed in earlier runs again.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Label videos that failed in earlier runs again.")
+    ] = False,
     verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
 ) -> None:
     """Run a labelling round: discover, filter captions, sample queries, run teachers, write shards."""
@@ -131,7 +142,14 @@ def round_command(
 
 
 def _run_with_progress(config) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .label_round import add_progress_listener, run_label_round_flow
 
@@ -190,7 +208,9 @@ def _print_summary(summary: dict) -> None:
 
 @app.command()
 def status(
-    workspace: Annotated[str, typer.Option(help="The workspace of the rounds (local directory or s3://...).")],
+    workspace: Annotated[
+        str, typer.Option(help="The workspace of the rounds (local directory or s3://...).")
+    ],
     round_id: Annotated[str | None, typer.Option(help="Only this round. Default: every round.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -248,8 +268,10 @@ def demo_data(
     from ..demo import write_demo_bucket
 
     written = write_demo_bucket(out_dir, videos, frames, height, width, seed, broken, include)
-    out.print(f"wrote {written['videos']} videos ({written['droppable']} with captions the filter drops, "
-              f"{written['broken']} broken) and {written['captions']} captions to {out_dir}")
+    out.print(
+        f"wrote {written['videos']} videos ({written['droppable']} with captions the filter drops, "
+        f"{written['broken']} broken) and {written['captions']} captions to {out_dir}"
+    )
 
 
 @app.command()
@@ -258,9 +280,9 @@ def show(
     video: Annotated[str | None, typer.Option(help="Source key of the video to show.")] = None,
     sample: Annotated[str | None, typer.Option(help="Sample key to show (instead of --video).")] = None,
     teacher: Annotated[str | None, typer.Option(help="Which teacher's labels. Default: the first.")] = None,
-    output: Annotated[Path, typer.Option("--out", help="Output .png (frame grid) or .mp4 (all frames).")] = Path(
-        "tracks.png"
-    ),
+    output: Annotated[
+        Path, typer.Option("--out", help="Output .png (frame grid) or .mp4 (all frames).")
+    ] = Path("tracks.png"),
     max_tracks: Annotated[int, typer.Option(help="Draw at most this many tracks.")] = 96,
 ) -> None:
     """Render one sample's pseudo-tracks over its frames to a PNG or MP4."""
@@ -270,8 +292,9 @@ def show(
     if (video is None) == (sample is None):
         _fail("give exactly one of --video KEY or --sample KEY")
     try:
-        info = render_sample_file(workspace, output, video_key=video, sample_key=sample, teacher=teacher,
-                                  max_tracks=max_tracks)
+        info = render_sample_file(
+            workspace, output, video_key=video, sample_key=sample, teacher=teacher, max_tracks=max_tracks
+        )
     except ConfigError as exc:
         _fail(str(exc))
         return

@@ -10,13 +10,11 @@ and fans label batches out to a bounded pool of workers.
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -26,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ..config import RoundConfig
 from ..errors import ConfigError
 from ..storage.catalog import Catalog
+from ..storage.layout import new_round_id
 from ..storage.objects import open_store
 from ..tasks.caption_filter import CaptionIndex, CaptionRules, filter_captions
 from ..tasks.discover import VideoItem, batches, discover_task, pending
@@ -68,10 +67,6 @@ class RoundSummary:
         return asdict(self)
 
 
-def new_round_id() -> str:
-    return datetime.now(UTC).strftime("round-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-
-
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
@@ -95,8 +90,9 @@ def recover_committed(workspace, catalog: Catalog, round_id: str) -> int:
     latest = catalog.latest()
     known = set()
     if latest.num_rows:
-        for shard, status in zip(latest.column("shard_id").to_pylist(), latest.column("status").to_pylist(),
-                                 strict=True):
+        for shard, status in zip(
+            latest.column("shard_id").to_pylist(), latest.column("status").to_pylist(), strict=True
+        ):
             if status == "labelled" and shard:
                 known.add(shard)
     rows = []
@@ -213,12 +209,18 @@ def run_round(config: RoundConfig) -> RoundSummary:
             key = f"caption: {row['reason']}"
             summary.failure_reasons[key] = summary.failure_reasons.get(key, 0) + 1
     summary.planned = len(planned)
-    _notify("planned", {"round_id": round_id, "total": len(planned), "filtered": summary.filtered,
-                        "reused": summary.reused})
+    _notify(
+        "planned",
+        {"round_id": round_id, "total": len(planned), "filtered": summary.filtered, "reused": summary.reused},
+    )
     if log:
         log.info(
             "round %s: %d videos found, %d to label, %d filtered, %d reused",
-            round_id, summary.discovered, len(planned), summary.filtered, summary.reused,
+            round_id,
+            summary.discovered,
+            len(planned),
+            summary.filtered,
+            summary.reused,
         )
 
     progress_id = None
@@ -259,7 +261,8 @@ def run_round(config: RoundConfig) -> RoundSummary:
         if progress_id:
             update_progress_artifact(progress_id, 100.0)
         create_markdown_artifact(
-            _summary_markdown(summary), key=artifact_key("label-summary", round_id),
+            _summary_markdown(summary),
+            key=artifact_key("label-summary", round_id),
             description=f"summary of labelling round {round_id}",
         )
     _notify("done", summary.to_dict())
@@ -284,4 +287,12 @@ def run_label_round_flow(config: RoundConfig) -> dict:
     return label_round.with_options(task_runner=runner)(config)
 
 
-__all__ = ["ConfigError", "RoundConfig", "RoundSummary", "add_progress_listener", "label_round", "run_label_round_flow", "run_round"]
+__all__ = [
+    "ConfigError",
+    "RoundConfig",
+    "RoundSummary",
+    "add_progress_listener",
+    "label_round",
+    "run_label_round_flow",
+    "run_round",
+]

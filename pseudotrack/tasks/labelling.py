@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from .. import __version__
 from ..config import RoundConfig
 from ..errors import ConfigError, SampleError
+from ..storage.layout import sample_key
 from ..teachers.base import Teacher, TeacherOutput, create_teacher, teacher_spec
 from .decode import decode_clip, encode_clip, probe_video
 from .queries import sample_queries
@@ -58,11 +59,6 @@ def video_rng(seed: int, key: str) -> np.random.Generator:
     """A generator that depends only on the round seed and the video, not on batch composition."""
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
-
-
-def sample_key(source_key: str, etag: str, clip_index: int = 0) -> str:
-    """WebDataset keys end at the first dot, so keys are hex digests only."""
-    return hashlib.sha256(f"{source_key}\0{etag}".encode()).hexdigest()[:24] + f"_{clip_index:02d}"
 
 
 def batch_id_for(round_id: str, keys: list[str]) -> str:
@@ -218,7 +214,12 @@ def label_video(
         "teacher_sha256": shas,
         "sample_key": key,
     }
-    for name, seconds in (("decode", t1 - t0), ("queries", t2 - t1), ("teacher", t3 - t2), ("encode", t4 - t3)):
+    for name, seconds in (
+        ("decode", t1 - t0),
+        ("queries", t2 - t1),
+        ("teacher", t3 - t2),
+        ("encode", t4 - t3),
+    ):
         timings[name] = timings.get(name, 0.0) + seconds
     return Sample(key, clip_bytes, queries, labels, meta), row
 
@@ -270,9 +271,14 @@ def label_batch(
     try:
         for video in videos:
             t = time.perf_counter()
-            data = bucket.read_bytes(video.key)  # storage faults past the retries fail the batch
+            try:
+                data = bucket.read_bytes(video.key)  # other storage faults, past the retries, fail the batch
+            except FileNotFoundError:
+                data = None
             timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
             try:
+                if data is None:
+                    raise SampleError("read", f"{bucket.uri(video.key)} disappeared after it was listed")
                 sample, row = label_video(video, data, config, teachers, timings)
             except SampleError as exc:
                 row = failed_row(video, exc.stage, exc.reason)
@@ -281,7 +287,7 @@ def label_batch(
                 row = failed_row(video, "internal", f"unexpected {type(exc).__name__}: {exc}")
             else:
                 t = time.perf_counter()
-                committed = sink.add(sample, row)
+                committed = sink.add(sample, dict(row, round_id=config.round_id, batch_id=batch_id))
                 timings["shard"] = timings.get("shard", 0.0) + time.perf_counter() - t
                 commit(committed)
                 result.labelled += 1

@@ -25,10 +25,8 @@ import numpy as np
 import webdataset as wds
 
 from .. import __version__
+from ..storage.layout import is_manifest, manifest_key, shard_key, shards_prefix
 from ..teachers.base import TeacherOutput
-
-MANIFEST_SUFFIX = ".json"
-SHARDS_PREFIX = "shards"
 
 
 @dataclass
@@ -42,7 +40,11 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
     def to_record(self) -> dict:
-        record: dict = {"__key__": self.key, "mp4": self.clip, "queries.npy": np.asarray(self.queries, np.float32)}
+        record: dict = {
+            "__key__": self.key,
+            "mp4": self.clip,
+            "queries.npy": np.asarray(self.queries, np.float32),
+        }
         for name, out in self.labels.items():
             record[f"{name}.tracks.npy"] = out.tracks
             record[f"{name}.visibility.npy"] = out.visibility
@@ -74,7 +76,7 @@ class CommittedShard:
 
 
 class ShardSink:
-    """Collects samples of one label batch into shards under `shards/<round>/<batch_id>-NNNN.tar`.
+    """Collects samples of one label batch into shards under `shards/<round>/<batch_id>-NNNNNN.tar`.
 
     Each batch has its own name pattern, so concurrent writers never collide, and
     the names are deterministic, so a re-run of the same batch overwrites rather
@@ -90,8 +92,8 @@ class ShardSink:
         max_samples: int = 256,
     ):
         self.workspace = workspace
-        self.prefix = f"{SHARDS_PREFIX}/{round_id}/{batch_id}"
         self.round_id = round_id
+        self.batch_id = batch_id
         self.max_bytes = max_bytes
         self.max_samples = max_samples
         self._index = 0
@@ -115,7 +117,9 @@ class ShardSink:
         assert self._writer is not None
         record = sample.to_record()
         self._writer.write(record)
-        self._bytes += sum(len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values())
+        self._bytes += sum(
+            len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values()
+        )
         self._samples.append(sample.key)
         self._teachers.update(sample.labels)
         self._rows.append(row)
@@ -140,12 +144,13 @@ class ShardSink:
         assert self._writer is not None and self._path is not None
         self._writer.close()
         self._writer = None
-        key = f"{self.prefix}-{self._index:04d}.tar"
+        key = shard_key(self.round_id, self.batch_id, self._index)
         self._index += 1
         size = self._path.stat().st_size
         digest = _sha256(self._path)
         self.workspace.put_file(str(self._path), key)
-        rows = [dict(row, shard_id=key) for row in self._rows]
+        # event ids fixed by the shard, so a recovery after a crash cannot double an event
+        rows = [dict(row, shard_id=key, event_id=f"{key}#{i}") for i, row in enumerate(self._rows)]
         manifest = {
             "shard": key,
             "round_id": self.round_id,
@@ -158,10 +163,10 @@ class ShardSink:
             "pseudotrack_version": __version__,
             "rows": to_jsonable(rows),
         }
-        manifest_key = key + MANIFEST_SUFFIX
-        self.workspace.write_bytes(manifest_key, json.dumps(manifest, indent=1).encode("utf-8"))
+        marker = manifest_key(key)
+        self.workspace.write_bytes(marker, json.dumps(manifest, indent=1).encode("utf-8"))
         os.unlink(self._path)
-        return CommittedShard(key, manifest_key, list(self._samples), size, rows)
+        return CommittedShard(key, marker, list(self._samples), size, rows)
 
 
 def _sha256(path: Path) -> str:
@@ -174,10 +179,9 @@ def _sha256(path: Path) -> str:
 
 def committed_shards(workspace, round_id: str | None = None) -> list[dict]:
     """Manifests of the committed shards (of one round, or all), sorted by shard key."""
-    prefix = f"{SHARDS_PREFIX}/{round_id}/" if round_id else f"{SHARDS_PREFIX}/"
     manifests = []
-    for info in workspace.list(prefix):
-        if info.key.endswith(".tar" + MANIFEST_SUFFIX):
+    for info in workspace.list(shards_prefix(round_id)):
+        if is_manifest(info.key):
             manifests.append(json.loads(workspace.read_bytes(info.key)))
     return sorted(manifests, key=lambda m: m["shard"])
 

@@ -1,0 +1,489 @@
+"""Fine-tune a CoTracker3 student on pseudo-label shards: one loop you can read top to bottom.
+
+The recipe (§3.3, App. A, App. C): AdamW at lr 5e-5 with cosine decay and no
+warm-up, gradient clipping, bf16 autocast on GPU, DDP under `torchrun`, the
+separate visibility/confidence head frozen, and about as many steps as
+training videos at 32 clips per step.
+
+Exact resume. A checkpoint holds the model, optimiser, scheduler, step, every
+random generator the process owns, and each rank's loader position
+(`data.LoaderState`), all as tensors and plain Python values so that
+`torch.load(weights_only=True)` reads it (it refuses numpy scalars). A run
+killed after a checkpoint and started again with the same configuration ends
+with the same weights as a run that was never interrupted; SIGTERM (a
+scheduler's pre-emption) writes a checkpoint at the next step boundary first.
+
+Metrics go to `metrics.jsonl` in the output folder (TensorBoard's writer needs
+the `tensorboard` package, which this project does not depend on), and to an
+`on_log` hook that the Prefect flow and the CLI use for artifacts and progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from .data import ClipSpec, LoaderState, ShardRef, make_loader, shard_refs
+from .loss import offline_supervision_mask, online_supervision_mask, track_loss
+from .model import Student, build_student, export_student
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_NAME = "student.pth"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """One student training run. Defaults follow the CoTracker3 recipe for pseudo-labels.
+
+    workspace:        where the shards are (local directory or s3://)
+    output:           local directory for checkpoints, metrics and the exported student
+    rounds:           labelling rounds whose committed shards to train on; None: all
+    init_checkpoint:  official CoTracker3 file or one of our exports; None starts from random
+                      weights (tests and benchmarks only)
+    variant:          "online" (sliding windows, forward only) or "offline" (one window)
+    model_size:       "full" (the published architecture) or "tiny" (CPU tests)
+    steps:            optimiser steps; None: as many as training videos (App. C)
+    batch_size:       clips per optimiser step over all ranks (the recipe's 32)
+    micro_batch_size: clips per forward on one rank; the rest is gradient accumulation
+    num_frames:       clip length (online) or longest clip (offline)
+    min_frames:       offline random trim lower bound; None: num_frames // 2 offline
+    loss_scale:       the authors multiply the track loss by 0.05 before clipping at 10;
+                      kept so that clipping acts as in their runs
+    """
+
+    workspace: str
+    output: str
+    rounds: list[str] | None = None
+    init_checkpoint: str | None = None
+    variant: str = "online"
+    model_size: str = "full"
+    steps: int | None = None
+    batch_size: int = 32
+    micro_batch_size: int = 1
+    num_frames: int = 64
+    min_frames: int | None = None
+    num_tracks: int = 384
+    max_stride: int = 1
+    iters: int = 4
+    lr: float = 5e-5
+    weight_decay: float = 1e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 10.0
+    loss_scale: float = 0.05
+    huber_delta: float = 6.0
+    gamma: float = 0.8
+    occluded_weight: float = 0.2
+    amp: bool = True
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        if not self.workspace:
+            problems.append("workspace is empty: give the labelling workspace (local directory or s3://)")
+        if not self.output:
+            problems.append("output is empty: give a local directory for checkpoints")
+        if self.variant not in ("online", "offline"):
+            problems.append(f"variant={self.variant!r}: choose online or offline")
+        if self.model_size not in ("full", "tiny"):
+            problems.append(f"model_size={self.model_size!r}: choose full or tiny")
+        for name in ("batch_size", "micro_batch_size", "num_frames", "num_tracks", "max_stride", "iters",
+                     "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"steps={self.steps} must be at least 1 (or unset: one step per video)")
+        if self.batch_size % self.micro_batch_size:
+            problems.append(f"batch_size={self.batch_size} must be a multiple of micro_batch_size="
+                            f"{self.micro_batch_size}")
+        if self.min_frames is not None and not 2 <= self.min_frames <= self.num_frames:
+            problems.append(f"min_frames={self.min_frames} must be between 2 and num_frames={self.num_frames}")
+        if self.lr <= 0:
+            problems.append(f"lr={self.lr} must be positive")
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
+
+    def clip_spec(self, height: int, width: int) -> ClipSpec:
+        min_frames = self.min_frames
+        if self.variant == "offline" and min_frames is None:
+            min_frames = max(2, self.num_frames // 2)
+        if self.variant == "online":
+            min_frames = self.num_frames  # the online student trains on clips of one length (§3.3)
+        return ClipSpec(self.num_frames, self.num_tracks, height, width, self.max_stride, min_frames,
+                        self.variant == "online")
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training configuration keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    first_loss: float
+    export_path: str
+    checkpoint_path: str
+    metrics_path: str
+    resumed_from: int = 0
+    seconds: float = 0.0
+    clips_per_second: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- distributed set-up
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the process group `torchrun` describes in the environment; a no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- schedule, RNG, checkpoints
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Learning-rate multiplier: cosine from 1 at step 0 to 0 at `total`, no warm-up (App. A)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def default_steps(num_videos: int, batch_size: int) -> int:
+    """App. C trains for about as many steps as there are videos, at 32 clips per step."""
+    return max(1, round(num_videos * 32 / batch_size))
+
+
+def rng_state() -> dict:
+    """Every generator this process owns, as tensors and plain Python values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": int(version), "internal": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_paths(output: Path) -> list[Path]:
+    """Saved training checkpoints, newest step first."""
+    folder = output / CHECKPOINT_DIR
+    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """A crash while saving must never leave a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """uint8 clips become float 0..255 on the device (the model normalises them itself)."""
+    out = dict(batch)
+    out["video"] = batch["video"].to(device, non_blocking=True).float()
+    for name in ("queries", "tracks", "visible", "valid", "occluded_supervised"):
+        out[name] = batch[name].to(device, non_blocking=True)
+    return out
+
+
+def compute_loss(model: torch.nn.Module, batch: dict, config: TrainConfig) -> torch.Tensor:
+    """Unscaled track loss of one micro-batch (shapes in `data.collate`)."""
+    windows = model(batch["video"], batch["queries"], iters=config.iters)
+    num_frames = batch["video"].shape[1]
+    if config.variant == "online":
+        supervised = online_supervision_mask(batch["queries"][..., 0], num_frames, batch["valid"])
+    else:
+        supervised = offline_supervision_mask(batch["valid"], num_frames)
+    return track_loss(windows, batch["tracks"], batch["visible"], supervised, batch["occluded_supervised"],
+                      config.huber_delta, config.gamma, config.occluded_weight)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_training(
+    config: TrainConfig,
+    on_log: Callable[[dict], None] | None = None,
+    stop_at: int | None = None,
+    shards: list[ShardRef] | None = None,
+) -> TrainResult:
+    """Train (or resume training) the student described by `config`.
+
+    stop_at: return after this many steps as if the job had been stopped there
+    (a checkpoint is written first); the next call resumes from it.
+    """
+    started = time.perf_counter()
+    ddp = init_distributed(config.device)
+    device = resolve_device(config.device, ddp.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    output = Path(config.output).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    shards = shards if shards is not None else shard_refs(config.workspace, config.rounds)
+    if not shards:
+        raise ConfigError(f"no committed shards in {config.workspace} (rounds {config.rounds or 'all'}): "
+                          "run a labelling round first")
+    num_videos = sum(s.count for s in shards)
+    total_steps = config.steps or default_steps(num_videos, config.batch_size)
+    per_rank = config.batch_size // ddp.world_size
+    if config.batch_size % ddp.world_size or per_rank % config.micro_batch_size:
+        raise ConfigError(f"batch_size={config.batch_size} must split evenly over {ddp.world_size} ranks "
+                          f"into micro-batches of {config.micro_batch_size}")
+    accumulation = per_rank // config.micro_batch_size
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    student = build_student(config.variant, config.model_size, config.init_checkpoint).to(device)
+    frozen = {name: p.detach().clone() for name, p in student.frozen_parameters().items()}
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total_steps))
+
+    step, loader_state, resumed_from = 0, LoaderState(), 0
+    latest = checkpoint_paths(output) if config.resume else []
+    if latest:
+        ckpt = load_training_checkpoint(latest[0])
+        _check_resumable(ckpt, config, ddp, total_steps)
+        student.net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step = resumed_from = int(ckpt["step"])
+        loader_state = LoaderState.from_dict(ckpt["loader"][ddp.rank])
+        set_rng_state(ckpt["rng"][ddp.rank])
+        if ddp.is_main:
+            log.info("resumed from %s at step %d", latest[0], step)
+
+    model: torch.nn.Module = student
+    if ddp.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    height, width = student.resolution
+    loader = make_loader(shards, config.clip_spec(height, width), config.micro_batch_size, config.seed,
+                         rank=ddp.rank, num_workers=config.workers, state=loader_state,
+                         pin_memory=device.type == "cuda")
+    batches: Iterator[dict] = iter(loader)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and device.type == "cuda"
+                else nullcontext())
+    metrics_file = output / METRICS_NAME
+    stop_requested = {"flag": False}
+    previous_handler = _install_sigterm(stop_requested)
+    history: list[dict] = []
+    first_loss = final_loss = float("nan")
+    last_ckpt = str(latest[0]) if latest else ""
+    window_start, window_clips = time.perf_counter(), 0
+    end = total_steps if stop_at is None else min(stop_at, total_steps)
+    try:
+        model.train()
+        while step < end:
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                batch = next(batches)
+                loader_state.update(batch)
+                batch = move_batch(batch, device)
+                sync = ddp.world_size == 1 or micro == accumulation - 1
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    loss = compute_loss(model, batch, config)
+                (loss * config.loss_scale / accumulation).backward()
+                step_loss += loss.detach() / accumulation
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_clips += config.batch_size
+            if ddp.world_size > 1:
+                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            loss_value = float(step_loss)
+            if step == resumed_from + 1:
+                first_loss = loss_value
+            final_loss = loss_value
+            if step % config.log_every == 0 or step == end:
+                seconds = time.perf_counter() - window_start
+                row = {"step": step, "total_steps": total_steps, "loss": loss_value,
+                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                       "clips_per_second": window_clips / max(seconds, 1e-9), "time": time.time()}
+                window_start, window_clips = time.perf_counter(), 0
+                history.append(row)
+                if ddp.is_main:
+                    with open(metrics_file, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    if on_log is not None:
+                        on_log(row)
+            stop_now = _any_rank(stop_requested["flag"], device, ddp)
+            if step % config.checkpoint_every == 0 or step == end or stop_now:
+                last_ckpt = _save_checkpoint(output, student, optimizer, scheduler, step, loader_state, config,
+                                             ddp, total_steps)
+            if stop_now:
+                log.warning("stopped by SIGTERM at step %d; run again to resume", step)
+                break
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    changed = [n for n, p in student.frozen_parameters().items() if not torch.equal(p.detach().cpu(),
+                                                                                     frozen[n].cpu())]
+    if changed:
+        raise RuntimeError(f"frozen visibility/confidence parameters changed during training: {changed}")
+    export_path = output / EXPORT_NAME
+    if ddp.is_main and step >= total_steps:
+        export_student(student, export_path, {"step": step, "train_config": config.to_dict()})
+    seconds = time.perf_counter() - started
+    clips = (step - resumed_from) * config.batch_size
+    return TrainResult(step, final_loss, first_loss, str(export_path) if step >= total_steps else "", last_ckpt,
+                       str(metrics_file), resumed_from, seconds, clips / max(seconds, 1e-9), history)
+
+
+def _install_sigterm(flag: dict):
+    """Pre-emption asks politely with SIGTERM: finish the step, checkpoint, exit."""
+    try:
+        return signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("flag", True))
+    except ValueError:  # not the main thread (e.g. a Prefect worker thread): rely on periodic checkpoints
+        return None
+
+
+def _any_rank(flag: bool, device: torch.device, ddp: Dist) -> bool:
+    if ddp.world_size == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _gather(obj, ddp: Dist) -> list:
+    if ddp.world_size == 1:
+        return [obj]
+    out: list = [None] * ddp.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _save_checkpoint(output: Path, student: Student, optimizer, scheduler, step: int, loader_state: LoaderState,
+                     config: TrainConfig, ddp: Dist, total_steps: int) -> str:
+    loaders = _gather(loader_state.to_dict(), ddp)
+    rngs = _gather(rng_state(), ddp)
+    path = output / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+    if ddp.is_main:
+        save_atomic({
+            "model": student.net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "total_steps": total_steps,
+            "world_size": ddp.world_size,
+            "workers": config.workers,
+            "loader": loaders,
+            "rng": rngs,
+            "config": config.to_dict(),
+            "model_config": student.config_dict(),
+        }, path)
+        for old in checkpoint_paths(output)[config.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+    if ddp.world_size > 1:
+        dist.barrier()
+    return str(path)
+
+
+def _check_resumable(ckpt: dict, config: TrainConfig, ddp: Dist, total_steps: int) -> None:
+    """Resuming under other settings would silently train something else: refuse with the difference."""
+    problems = []
+    if int(ckpt["world_size"]) != ddp.world_size:
+        problems.append(f"it was written by {ckpt['world_size']} ranks, this run has {ddp.world_size}")
+    if int(ckpt["workers"]) != config.workers:
+        problems.append(f"its loader had {ckpt['workers']} workers, this run has {config.workers}")
+    if int(ckpt["total_steps"]) != total_steps:
+        problems.append(f"its schedule has {ckpt['total_steps']} steps, this run {total_steps}")
+    saved = ckpt["config"]
+    for key in ("variant", "model_size", "batch_size", "micro_batch_size", "num_frames", "num_tracks", "seed",
+                "lr"):
+        if saved.get(key) != getattr(config, key):
+            problems.append(f"{key} was {saved.get(key)!r}, now {getattr(config, key)!r}")
+    if problems:
+        raise ConfigError("cannot resume from the checkpoint in this output folder: " + "; ".join(problems)
+                          + " (use another output folder, or resume=False to start over)")

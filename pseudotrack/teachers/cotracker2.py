@@ -1,0 +1,726 @@
+"""CoTracker2 (Karaev et al., 2023) as a frozen teacher, loading the official files unmodified.
+
+The module tree is named so that `state_dict()` gives exactly the keys of the
+published `cotracker2v1.pth` (window 16) and `cotracker2.pth` (window 8),
+misspelling `updateformer.virual_tracks` included, so no key mapping is needed.
+The model is written as named steps (encode frames, build track features,
+correlate, update one window, slide the windows) instead of one long forward;
+numerics follow the authors' release operation by operation, which is what
+the parity cases in `shared/reference/cotracker2` check.
+
+Two behaviours of the original are kept on purpose because the parity cases
+depend on them:
+  * the cross-attention mask is applied to the query side whenever the number
+    of tracks equals the number of virtual tracks (64), and to the key side
+    otherwise;
+  * a clip shorter than half a window plus one frame gets no window at all
+    (all-zero tracks); the predictor pads such clips to a full window.
+
+Memory is bounded by correlating at most `point_chunk` tracks with the feature
+pyramid at a time and by encoding at most `frame_chunk` frames at a time. Both
+only split work whose rows are independent, so chunking does not change the
+result (tracks still attend to each other through the virtual tokens).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, SampleError
+from .base import TeacherOutput, TeacherSpec, register_teacher, sha256_file
+from .checkpoints import load_into
+
+# Official file name -> sliding-window length the file was trained with.
+WINDOW_BY_FILE = {"cotracker2v1.pth": 16, "cotracker2.pth": 8}
+
+
+@dataclass(frozen=True)
+class CoTracker2Config:
+    """Sizes of a CoTracker2; the defaults are the published model (`cotracker2v1.pth`).
+
+    input_dim (derived) is the width of one token before the update transformer:
+    flow embedding (2 + 2 * flow_embed_dim), correlations
+    (corr_levels * (2 * corr_radius + 1)^2), track feature (latent_dim) and the
+    (track mask, visibility) pair; 456 for the published model.
+    """
+
+    window_len: int = 16
+    stride: int = 4
+    latent_dim: int = 128
+    hidden_size: int = 384
+    num_heads: int = 8
+    time_depth: int = 6
+    space_depth: int = 6
+    num_virtual_tracks: int = 64
+    mlp_ratio: float = 4.0
+    corr_levels: int = 4
+    corr_radius: int = 3
+    flow_embed_dim: int = 64
+    model_resolution: tuple[int, int] = (384, 512)
+
+    @property
+    def input_dim(self) -> int:
+        corr = self.corr_levels * (2 * self.corr_radius + 1) ** 2
+        return 2 + 2 * self.flow_embed_dim + corr + self.latent_dim + 2
+
+    def validate(self) -> None:
+        problems = []
+        if self.window_len < 2:
+            problems.append(f"window_len={self.window_len} must be at least 2")
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.input_dim % 4:
+            problems.append(f"input_dim={self.input_dim} must be a multiple of 4 (sin-cos embeddings)")
+        if self.flow_embed_dim % 2:
+            problems.append(f"flow_embed_dim={self.flow_embed_dim} must be even")
+        if self.latent_dim % 4:
+            problems.append(f"latent_dim={self.latent_dim} must be a multiple of 4")
+        if self.space_depth and self.time_depth % self.space_depth:
+            problems.append(f"time_depth={self.time_depth} must divide by space_depth={self.space_depth}")
+        h, w = self.model_resolution
+        if h < 2 * self.stride or w < 2 * self.stride:
+            problems.append(f"model_resolution={self.model_resolution} is too small for stride {self.stride}")
+        if problems:
+            raise ConfigError("invalid CoTracker2Config: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- sampling and embeddings
+
+
+def bilinear_sample(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """`grid_sample` with pixel coordinates (align_corners=True, border padding).
+
+    values [B, C, H, W] with coords [B, ..., 2] as (x, y), or values [B, C, T, H, W]
+    with coords [B, ..., 3] as (t, x, y). The scaling is done as the original
+    does it (multiply, then subtract 1) to keep its float rounding.
+    """
+    sizes = values.shape[2:]
+    if len(sizes) == 3:
+        coords = coords[..., [1, 2, 0]]
+    scale = torch.tensor([2 / max(s - 1, 1) for s in reversed(sizes)], device=coords.device)
+    coords = coords.float() * scale - 1
+    # float32 on purpose: under bf16 autocast a coordinate of 100 would be off by up to 0.25
+    return F.grid_sample(values.float(), coords, align_corners=True, padding_mode="border")
+
+
+def sample_map(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """values [B, C, H, W], coords [B, R, 2] (x, y) -> [B, R, C]."""
+    out = bilinear_sample(values, coords.unsqueeze(2))  # B C R 1
+    return out.permute(0, 2, 1, 3).reshape(values.shape[0], -1, values.shape[1])
+
+
+def sample_video(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """values [B, T, C, H, W], coords [B, R1, R2, 3] (t, x, y) -> [B, R1, R2, C]."""
+    b, _, c = values.shape[:3]
+    out = bilinear_sample(values.permute(0, 2, 1, 3, 4), coords.unsqueeze(3))  # B C R1 R2 1
+    return out.permute(0, 2, 3, 1, 4).reshape(b, coords.shape[1], coords.shape[2], c)
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """[M] positions -> [1, M, dim]: sines in the first half, cosines in the second (float64 math)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    angles = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)[None].float()
+
+
+def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
+    """[1, dim, height, width] map: first half of the channels encodes x, second half y."""
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
+    emb = torch.cat([sincos_1d(dim // 2, xs), sincos_1d(dim // 2, ys)], dim=2)  # 1 (H W) dim
+    return emb.reshape(1, height, width, dim).permute(0, 3, 1, 2)
+
+
+def flow_embedding(xy: torch.Tensor, dim: int) -> torch.Tensor:
+    """[M, S, 2] displacements -> [M, S, 2 + 2 * dim]: (dx, dy), then interleaved sin/cos of x, then of y."""
+    freqs = torch.arange(0, dim, 2, device=xy.device, dtype=torch.float32) * (1000.0 / dim)
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        angles = v * freqs
+        return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(-2)
+
+    return torch.cat([xy, one(xy[..., 0:1]), one(xy[..., 1:2])], dim=-1)
+
+
+# ---------------------------------------------------------------- feature encoder
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with instance norm; a strided 1x1 conv matches the shortcut when downsampling."""
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
+        self.norm1 = nn.InstanceNorm2d(out_dim)
+        self.norm2 = nn.InstanceNorm2d(out_dim)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, stride=stride), nn.InstanceNorm2d(out_dim))
+            if stride != 1 or in_dim != out_dim
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = F.relu(self.norm2(self.conv2(y)))
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return F.relu(x + y)
+
+
+class FeatureEncoder(nn.Module):
+    """Per-frame CNN: four residual stages at strides 2..16, all resized to stride 4 and fused.
+
+    Instance norm keeps frames independent, which is what lets the model encode a
+    long clip a few frames at a time.
+    """
+
+    def __init__(self, latent_dim: int = 128, stride: int = 4):
+        super().__init__()
+        self.stride = stride
+        half = latent_dim // 2
+        dims = (half, latent_dim // 4 * 3, latent_dim, latent_dim)
+        self.conv1 = nn.Conv2d(3, half, 7, stride=2, padding=3)
+        self.norm1 = nn.InstanceNorm2d(half)
+        self.layer1 = self._stage(half, dims[0], 1)
+        self.layer2 = self._stage(dims[0], dims[1], 2)
+        self.layer3 = self._stage(dims[1], dims[2], 2)
+        self.layer4 = self._stage(dims[2], dims[3], 2)
+        self.conv2 = nn.Conv2d(sum(dims), latent_dim * 2, 3, padding=1)
+        self.norm2 = nn.InstanceNorm2d(latent_dim * 2)
+        self.conv3 = nn.Conv2d(latent_dim * 2, latent_dim, 1)
+
+    @staticmethod
+    def _stage(in_dim: int, out_dim: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(ResidualBlock(in_dim, out_dim, stride), ResidualBlock(out_dim, out_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, 3, H, W] in [-1, 1]  ->  [M, latent_dim, H // stride, W // stride]
+        size = (x.shape[2] // self.stride, x.shape[3] // self.stride)
+        x = F.relu(self.norm1(self.conv1(x)))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        resized = [F.interpolate(s, size, mode="bilinear", align_corners=True) for s in stages]
+        fused = torch.cat(resized, dim=1)
+        return self.conv3(F.relu(self.norm2(self.conv2(fused))))
+
+
+# ---------------------------------------------------------------- transformer blocks
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with an additive bias, computed explicitly.
+
+    The bias is the original's "(not allowed) * -float_max" rather than -inf, so a
+    row whose keys are all masked gets uniform weights instead of NaN; a fused
+    kernel would round differently, so the product is written out.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.heads = num_heads
+        self.dim_head = dim // num_heads
+        self.scale = self.dim_head**-0.5
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(dim, 2 * dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        # x: [B, N1, D], context: [B, N2, D], bias: [B, heads, N1, N2] -> [B, N1, D]
+        context = x if context is None else context
+        b, n1, _ = x.shape
+        n2 = context.shape[1]
+        q = self.to_q(x).reshape(b, n1, self.heads, self.dim_head).transpose(1, 2)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        k = k.reshape(b, n2, self.heads, self.dim_head).transpose(1, 2)
+        v = v.reshape(b, n2, self.heads, self.dim_head).transpose(1, 2)
+        sim = (q @ k.transpose(-2, -1)) * self.scale
+        if bias is not None:
+            sim = sim + bias
+        out = sim.softmax(dim=-1) @ v
+        return self.to_out(out.transpose(1, 2).reshape(b, n1, self.heads * self.dim_head))
+
+
+class AttnBlock(nn.Module):
+    """Pre-norm self-attention block (norms without affine parameters, as published)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttnBlock(nn.Module):
+    """Pre-norm cross-attention block; the context has its own affine LayerNorm."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm_context = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: [B, N1, D], context: [B, N2, D], mask: [B, N] bool over the real tracks
+        heads = self.cross_attn.heads
+        if mask.shape[1] == x.shape[1]:  # the original tests sizes, not roles (see module docstring)
+            allowed = mask[:, None, :, None].expand(-1, heads, -1, context.shape[1])
+        else:
+            allowed = mask[:, None, None].expand(-1, heads, x.shape[1], -1)
+        bias = (~allowed) * -torch.finfo(x.dtype).max
+        x = x + self.cross_attn(self.norm1(x), context=self.norm_context(context), bias=bias)
+        return x + self.mlp(self.norm2(x))
+
+
+class UpdateFormer(nn.Module):
+    """Alternating attention over time (per track) and over tracks (per frame, through virtual tracks).
+
+    Tracks never attend to each other directly: virtual tracks gather from the
+    real ones, attend among themselves, and the real ones read back from them,
+    so cost grows linearly with the number of tracks.
+    """
+
+    def __init__(self, cfg: CoTracker2Config):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_virtual = cfg.num_virtual_tracks
+        self.input_transform = nn.Linear(cfg.input_dim, d)
+        self.flow_head = nn.Linear(d, cfg.latent_dim + 2)
+        self.virual_tracks = nn.Parameter(torch.randn(1, cfg.num_virtual_tracks, 1, d))  # official spelling
+        self.time_blocks = nn.ModuleList(
+            AttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.time_depth)
+        )
+        self.space_virtual_blocks = nn.ModuleList(
+            AttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.space_depth)
+        )
+        self.space_point2virtual_blocks = nn.ModuleList(
+            CrossAttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.space_depth)
+        )
+        self.space_virtual2point_blocks = nn.ModuleList(
+            CrossAttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.space_depth)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: [B, N, S, input_dim], mask: [B * S, N] bool  ->  [B, N, S, latent_dim + 2]
+        tokens = self.input_transform(x)
+        b, n, s, d = tokens.shape
+        tokens = torch.cat([tokens, self.virual_tracks.repeat(b, 1, s, 1)], dim=1)
+        every = len(self.time_blocks) // max(1, len(self.space_virtual_blocks))
+        j = 0
+        for i, time_block in enumerate(self.time_blocks):
+            tokens = time_block(tokens.reshape(-1, s, d)).reshape(b, -1, s, d)
+            if len(self.space_virtual_blocks) and i % every == 0:
+                space = tokens.permute(0, 2, 1, 3).reshape(b * s, -1, d)  # B N S D -> (B S) N D
+                points, virtual = space[:, :n], space[:, n:]
+                virtual = self.space_virtual2point_blocks[j](virtual, points, mask)
+                virtual = self.space_virtual_blocks[j](virtual)
+                points = self.space_point2virtual_blocks[j](points, virtual, mask)
+                tokens = torch.cat([points, virtual], dim=1).reshape(b, s, -1, d).permute(0, 2, 1, 3)
+                j += 1
+        return self.flow_head(tokens[:, :n])
+
+
+# ---------------------------------------------------------------- correlation
+
+
+def feature_pyramid(fmaps: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """[B, S, C, H, W] -> `levels` maps, each 2x average-pooled from the previous."""
+    b, s, c, h, w = fmaps.shape
+    pyramid = [fmaps]
+    for _ in range(levels - 1):
+        pooled = F.avg_pool2d(pyramid[-1].reshape(b * s, c, *pyramid[-1].shape[-2:]), 2, stride=2)
+        pyramid.append(pooled.reshape(b, s, c, *pooled.shape[-2:]))
+    return pyramid
+
+
+def local_correlations(
+    track_feat: torch.Tensor, pyramid: list[torch.Tensor], coords: torch.Tensor, radius: int, point_chunk: int
+) -> torch.Tensor:
+    """Correlation of each track feature with every pixel, sampled on a (2r+1)^2 grid around the track.
+
+    track_feat [B, S, N, C], pyramid maps [B, S, C, h, w], coords [B, S, N, 2] in level-0
+    feature pixels  ->  [B * N, S, levels * (2r+1)^2], levels outermost, then the x
+    offset, then the y offset (the published layout). The full correlation volume
+    is the largest tensor in the model, so it is built for `point_chunk` tracks at a time.
+    """
+    b, s, n, c = track_feat.shape
+    k = 2 * radius + 1
+    line = torch.linspace(-radius, radius, k, device=coords.device)
+    offsets = torch.stack(torch.meshgrid(line, line, indexing="ij"), dim=-1).view(1, k, k, 2)
+    norm = torch.sqrt(torch.tensor(c, dtype=torch.float32)).to(coords.device)
+    chunks = []
+    for start in range(0, n, point_chunk):
+        feat = track_feat[:, :, start : start + point_chunk]
+        m = feat.shape[2]
+        centre = coords[:, :, start : start + point_chunk].reshape(b * s * m, 1, 1, 2)
+        per_level = []
+        for level, fmap in enumerate(pyramid):
+            h, w = fmap.shape[-2:]
+            corr = torch.matmul(feat, fmap.reshape(b, s, c, h * w)) / norm  # B S m (h w)
+            sampled = bilinear_sample(corr.reshape(b * s * m, 1, h, w), centre / 2**level + offsets)
+            per_level.append(sampled.reshape(b, s, m, k * k))
+        chunks.append(torch.cat(per_level, dim=-1))
+    out = torch.cat(chunks, dim=2)  # B S N L
+    return out.permute(0, 2, 1, 3).reshape(b * n, s, -1).float()
+
+
+# ---------------------------------------------------------------- the model
+
+
+def window_starts(num_frames: int, window_len: int) -> list[int]:
+    """First frame of each sliding window (step window_len // 2), as the original schedules them.
+
+    ceil((T - S) / step) + 1 windows; none at all when T <= S // 2 (see module docstring).
+    """
+    step = window_len // 2
+    count = (num_frames - window_len + step - 1) // step + 1
+    return list(range(0, step * count, step))
+
+
+class CoTracker2(nn.Module):
+    """CoTracker2 with the official state-dict layout; `forward` runs the whole clip, window by window."""
+
+    def __init__(self, cfg: CoTracker2Config | None = None):
+        super().__init__()
+        cfg = cfg or CoTracker2Config()
+        cfg.validate()
+        self.cfg = cfg
+        self.fnet = FeatureEncoder(cfg.latent_dim, cfg.stride)
+        self.updateformer = UpdateFormer(cfg)
+        t = torch.arange(cfg.window_len, dtype=torch.float32)
+        self.register_buffer("time_emb", sincos_1d(cfg.input_dim, t))
+        h, w = cfg.model_resolution
+        self.register_buffer("pos_emb", sincos_2d(cfg.input_dim, h // cfg.stride, w // cfg.stride))
+        self.norm = nn.GroupNorm(1, cfg.latent_dim)
+        self.track_feat_updater = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.latent_dim), nn.GELU())
+        self.vis_predictor = nn.Sequential(nn.Linear(cfg.latent_dim, 1))
+
+    def encode(self, video: torch.Tensor, frame_chunk: int) -> torch.Tensor:
+        # video: [B, T, 3, H, W] in [-1, 1]  ->  [B, T, C, H // stride, W // stride]
+        b, t = video.shape[:2]
+        flat = video.reshape(b * t, *video.shape[2:])
+        fmaps = torch.cat([self.fnet(flat[i : i + frame_chunk]) for i in range(0, b * t, frame_chunk)])
+        return fmaps.reshape(b, t, *fmaps.shape[1:])
+
+    def forward_window(
+        self,
+        fmaps: torch.Tensor,
+        coords: torch.Tensor,
+        track_feat: torch.Tensor,
+        vis: torch.Tensor,
+        track_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        iters: int,
+        point_chunk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`iters` refinements of one window; returns coords in input pixels and visibility logits.
+
+        fmaps [B, S, C, h, w]; coords [B, S, N, 2] feature pixels; track_feat [B, S, N, C];
+        vis [B, S, N, 1] logits; track_mask [B, S, N, 1] bool; attention_mask [B, S, N] bool
+        ->  coords [B, S, N, 2] input pixels, vis [B, S, N] logits
+        """
+        cfg = self.cfg
+        b, s, n, _ = coords.shape
+        c = cfg.latent_dim
+        mask_vis = torch.cat([track_mask.to(vis.dtype), vis], dim=-1).permute(0, 2, 1, 3).reshape(b * n, s, 2)
+        pyramid = feature_pyramid(fmaps, cfg.corr_levels)
+        pos = sample_map(self.pos_emb.expand(b, -1, -1, -1), coords[:, 0]).reshape(b * n, 1, -1)
+        space_mask = attention_mask.reshape(b * s, n)
+        for _ in range(iters):
+            corrs = local_correlations(track_feat, pyramid, coords, cfg.corr_radius, point_chunk)
+            flows = (coords - coords[:, 0:1]).permute(0, 2, 1, 3).reshape(b * n, s, 2)
+            feat = track_feat.permute(0, 2, 1, 3).reshape(b * n, s, c)
+            tokens = torch.cat([flow_embedding(flows, cfg.flow_embed_dim), corrs, feat, mask_vis], dim=2)
+            tokens = tokens + pos + self.time_emb
+            delta = self.updateformer(tokens.view(b, n, s, -1), space_mask)  # B N S (2 + C)
+            coords = coords + delta[..., :2].permute(0, 2, 1, 3)
+            feat = feat.reshape(b * n * s, c)
+            feat = self.track_feat_updater(self.norm(delta[..., 2:].reshape(b * n * s, c))) + feat
+            track_feat = feat.reshape(b, n, s, c).permute(0, 2, 1, 3)
+        return coords * cfg.stride, self.vis_predictor(track_feat).reshape(b, s, n)
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        queries: torch.Tensor,
+        iters: int = 4,
+        point_chunk: int = 256,
+        frame_chunk: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Track `queries` through `video`.
+
+        video [B, T, 3, H, W] float 0..255; queries [B, N, 3] (t, x, y) in video pixels
+        ->  tracks [B, T, N, 2] (x, y) pixels, visibility [B, T, N] probabilities
+        """
+        cfg = self.cfg
+        b, t = video.shape[:2]
+        n = queries.shape[1]
+        s, step = cfg.window_len, cfg.window_len // 2
+        overlap = s - step
+        device = video.device
+        video = 2 * (video / 255.0) - 1.0
+        query_frames = queries[:, :, 0].long()
+        query_coords = queries[..., 1:] / cfg.stride
+
+        pad = (s - t % s) % s  # whole windows of frames; the last frame is repeated
+        if pad:
+            video = torch.cat([video, video[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+        fmaps = self.encode(video, frame_chunk)
+        frame_col = query_frames[:, None, :, None].to(query_coords.dtype)
+        sample_at = torch.cat([frame_col, query_coords[:, None]], dim=-1)  # B 1 N 3
+        track_feat = sample_video(fmaps, sample_at).repeat(1, s, 1, 1)  # B S N C
+
+        tracks = torch.zeros((b, t, n, 2), device=device)
+        vis_logits = torch.zeros((b, t, n), device=device)
+        coords_init = query_coords.reshape(b, 1, n, 2).expand(b, s, n, 2).float()
+        vis_init = torch.full((b, s, n, 1), 10.0, device=device)
+        for start in window_starts(t, s):
+            if start > 0:
+                # tracks queried before the overlap start from the previous window's answer
+                carried = (query_frames < start + overlap)[:, None, :, None]
+                prev = tracks[:, start : start + overlap] / cfg.stride
+                prev = torch.cat([prev, prev[:, -1:].expand(-1, step, -1, -1)], dim=1)
+                prev_vis = vis_logits[:, start : start + overlap, :, None]
+                prev_vis = torch.cat([prev_vis, prev_vis[:, -1:].expand(-1, step, -1, -1)], dim=1)
+                coords_init = torch.where(carried.expand_as(coords_init), prev, coords_init)
+                vis_init = torch.where(carried.expand_as(vis_init), prev_vis, vis_init)
+            # tracks queried within or before this window take part in it
+            active = (query_frames < start + s).reshape(b, 1, n).repeat(1, s, 1)  # B S N
+            frames = torch.arange(start, start + s, device=device)
+            track_mask = query_frames[:, None, :, None] <= frames[None, :, None, None]  # B S N 1
+            if start > 0:
+                track_mask[:, :overlap] = False
+            coords, vis = self.forward_window(
+                fmaps[:, start : start + s],
+                coords_init,
+                active.unsqueeze(-1) * track_feat,
+                vis_init,
+                track_mask,
+                active,
+                iters,
+                point_chunk,
+            )
+            keep = min(t - start, s)
+            tracks[:, start : start + s] = coords[:, :keep]
+            vis_logits[:, start : start + s] = vis[:, :keep]
+        return tracks, torch.sigmoid(vis_logits)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def window_len_for(path: str | Path, default: int = 16) -> int:
+    """Window length of an official file, by its name; `default` for other names."""
+    return WINDOW_BY_FILE.get(Path(path).name, default)
+
+
+def load_cotracker2(
+    path: str | Path,
+    window_len: int | None = None,
+    config: CoTracker2Config | None = None,
+    device: str | torch.device = "cpu",
+) -> CoTracker2:
+    """Build a CoTracker2 for `path` and load the file strictly (weights_only, official keys).
+
+    The window length is `window_len` when given, else `config.window_len` when a
+    config is given, else taken from the official file name (16 for unknown names).
+    A file trained with another window is refused with the value to pass.
+    """
+    cfg = config or CoTracker2Config()
+    if window_len is None and config is None:
+        window_len = window_len_for(path, cfg.window_len)
+    if window_len is not None:
+        cfg = replace(cfg, window_len=window_len)
+    model = CoTracker2(cfg)
+
+    def check_window(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        emb = state.get("time_emb")
+        other_window = emb is not None and emb.ndim == 3 and emb.shape[1] != cfg.window_len
+        if other_window and emb.shape[2] == cfg.input_dim:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with window {emb.shape[1]} (time_emb {tuple(emb.shape)}) "
+                f"but the model was built for window {cfg.window_len}: pass window_len={emb.shape[1]}"
+            )
+        return state
+
+    load_into(model, path, filter_fn=check_window, model_name="cotracker2")
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- predictor
+
+
+def support_grid(size: int, height: int, width: int) -> torch.Tensor:
+    """[size * size, 2] (x, y) points of a regular grid, row-major, margin width / 64 from the border.
+
+    The authors' predictor adds these (queried at frame 0) so that each window
+    sees tracks spread over the whole frame, whatever the user queried.
+    """
+    if size <= 0:
+        return torch.zeros((0, 2))
+    if size == 1:
+        return torch.tensor([[width / 2, height / 2]])
+    margin = width / 64
+    ys = torch.linspace(margin, height - margin, size)
+    xs = torch.linspace(margin, width - margin, size)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).reshape(-1, 2)
+
+
+@dataclass
+class CoTracker2Teacher:
+    """CoTracker2 behind the `Teacher` interface, with the authors' predictor conventions.
+
+    Frames are resized to the model resolution (bilinear, corners aligned), a
+    6x6 support grid is tracked alongside the queries and dropped, visibility is
+    the probability above `visibility_threshold`, and each query's own frame is
+    set to the query point, visible. CoTracker2 has no confidence output, so
+    confidence is all ones.
+    """
+
+    checkpoint: Path | None = None
+    window_len: int | None = None
+    iters: int = 6
+    visibility_threshold: float = 0.9
+    support_grid_size: int = 6
+    point_chunk: int = 256
+    frame_chunk: int = 16
+    amp: bool = True
+    config: CoTracker2Config | None = None
+    name: str = "cotracker2"
+    tracks_occluded: bool = True
+    checkpoint_sha256: str = ""
+    model: CoTracker2 | None = field(default=None, repr=False)
+    device: torch.device = field(default=torch.device("cpu"), repr=False)
+
+    def setup(self, device: str = "cpu") -> None:
+        if self.checkpoint is None:
+            raise CheckpointError(
+                "teacher 'cotracker2' needs a checkpoint: pass cotracker2v1.pth (window 16) "
+                "or cotracker2.pth (window 8)"
+            )
+        self.device = torch.device(device)
+        self.model = load_cotracker2(self.checkpoint, self.window_len, self.config, self.device)
+        self.checkpoint_sha256 = sha256_file(self.checkpoint)
+
+    def predict(self, frames: np.ndarray, queries: np.ndarray) -> TeacherOutput:
+        """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y)  ->  labels in the same pixels."""
+        if self.model is None:
+            raise RuntimeError("CoTracker2Teacher.predict called before setup(device): call setup first")
+        t, h, w = _check_inputs(frames, queries)
+        queries = np.asarray(queries, dtype=np.float32)
+        n = len(queries)
+        if n == 0:
+            return TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
+        try:
+            tracks, vis = self._run(frames, queries)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            reason = f"cotracker2 ran out of GPU memory on {t} frames and {n} queries"
+            raise SampleError("teacher", reason) from exc
+        visible = vis > self.visibility_threshold
+        rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(n)
+        tracks[rows, cols] = queries[:, 1:]
+        visible[rows, cols] = True
+        return TeacherOutput(tracks, visible, np.ones((t, n), np.float16))
+
+    def _run(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model-resolution inference; returns tracks [T, N, 2] in frame pixels and probabilities [T, N]."""
+        assert self.model is not None
+        cfg = self.model.cfg
+        t, h, w = frames.shape[:3]
+        mh, mw = cfg.model_resolution
+        n = len(queries)
+        use_amp = self.amp and self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+        to_model = torch.tensor([(mw - 1) / (w - 1), (mh - 1) / (h - 1)], device=self.device)
+        with torch.inference_mode(), autocast:
+            video = self._resize(frames)  # 1 T 3 mh mw
+            if t < cfg.window_len:  # a full window, so even very short clips get one
+                video = torch.cat([video, video[:, -1:].expand(-1, cfg.window_len - t, -1, -1, -1)], dim=1)
+            q = torch.from_numpy(queries).to(self.device)
+            q = torch.cat([q[:, :1].round(), q[:, 1:] * to_model], dim=1)
+            grid = support_grid(self.support_grid_size, mh, mw).to(self.device)
+            q = torch.cat([q, torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)])
+            tracks, vis = self.model(video, q[None], self.iters, self.point_chunk, self.frame_chunk)
+            tracks = tracks[0, :t, :n].float() / to_model
+            vis = vis[0, :t, :n].float()
+        return tracks.cpu().numpy(), vis.cpu().numpy()
+
+    def _resize(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float [1, T, 3, mh, mw] on the device, 0..255, a few frames at a time."""
+        assert self.model is not None
+        size = tuple(self.model.cfg.model_resolution)
+        out = []
+        for i in range(0, len(frames), self.frame_chunk):
+            x = torch.from_numpy(np.ascontiguousarray(frames[i : i + self.frame_chunk])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float()
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size, mode="bilinear", align_corners=True)
+            out.append(x)
+        return torch.cat(out)[None]
+
+
+def _check_inputs(frames: np.ndarray, queries: np.ndarray) -> tuple[int, int, int]:
+    """Shapes and ranges of `predict`'s inputs, with errors that say what to pass instead."""
+    is_rgb = isinstance(frames, np.ndarray) and frames.ndim == 4 and frames.shape[3] == 3
+    if not is_rgb or frames.dtype != np.uint8:
+        raise ValueError(
+            f"frames must be a uint8 array [T, H, W, 3] of RGB frames, got "
+            f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}"
+        )
+    t, h, w = frames.shape[:3]
+    if t < 1 or h < 2 or w < 2:
+        raise ValueError(f"frames {frames.shape} must hold at least one frame of at least 2x2 pixels")
+    q = np.asarray(queries)
+    if q.ndim != 2 or q.shape[1] != 3:
+        raise ValueError(f"queries must be an array [N, 3] of (t, x, y) rows, got shape {q.shape}")
+    if len(q) and not np.isfinite(q).all():
+        raise ValueError("queries contain NaN or infinite values: pass finite (t, x, y) pixel coordinates")
+    if len(q):
+        frame = q[:, 0]
+        if np.abs(frame - np.rint(frame)).max() > 1e-3 or frame.min() < 0 or frame.max() > t - 1:
+            raise ValueError(f"query frames must be whole numbers in [0, {t - 1}] for a {t}-frame clip")
+    return t, h, w
+
+
+def _make_teacher(**options) -> CoTracker2Teacher:
+    return CoTracker2Teacher(**options)
+
+
+SPEC = register_teacher(
+    TeacherSpec(
+        name="cotracker2",
+        factory=_make_teacher,
+        needs_checkpoint=True,
+        checkpoint_names=tuple(WINDOW_BY_FILE),
+        description="CoTracker2 (sliding windows of 16 or 8 frames), official checkpoints; no confidence",
+    )
+)

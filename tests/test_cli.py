@@ -1,0 +1,133 @@
+"""The `pseudotrack` command line: help texts, demo data, and a whole round under Prefect's ephemeral API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from pseudotrack.flows.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            "round",
+            [
+                "--bucket",
+                "--workspace",
+                "--videos",
+                "--teacher",
+                "--checkpoints",
+                "--seed",
+                "--batch-size",
+                "default: 32",
+            ],
+        ),
+        ("status", ["--workspace", "--round-id", "--json"]),
+        ("demo-data", ["OUT_DIR", "--videos", "default: 12"]),
+        ("show", ["--video", "--sample", "--out", "tracks.png"]),
+    ],
+)
+def test_help_lists_options_with_defaults(command, expected):
+    result = runner.invoke(app, [command, "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for text in expected:
+        assert text in result.output, (text, result.output)
+
+
+def test_round_refuses_bad_input_with_a_clear_message(tmp_path):
+    result = runner.invoke(
+        app, ["round", "--bucket", str(tmp_path / "missing"), "--workspace", str(tmp_path / "w")]
+    )
+    assert result.exit_code == 2
+    assert "missing" in result.output and "error" in result.output
+    result = runner.invoke(
+        app, ["round", "--bucket", str(tmp_path), "--workspace", str(tmp_path / "w"), "--batch-size", "0"]
+    )
+    assert result.exit_code == 2 and "batch_size" in result.output
+
+
+def test_main_command_runs_a_round_on_the_ephemeral_api(tmp_path):
+    """The README's main command: demo data, then a round, with no Prefect server started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="160"
+    )
+    cli = [sys.executable, "-m", "pseudotrack.flows.cli"]
+    bucket, workspace = tmp_path / "bucket", tmp_path / "ws"
+    subprocess.run(
+        [
+            *cli,
+            "demo-data",
+            str(bucket),
+            "--videos",
+            "4",
+            "--frames",
+            "16",
+            "--height",
+            "96",
+            "--width",
+            "128",
+        ],
+        check=True,
+        env=env,
+        timeout=120,
+    )
+    done = subprocess.run(
+        [
+            *cli,
+            "round",
+            "--bucket",
+            str(bucket),
+            "--workspace",
+            str(workspace),
+            "--round-id",
+            "demo",
+            "--frames",
+            "12",
+            "--height",
+            "96",
+            "--width",
+            "128",
+            "--queries",
+            "32",
+            "--keyframes",
+            "4",
+        ],
+        env=env,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round demo" in done.stdout and "labelled" in done.stdout and "filtered" in done.stdout
+    status = subprocess.run(
+        [*cli, "status", "--workspace", str(workspace), "--json"],
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counts = json.loads(status.stdout)
+    total = sum(counts["by_status"].values())
+    assert total == 5  # 4 generated videos and the broken one, each in one terminal state
+    assert counts["by_status"].get("failed", 0) == 1
+    key = next(p.name for p in sorted(bucket.glob("clip_*.mp4")))
+    shown = subprocess.run(
+        [*cli, "show", "--workspace", str(workspace), "--video", key, "--out", str(tmp_path / "t.png")],
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert (tmp_path / "t.png").stat().st_size > 1000
