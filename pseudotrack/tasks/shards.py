@@ -121,7 +121,7 @@ class ShardSink:
             len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values()
         )
         self._samples.append(sample.key)
-        self._teachers.update(sample.labels)
+        self._teachers.update(list(sample.labels))
         self._rows.append(row)
         if len(self._samples) >= self.max_samples or self._bytes >= self.max_bytes:
             return [self._commit()]
