@@ -56,6 +56,9 @@ class RoundConfig:
     shard_max_bytes: int = 512 * 1024 * 1024
     shard_max_samples: int = 256
     retry_failed: bool = False
+    # orchestration: "local" runs batches in this process; "pool" sends each to the label-batch deployment
+    executor: str = "local"
+    deployment: str | None = None  # default "label-batch/label-batch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,13 +84,13 @@ class RoundConfig:
         if self.height % 2 or self.width % 2 or self.height < 16 or self.width < 16:
             problems.append(f"label resolution {self.height}x{self.width} must be even and at least 16x16")
         if not 1 <= self.min_frames <= self.num_frames:
-            problems.append(
-                f"min_frames={self.min_frames} must be between 1 and num_frames={self.num_frames}"
-            )
+            problems.append(f"min_frames={self.min_frames} must be between 1 and num_frames={self.num_frames}")
         if self.missing_caption is not None and self.missing_caption not in MISSING_CAPTION_POLICIES:
             problems.append(
                 f"missing_caption={self.missing_caption!r}: choose one of {', '.join(MISSING_CAPTION_POLICIES)}"
             )
+        if self.executor not in ("local", "pool"):
+            problems.append(f"executor={self.executor!r}: choose local (in this process) or pool (label-batch runs)")
         if self.round_id is not None:
             from .storage.layout import validate_round_id
 

@@ -52,9 +52,7 @@ def round_command(
     bucket: Annotated[str, typer.Option(help="Source videos: a local directory or s3://bucket/prefix.")],
     workspace: Annotated[
         str,
-        typer.Option(
-            help="Where the catalog, shards and reports go: a local directory or s3://bucket/prefix."
-        ),
+        typer.Option(help="Where the catalog, shards and reports go: a local directory or s3://bucket/prefix."),
     ],
     videos: Annotated[
         int | None, typer.Option(help="Label at most this many eligible videos (stable order). Default: all.")
@@ -78,9 +76,7 @@ def round_command(
         str | None,
         typer.Option(help="Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: new."),
     ] = None,
-    frames: Annotated[
-        int, typer.Option(help="Frames per clip (64 for an online student, up to 80 offline).")
-    ] = 64,
+    frames: Annotated[int, typer.Option(help="Frames per clip (64 for an online student, up to 80 offline).")] = 64,
     height: Annotated[int, typer.Option(help="Clip height in pixels (even).")] = 384,
     width: Annotated[int, typer.Option(help="Clip width in pixels (even).")] = 512,
     max_stride: Annotated[int, typer.Option(help="Frame stride is drawn from 1..max-stride.")] = 4,
@@ -98,15 +94,21 @@ def round_command(
         typer.Option(help="Videos without a caption: keep, drop or fail. Default: the rules file's."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    retry_failed: Annotated[
-        bool, typer.Option(help="Label videos that failed in earlier runs again.")
-    ] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Label videos that failed in earlier runs again.")] = False,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local: batches run in this process; pool: each batch is a flow run of the label-batch "
+            "deployment on the gpu work pool (needs a Prefect server and workers)."
+        ),
+    ] = "local",
     verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
 ) -> None:
     """Run a labelling round: discover, filter captions, sample queries, run teachers, write shards."""
     _quiet_prefect(verbose)
     from ..config import RoundConfig
     from ..errors import ConfigError
+    from .label_round import BatchesFailed
 
     try:
         config = RoundConfig(
@@ -131,10 +133,15 @@ def round_command(
             captions=captions,
             missing_caption=missing_caption,
             retry_failed=retry_failed,
+            executor=executor,
         )
         summary = _run_with_progress(config)
     except ConfigError as exc:
         _fail(str(exc))
+        return
+    except BatchesFailed as exc:
+        _print_summary(exc.summary.to_dict())
+        _fail(str(exc), code=1)
         return
     _print_summary(summary)
     if summary["failed"] and not summary["labelled"]:
@@ -201,16 +208,12 @@ def _print_summary(summary: dict) -> None:
     if summary["filter_rules"]:
         out.print(_counts_table("caption filter", summary["filter_rules"], "rule"))
     rate = (summary["labelled"] + summary["failed"]) / max(summary["seconds"], 1e-9)
-    out.print(
-        f"{len(summary['shards'])} shards written in {summary['seconds']:.1f} s ({rate * 3600:.0f} videos/hour)"
-    )
+    out.print(f"{len(summary['shards'])} shards written in {summary['seconds']:.1f} s ({rate * 3600:.0f} videos/hour)")
 
 
 @app.command()
 def status(
-    workspace: Annotated[
-        str, typer.Option(help="The workspace of the rounds (local directory or s3://...).")
-    ],
+    workspace: Annotated[str, typer.Option(help="The workspace of the rounds (local directory or s3://...).")],
     round_id: Annotated[str | None, typer.Option(help="Only this round. Default: every round.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
@@ -280,9 +283,9 @@ def show(
     video: Annotated[str | None, typer.Option(help="Source key of the video to show.")] = None,
     sample: Annotated[str | None, typer.Option(help="Sample key to show (instead of --video).")] = None,
     teacher: Annotated[str | None, typer.Option(help="Which teacher's labels. Default: the first.")] = None,
-    output: Annotated[
-        Path, typer.Option("--out", help="Output .png (frame grid) or .mp4 (all frames).")
-    ] = Path("tracks.png"),
+    output: Annotated[Path, typer.Option("--out", help="Output .png (frame grid) or .mp4 (all frames).")] = Path(
+        "tracks.png"
+    ),
     max_tracks: Annotated[int, typer.Option(help="Draw at most this many tracks.")] = 96,
 ) -> None:
     """Render one sample's pseudo-tracks over its frames to a PNG or MP4."""

@@ -13,12 +13,12 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..config import RoundConfig
@@ -61,6 +61,7 @@ class RoundSummary:
     failure_reasons: dict[str, int] = field(default_factory=dict)
     filter_rules: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    failed_batches: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -229,24 +230,11 @@ def run_round(config: RoundConfig) -> RoundSummary:
             0.0, key=artifact_key("label-progress", round_id), description=f"labelling progress of {round_id}"
         )
 
-    def on_video(status: str, row: dict) -> None:
-        _notify(status, row)
-
-    results: list[BatchResult] = []
     work = batches(planned, config.batch_size)
-    args = (config, checkpoints, bucket, workspace, catalog, on_video)
-    if _in_flow():
-        futures = [label_batch_task.submit(batch, *args) for batch in work]
-        remaining = set(futures)
-        while remaining:
-            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            for future in finished:
-                results.append(future.result())
-            if progress_id:
-                update_progress_artifact(progress_id, 100.0 * len(results) / len(futures))
+    if config.executor == "pool":
+        results, failures = _run_pool(config, work, checkpoints, catalog, progress_id)
     else:
-        results = [label_batch_task.fn(batch, *args) for batch in work]
-
+        results, failures = _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id)
     for result in results:
         summary.labelled += result.labelled
         summary.failed += result.failed
@@ -255,6 +243,7 @@ def run_round(config: RoundConfig) -> RoundSummary:
         summary.failure_reasons = dict(Counter(summary.failure_reasons) + Counter(result.reasons))
         for stage, seconds in result.stage_seconds.items():
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
+    summary.failed_batches = failures
     summary.seconds = time.perf_counter() - started
     workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
     if _in_flow():
@@ -266,7 +255,120 @@ def run_round(config: RoundConfig) -> RoundSummary:
             description=f"summary of labelling round {round_id}",
         )
     _notify("done", summary.to_dict())
+    if failures:
+        raise BatchesFailed(summary)
     return summary
+
+
+class BatchesFailed(RuntimeError):
+    """Some batches failed past their retries; their videos stay unrecorded and a re-run labels them."""
+
+    def __init__(self, summary: RoundSummary):
+        self.summary = summary
+        details = "; ".join(f"{b['batch_id']}: {b['error']}" for b in summary.failed_batches[:5])
+        super().__init__(
+            f"round {summary.round_id}: {len(summary.failed_batches)} batch(es) failed ({details}). "
+            f"Everything else is committed; run the round again with --round-id {summary.round_id} to resume."
+        )
+
+
+def _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id):
+    """Batches in this process: task runs on a bounded thread pool inside a flow, plain calls outside."""
+    results: list[BatchResult] = []
+    failures: list[dict] = []
+    args = (config, checkpoints, bucket, workspace, catalog, _notify)
+    if not _in_flow():
+        for batch in work:
+            try:
+                results.append(label_batch_task.fn(batch, *args))
+            except Exception as exc:
+                failures.append(_batch_failure(config, batch, exc))
+        return results, failures
+    futures = {label_batch_task.submit(batch, *args): batch for batch in work}
+    for done_count, future in enumerate(as_completed(list(futures)), start=1):
+        try:
+            results.append(future.result())
+        except Exception as exc:
+            failures.append(_batch_failure(config, futures[future], exc))
+        if progress_id:
+            update_progress_artifact(progress_id, 100.0 * done_count / len(futures))
+    return results, failures
+
+
+def _batch_failure(config: RoundConfig, batch: list[PlannedVideo], exc: BaseException) -> dict:
+    from ..tasks.labelling import batch_id_for
+
+    return {
+        "batch_id": batch_id_for(config.round_id or "", [v.key for v in batch]),
+        "videos": len(batch),
+        "error": f"{type(exc).__name__}: {exc}",
+    }
+
+
+def _run_pool(config, work, checkpoints, catalog, progress_id, poll_seconds: float = 2.0):
+    """Each batch as a flow run of the `label-batch` deployment; idempotent on re-run of the round."""
+    from dataclasses import asdict as to_dict
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from ..tasks.labelling import batch_id_for
+    from .label_batch import DEPLOYMENT
+
+    runs = {}
+    for batch in work:
+        batch_id = batch_id_for(config.round_id or "", [v.key for v in batch])
+        flow_run = run_deployment(
+            config.deployment or DEPLOYMENT,
+            parameters={"config": to_dict(config), "videos": [to_dict(v) for v in batch], "checkpoints": checkpoints},
+            timeout=0,
+            idempotency_key=f"{config.round_id}-{batch_id}",
+            flow_run_name=f"{config.round_id}-{batch_id}",
+        )
+        runs[flow_run.id] = (batch_id, batch)
+    keys = {v.key for batch in work for v in batch}
+    seen: dict[str, str] = {}
+    states: dict = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            for run_id in runs:
+                if run_id not in states or not states[run_id].is_final():
+                    states[run_id] = client.read_flow_run(run_id).state
+            latest = catalog.latest(config.round_id)
+            for key, status in zip(latest["video_key"].to_pylist(), latest["status"].to_pylist(), strict=True):
+                if key in keys and key not in seen and status in ("labelled", "failed"):
+                    seen[key] = status
+                    _notify(status, {"video_key": key})
+            finals = sum(1 for s in states.values() if s is not None and s.is_final())
+            if progress_id:
+                update_progress_artifact(progress_id, 100.0 * finals / max(1, len(runs)))
+            if finals == len(runs):
+                break
+            time.sleep(poll_seconds)
+    results, failures = [], []
+    latest = {r["video_key"]: r for r in catalog.latest(config.round_id).to_pylist()}
+    for run_id, (batch_id, batch) in runs.items():
+        state = states[run_id]
+        if not state.is_completed():
+            failures.append({"batch_id": batch_id, "videos": len(batch), "error": f"flow run {run_id} {state.name}"})
+            continue
+        result = BatchResult(batch_id)
+        for video in batch:
+            row = latest.get(video.key)
+            if row is None:
+                continue
+            if row["status"] == "labelled":
+                result.labelled += 1
+                if row["shard_id"] not in result.shards:
+                    result.shards.append(row["shard_id"])
+                for name in row["teachers"] or []:
+                    result.teachers[name] = result.teachers.get(name, 0) + 1
+            elif row["status"] == "failed":
+                result.failed += 1
+                reason = f"{row['stage']}: {row['reason']}"
+                result.reasons[reason] = result.reasons.get(reason, 0) + 1
+        results.append(result)
+    return results, failures
 
 
 def _json(obj) -> bytes:
