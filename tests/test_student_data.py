@@ -140,13 +140,13 @@ def test_prepare_clip_gives_up_when_no_point_is_trackable() -> None:
 # --------------------------------------------------------------------------- shards on disk
 
 
-def _write_shards(workspace, shards: int = 3, per_shard: int = 4) -> None:
+def _write_shards(workspace: str, shards: int = 3, per_shard: int = 4) -> None:
     from pseudotrack.storage.objects import open_store
     from pseudotrack.tasks.decode import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
 
-    store = open_store(str(workspace))
+    store = open_store(workspace)
     frames = _frames()
     data = encode_clip(frames, 24.0)
     for b in range(shards):
@@ -161,7 +161,7 @@ def _write_shards(workspace, shards: int = 3, per_shard: int = 4) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     path = tmp_path_factory.mktemp("ws")
-    _write_shards(path)
+    _write_shards(str(path))
     return path
 
 
@@ -207,3 +207,13 @@ def test_ranks_read_different_streams(workspace) -> None:
     a = _take(make_loader(refs, spec, 4, seed=1, rank=0), 3)
     b = _take(make_loader(refs, spec, 4, seed=1, rank=1), 3)
     assert [x["keys"] for x in a] != [x["keys"] for x in b]
+
+
+def test_loader_reads_shards_from_s3(s3_uri: str) -> None:
+    _write_shards(s3_uri, shards=2, per_shard=3)
+    refs = shard_refs(s3_uri)
+    assert [r.url.startswith(s3_uri + "/shards/r1/") for r in refs] == [True, True]
+    spec = ClipSpec(num_frames=6, num_tracks=3, height=H0, width=W0)
+    batches = _take(make_loader(refs, spec, 2, seed=0), 4)  # 8 clips from 6 samples: resampled
+    assert all(b["video"].shape == (2, 6, 3, H0, W0) for b in batches)
+    assert {k for b in batches for k in b["keys"]} <= {f"s{i}_{j}" for i in range(2) for j in range(3)}

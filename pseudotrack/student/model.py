@@ -1,0 +1,168 @@
+"""The student: the project's CoTracker3 (online or offline), with its visibility/confidence head frozen.
+
+§3.3: on pseudo-labels only tracks are supervised; to keep the visibility and
+confidence the model learnt on synthetic data, their separate linear layer is
+frozen. Its official parameter names are `updateformer.vis_conf_head.*`; we
+freeze by that name, so the rule holds for any file in the official layout.
+
+The wrapped network keeps the official state-dict layout, so a student
+exported here is a plain `{name: tensor}` file with exactly the official keys
+(the authors' predictor and our `cotracker3_*` teachers load it unchanged).
+What the layout cannot say (which variant, and the sizes of a non-published
+config such as the tiny CPU one) goes in a JSON file beside it,
+`<file>.json`, which the cotracker3 teacher reads when present.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..teachers import cotracker3 as ct3
+from ..teachers.checkpoints import load_into, read_state_dict
+from .loss import WindowPrediction
+
+FROZEN_PREFIX = "updateformer.vis_conf_head."
+EXPORT_FORMAT = "pseudotrack-student/1"
+
+
+def model_config(variant: str, size: str) -> ct3.CoTracker3Config:
+    """The published architecture of a variant, or the tiny one for CPU tests."""
+    if size == "tiny":
+        return ct3.tiny_config(offline=variant == "offline")
+    return ct3.default_config(offline=variant == "offline")
+
+
+class Student(nn.Module):
+    """CoTracker3 whose forward returns per-window, per-iteration tracks for the loss.
+
+    `net` is the CoTracker3 module itself (official keys); the wrapper adds no parameters.
+    """
+
+    def __init__(self, net: nn.Module, variant: str):
+        super().__init__()
+        self.net = net
+        self.variant = variant
+        freeze_vis_conf_head(net)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        height, width = self.net.cfg.model_resolution
+        return int(height), int(width)
+
+    def frozen_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.net.named_parameters() if n.startswith(FROZEN_PREFIX)}
+
+    def config_dict(self) -> dict:
+        return {"variant": self.variant, "config": _plain(asdict(self.net.cfg))}
+
+    def forward(self, video: torch.Tensor, queries: torch.Tensor, iters: int = 4) -> list[WindowPrediction]:
+        """Training forward.
+
+        video: float [B, T, 3, H, W] 0..255 at the model resolution; queries: float [B, N, 3] (t, x, y)
+        returns one WindowPrediction per sliding window (one for the offline model), each with
+        `iters` tensors [B, S, N, 2] in clip pixels
+        """
+        windows = ct3.train_forward(self.net, video, queries, iters=iters, online=self.variant == "online")
+        return [WindowPrediction(start, list(tracks)) for start, tracks in windows]
+
+    @torch.no_grad()
+    def predict(self, frames: np.ndarray, queries: np.ndarray, iters: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluation call in the shape `student.evaluate` expects.
+
+        frames: uint8 [T, H, W, 3]; queries: float [M, 3] (t, x, y) pixels of `frames`
+        returns tracks float32 [T, M, 2] in the same pixels and visible bool [T, M]
+        """
+        teacher = ct3.predictor_from_model(self.net, offline=self.variant == "offline")
+        out = teacher.predict(frames, queries)
+        return out.tracks, out.visibility
+
+
+def freeze_vis_conf_head(net: nn.Module) -> list[str]:
+    """Freeze the separate linear visibility/confidence layer (§3.3); returns the frozen names."""
+    names = []
+    for name, param in net.named_parameters():
+        if name.startswith(FROZEN_PREFIX):
+            param.requires_grad_(False)
+            names.append(name)
+    if not names:
+        raise RuntimeError(
+            f"the student has no parameters under {FROZEN_PREFIX!r}: CoTracker3 must be built with its "
+            "separate linear visibility/confidence layer (linear_layer_for_vis_conf)"
+        )
+    return names
+
+
+def build_student(variant: str, size: str = "full", checkpoint: str | Path | None = None) -> Student:
+    """A student from an official CoTracker3 file, one of our exports, or random weights (tests only).
+
+    An export's sidecar decides the architecture; an official file uses the published one.
+    """
+    meta = read_export_meta(checkpoint) if checkpoint is not None else None
+    if meta is not None:
+        cfg = ct3.CoTracker3Config(**_config_args(meta["model"]["config"]))
+        variant_saved = meta["model"]["variant"]
+        if variant_saved != variant:
+            # the same architecture serves both (§3.3); the variant only changes how it is run
+            cfg = ct3.with_variant(cfg, offline=variant == "offline")
+    else:
+        cfg = model_config(variant, size)
+    net = ct3.CoTracker3(cfg)
+    if checkpoint is not None:
+        load_into(net, checkpoint, model_name=f"CoTracker3 {variant}")
+    return Student(net, variant)
+
+
+def export_student(student: Student, path: str | Path, extra: dict | None = None) -> Path:
+    """Write the official-layout state dict and its sidecar; both appear whole (write, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in student.net.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    meta = {"format": EXPORT_FORMAT, "model": student.config_dict(), **(extra or {})}
+    sidecar = sidecar_path(path)
+    tmp_meta = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp_meta.write_text(json.dumps(_plain(meta), indent=2, sort_keys=True))
+    tmp_meta.replace(sidecar)
+    return path
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(str(path) + ".json")
+
+
+def read_export_meta(path: str | Path) -> dict | None:
+    """The sidecar of one of our exports; None for an official file (no sidecar)."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    meta = json.loads(sidecar.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        return None
+    return meta
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    return read_state_dict(path)
+
+
+def _config_args(config: dict) -> dict:
+    """JSON turns tuples into lists; the config dataclass wants its tuples back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
