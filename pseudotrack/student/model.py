@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..teachers import cotracker3 as ct3
-from ..teachers.checkpoints import load_into, read_state_dict
+from ..teachers.checkpoints import load_into
 from .loss import WindowPrediction
 
-FROZEN_PREFIX = "updateformer.vis_conf_head."
-EXPORT_FORMAT = "pseudotrack-student/1"
+FROZEN_PREFIX = ct3.CoTracker3.VIS_CONF_HEAD + "."
+EXPORT_FORMAT = ct3.STUDENT_FORMAT_PREFIX + "1"
 
 
 def model_config(variant: str, size: str) -> ct3.CoTracker3Config:
@@ -73,12 +74,13 @@ class Student(nn.Module):
 
     @torch.no_grad()
     def predict(self, frames: np.ndarray, queries: np.ndarray, iters: int = 4) -> tuple[np.ndarray, np.ndarray]:
-        """Evaluation call in the shape `student.evaluate` expects.
+        """Evaluation call in the shape `student.evaluate` expects; the evaluator adds the support points.
 
         frames: uint8 [T, H, W, 3]; queries: float [M, 3] (t, x, y) pixels of `frames`
         returns tracks float32 [T, M, 2] in the same pixels and visible bool [T, M]
         """
-        teacher = ct3.predictor_from_model(self.net, offline=self.variant == "offline")
+        teacher = ct3.predictor_from_model(self.net, offline=self.variant == "offline", iters=iters,
+                                           support_grid=0, support_sift=0, support_uniform=0)
         out = teacher.predict(frames, queries)
         return out.tracks, out.visibility
 
@@ -101,20 +103,23 @@ def freeze_vis_conf_head(net: nn.Module) -> list[str]:
 def build_student(variant: str, size: str = "full", checkpoint: str | Path | None = None) -> Student:
     """A student from an official CoTracker3 file, one of our exports, or random weights (tests only).
 
-    An export's sidecar decides the architecture; an official file uses the published one.
+    An export's sidecar decides the architecture (so `size` is ignored for it);
+    an official file uses the published one. Online and offline files differ in
+    the length of their time embedding, so a file of one variant cannot start a
+    student of the other.
     """
     meta = read_export_meta(checkpoint) if checkpoint is not None else None
     if meta is not None:
-        cfg = ct3.CoTracker3Config(**_config_args(meta["model"]["config"]))
-        variant_saved = meta["model"]["variant"]
-        if variant_saved != variant:
-            # the same architecture serves both (§3.3); the variant only changes how it is run
-            cfg = ct3.with_variant(cfg, offline=variant == "offline")
+        saved = meta["model"]["variant"]
+        if saved != variant:
+            raise ConfigError(f"{checkpoint} is an {saved} student: train an {saved} student from it "
+                              f"(variant={saved}) or start the {variant} one from an {variant} file")
+        cfg = ct3.config_from_dict(meta["model"]["config"])
     else:
         cfg = model_config(variant, size)
     net = ct3.CoTracker3(cfg)
     if checkpoint is not None:
-        load_into(net, checkpoint, model_name=f"CoTracker3 {variant}")
+        load_into(net, checkpoint, model_name=f"CoTracker3 {variant} ({size if meta is None else 'student'})")
     return Student(net, variant)
 
 
@@ -144,18 +149,9 @@ def read_export_meta(path: str | Path) -> dict | None:
     if not sidecar.is_file():
         return None
     meta = json.loads(sidecar.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
+    if not str(meta.get("format", "")).startswith(ct3.STUDENT_FORMAT_PREFIX):
         return None
     return meta
-
-
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    return read_state_dict(path)
-
-
-def _config_args(config: dict) -> dict:
-    """JSON turns tuples into lists; the config dataclass wants its tuples back."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
 def _plain(value):

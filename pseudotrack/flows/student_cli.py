@@ -1,0 +1,184 @@
+"""`pseudotrack train` and `pseudotrack eval`: typer command functions registered by `flows/cli.py`.
+
+Heavy imports (torch, prefect) happen inside the commands so `--help` stays
+instant. Both commands show a rich progress bar on stderr, print a metrics
+table on stdout and save a JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
+
+
+def metrics_table(title: str, reports: dict[str, dict]) -> Table:
+    """One column per evaluated checkpoint (e.g. initial vs trained), one row per metric."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    names = list(reports)
+    for name in names:
+        table.add_column(name, justify="right")
+    keys = [k for k, v in next(iter(reports.values()))["metrics"].items() if isinstance(v, float)]
+    for key in keys:
+        table.add_row(key, *(f"{reports[n]['metrics'].get(key, float('nan')):.4f}" for n in names))
+    return table
+
+
+def train_command(
+    workspace: Annotated[str, typer.Option(help="Workspace holding the labelled shards (local dir or s3://).")],
+    output: Annotated[Path, typer.Option(help="Local folder for checkpoints, metrics.jsonl, student.pth, report.")],
+    init: Annotated[
+        str | None,
+        typer.Option(help="Starting weights: an official CoTracker3 file (scaled_online.pth, baseline_*.pth) or "
+                     "a student.pth of ours. Without it the student starts from random weights."),
+    ] = None,
+    round_id: Annotated[
+        list[str] | None, typer.Option("--round", help="Train on this round's shards (repeatable). Default: all.")
+    ] = None,
+    variant: Annotated[str, typer.Option(help="online (sliding windows) or offline (whole clip).")] = "online",
+    model_size: Annotated[str, typer.Option(help="full (published architecture) or tiny (CPU trials).")] = "full",
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps. Default: one per training video at batch 32 (App. C).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Clips per optimiser step over all GPUs (recipe: 32).")] = 32,
+    micro_batch_size: Annotated[int, typer.Option(help="Clips per forward pass on one GPU.")] = 1,
+    frames: Annotated[int, typer.Option(help="Frames per clip (online), longest clip (offline).")] = 64,
+    tracks: Annotated[int, typer.Option(help="Tracks per clip.")] = 384,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay, no warm-up).")] = 5e-5,
+    iters: Annotated[int, typer.Option(help="Iterative updates per window while training.")] = 4,
+    workers: Annotated[int, typer.Option(help="Data loader worker processes per GPU.")] = 2,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling, teacher choice and clip handling.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    evaluate_on: Annotated[
+        str | None, typer.Option(help="After training evaluate on 'synthetic' or a TAP-Vid pickle; 'none' skips.")
+    ] = "synthetic",
+    eval_videos: Annotated[int, typer.Option(help="Benchmark videos to evaluate on.")] = 8,
+    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in the output folder instead of resuming.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+) -> None:
+    """Fine-tune a CoTracker3 student on pseudo-label shards (resumes from the output folder's checkpoint)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    from ..errors import ConfigError
+    from ..student.train import TrainConfig
+    from .train_student import add_log_listener, train_student_flow
+
+    try:
+        config = TrainConfig(
+            workspace=workspace, output=str(output), rounds=round_id or None, init_checkpoint=init,
+            variant=variant, model_size=model_size, steps=steps, batch_size=batch_size,
+            micro_batch_size=micro_batch_size, num_frames=frames, num_tracks=tracks, lr=lr, iters=iters,
+            workers=workers, checkpoint_every=checkpoint_every, seed=seed, device=device, resume=not fresh,
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    bench = None if (evaluate_on or "").lower() in ("", "none") else evaluate_on
+    progress = _progress()
+    task = {"id": None}
+
+    def on_log(row: dict) -> None:
+        if task["id"] is None:
+            task["id"] = progress.add_task("training", total=row["total_steps"], info="")
+        progress.update(task["id"], completed=row["step"],
+                        info=f"loss {row['loss']:.3f} lr {row['lr']:.1e} {row['clips_per_second']:.2f} clips/s")
+
+    remove = add_log_listener(on_log)
+    try:
+        console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
+        with progress:
+            report = train_student_flow(config, bench, eval_videos)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    finally:
+        remove()
+    _print_train_report(report)
+
+
+def _print_train_report(report: dict) -> None:
+    train = report["train"]
+    table = Table(title="training", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("steps", str(train["steps"]))
+    table.add_row("resumed from step", str(train["resumed_from"]))
+    table.add_row("loss (first step of this run)", f"{train['first_loss']:.4f}")
+    table.add_row("loss (last step)", f"{train['final_loss']:.4f}")
+    table.add_row("clips/s", f"{train['clips_per_second']:.2f}")
+    table.add_row("exported", train["export_path"] or "(not finished)")
+    out.print(table)
+    if report.get("evaluation"):
+        out.print(metrics_table(f"evaluation on {next(iter(report['evaluation'].values()))['benchmark']}",
+                                report["evaluation"]))
+    out.print(f"report: {report.get('report_path')}")
+
+
+def eval_command(
+    checkpoint: Annotated[str, typer.Option(help="Student export (student.pth) or an official CoTracker3 file.")],
+    benchmark: Annotated[
+        str, typer.Option(help="'synthetic' (generated, exact ground truth) or a TAP-Vid pickle file.")
+    ] = "synthetic",
+    query_mode: Annotated[str, typer.Option(help="first or strided (TAP-Vid query modes).")] = "first",
+    variant: Annotated[
+        str | None, typer.Option(help="online or offline. Default: from the export, online for official files.")
+    ] = None,
+    videos: Annotated[int, typer.Option(help="Evaluate at most this many videos.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    report: Annotated[Path | None, typer.Option(help="Where to save the JSON report. Default: beside the "
+                                                     "checkpoint, <checkpoint>.eval-<benchmark>.json")] = None,
+) -> None:
+    """Evaluate a checkpoint with the TAP-Vid metrics (AJ, δ_avg, OA) and save a JSON report."""
+    from ..errors import ConfigError
+    from .train_student import evaluate_student
+
+    if query_mode not in ("first", "strided"):
+        _fail(f"query mode {query_mode!r}: choose first or strided")
+    if not Path(checkpoint).is_file():
+        _fail(f"checkpoint {checkpoint} does not exist")
+    path = report or Path(f"{checkpoint}.eval-{Path(benchmark).stem}-{query_mode}.json")
+    progress = _progress()
+    with progress:
+        task = progress.add_task("evaluating", total=None, info="")
+
+        def on_video(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, info="")
+
+        try:
+            result = evaluate_student(checkpoint, benchmark, query_mode, variant, videos, device=device,
+                                      output=str(path), on_video=on_video)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+            return
+    out.print(metrics_table(f"{Path(checkpoint).name} on {benchmark} ({query_mode})", {"value": result}))
+    out.print(json.dumps({"report": str(path), "videos": result["videos"]}))

@@ -1,0 +1,191 @@
+"""Student training: schedule, frozen head, exact resume after a stop, export layout, and end to end on `lk` labels."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pseudotrack.errors import ConfigError
+from pseudotrack.student.model import FROZEN_PREFIX, build_student, export_student, read_export_meta
+from pseudotrack.student.train import (
+    TrainConfig,
+    checkpoint_paths,
+    cosine_factor,
+    default_steps,
+    load_training_checkpoint,
+    run_training,
+)
+
+H, W, T = 64, 96, 12  # the tiny CoTracker3's resolution; labelled clips of 12 frames
+
+
+def _write_exact_shards(workspace: str, scenes: list[int], per_shard: int = 3) -> None:
+    """Shards whose labels are a synthetic scene's exact tracks, under a teacher named 'exact'."""
+    from pseudotrack.tasks.decode import encode_clip
+
+    from pseudotrack.storage.objects import open_store
+    from pseudotrack.synthetic import render_scene
+    from pseudotrack.tasks.shards import Sample, ShardSink
+    from pseudotrack.teachers.base import TeacherOutput
+
+    store = open_store(workspace)
+    sink = ShardSink(store, "r1", "exact", max_samples=per_shard)
+    for seed in scenes:
+        scene = render_scene(seed, num_frames=T, height=H, width=W, num_objects=2, num_points=24)
+        queries = np.concatenate([np.zeros((24, 1)), scene.tracks[:, 0]], axis=1).astype(np.float32)
+        label = TeacherOutput(scene.tracks.transpose(1, 0, 2), ~scene.occluded.T, np.ones((T, 24), np.float16))
+        meta = {"teachers": ["exact"], "tracks_occluded": {"exact": True}}
+        sink.add(Sample(f"scene{seed}", encode_clip(scene.frames, 24.0), queries, {"exact": label}, meta), {})
+    sink.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core test machine, two OpenMP threads contend and run 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("student-ws"))
+    _write_exact_shards(path, list(range(6)))
+    return path
+
+
+def _config(workspace: str, output: Path, **overrides) -> TrainConfig:
+    values = dict(workspace=workspace, output=str(output), model_size="tiny", steps=2, batch_size=2,
+                  micro_batch_size=1, num_frames=8, num_tracks=8, iters=2, workers=0, checkpoint_every=2,
+                  log_every=1, lr=1e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------- plain pieces
+
+
+def test_cosine_decay_starts_at_the_peak_without_warmup_and_ends_at_zero() -> None:
+    assert cosine_factor(0, 100) == 1.0
+    assert cosine_factor(50, 100) == pytest.approx(0.5)
+    assert cosine_factor(100, 100) == pytest.approx(0.0)
+    assert cosine_factor(25, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_default_steps_are_one_per_video_at_batch_32() -> None:
+    assert default_steps(15000, 32) == 15000
+    assert default_steps(100, 8) == 400  # same number of clips seen at a smaller batch
+
+
+def test_config_refuses_what_cannot_run() -> None:
+    with pytest.raises(ConfigError, match="variant"):
+        TrainConfig(workspace="w", output="o", variant="sideways")
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        TrainConfig(workspace="w", output="o", batch_size=3, micro_batch_size=2)
+    recipe = TrainConfig(workspace="w", output="o")
+    assert (recipe.lr, recipe.batch_size, recipe.huber_delta, recipe.gamma) == (5e-5, 32, 6.0, 0.8)
+    assert TrainConfig.from_dict(recipe.to_dict()) == recipe
+
+
+def test_offline_clips_are_trimmed_between_half_and_full_length() -> None:
+    spec = TrainConfig(workspace="w", output="o", variant="offline", num_frames=64).clip_spec(384, 512)
+    assert spec.trim_range() == (32, 64) and not spec.online
+    assert TrainConfig(workspace="w", output="o").clip_spec(384, 512).trim_range() == (64, 64)
+
+
+def test_the_visibility_confidence_head_is_frozen() -> None:
+    student = build_student("online", "tiny")
+    frozen = student.frozen_parameters()
+    assert set(frozen) == {FROZEN_PREFIX + "weight", FROZEN_PREFIX + "bias"}
+    assert not any(p.requires_grad for p in frozen.values())
+    assert all(p.requires_grad for n, p in student.net.named_parameters() if n not in frozen)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(workspace: str, tmp_path: Path) -> None:
+    straight = run_training(_config(workspace, tmp_path / "straight"))  # 2 steps of 2 accumulated clips
+    assert straight.steps == 2 and straight.resumed_from == 0
+
+    interrupted = _config(workspace, tmp_path / "resumed")
+    first = run_training(interrupted, stop_at=1)
+    assert first.steps == 1 and first.export_path == ""  # stopped: nothing exported yet
+    second = run_training(interrupted)
+    assert second.resumed_from == 1 and second.steps == 2
+
+    a = torch.load(straight.export_path, weights_only=True)
+    b = torch.load(second.export_path, weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    torch.manual_seed(0)  # run_training seeds the initial weights with config.seed
+    start = build_student("online", "tiny")
+    moved = [k for k in a if not k.startswith(FROZEN_PREFIX) and not torch.equal(a[k], start.net.state_dict()[k])]
+    assert moved, "training changed nothing"
+    for name, value in start.frozen_parameters().items():
+        assert torch.equal(a[name], value), f"frozen {name} changed"
+
+    ckpt = load_training_checkpoint(checkpoint_paths(tmp_path / "resumed")[0])  # weights_only=True inside
+    trainable = sum(1 for n, p in start.net.named_parameters() if not n.startswith(FROZEN_PREFIX))
+    assert len(ckpt["optimizer"]["state"]) == trainable  # the frozen head is not in the optimiser
+    assert ckpt["step"] == 2 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] > 0 and r["clips_per_second"] > 0 for r in rows)
+    assert rows[0]["lr"] == pytest.approx(1e-3 * cosine_factor(1, 2))
+
+
+def test_resume_with_loader_workers_is_exact(workspace: str, tmp_path: Path) -> None:
+    straight = run_training(_config(workspace, tmp_path / "a", workers=2, steps=3, batch_size=1))
+    cfg = _config(workspace, tmp_path / "b", workers=2, steps=3, batch_size=1)
+    run_training(cfg, stop_at=1)
+    resumed = run_training(cfg)
+    a = torch.load(straight.export_path, weights_only=True)
+    b = torch.load(resumed.export_path, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_configuration(workspace: str, tmp_path: Path) -> None:
+    run_training(_config(workspace, tmp_path / "run", steps=2, batch_size=1), stop_at=1)
+    with pytest.raises(ConfigError, match="num_tracks"):
+        run_training(_config(workspace, tmp_path / "run", steps=2, batch_size=1, num_tracks=6))
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_of_the_published_architecture_has_exactly_the_official_keys(shared_dir: Path, tmp_path: Path) -> None:
+    manifest_path = shared_dir / "reference" / "cotracker3_online" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())["state_dict"]
+    path = export_student(build_student("online", "full"), tmp_path / "student.pth")
+    state = torch.load(path, weights_only=True)
+    assert set(state) == set(manifest)
+    assert all(list(state[k].shape) == manifest[k]["shape"] for k in state)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # a plain state dict, nothing else
+
+
+def test_exported_student_loads_as_the_next_rounds_teacher(tmp_path: Path) -> None:
+    from pseudotrack.synthetic import render_scene
+    from pseudotrack.teachers.base import create_teacher
+
+    student = build_student("online", "tiny")
+    path = export_student(student, tmp_path / "student.pth", {"step": 7})
+    meta = read_export_meta(path)
+    assert meta is not None and meta["step"] == 7 and meta["model"]["variant"] == "online"
+    teacher = create_teacher("cotracker3_online", checkpoint=path)
+    teacher.setup("cpu")
+    scene = render_scene(3, num_frames=10, height=H, width=W, num_points=6)
+    queries = np.concatenate([np.zeros((6, 1)), scene.tracks[:, 0]], axis=1).astype(np.float32)
+    labels = teacher.predict(scene.frames, queries)
+    assert labels.tracks.shape == (10, 6, 2) and np.isfinite(labels.tracks).all()
+    reloaded = build_student("online", checkpoint=str(path))  # and as a student again, same weights
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.net.state_dict().values(),
+                                                 student.net.state_dict().values(), strict=True))
+    with pytest.raises(ConfigError, match="online student"):
+        build_student("offline", checkpoint=str(path))
