@@ -7,8 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from pseudotrack.tasks.decode import decode_clip_bytes
-from pseudotrack.teachers.lk import LKTeacher
 
 from pseudotrack.config import RoundConfig
 from pseudotrack.demo import write_demo_bucket
@@ -17,7 +15,9 @@ from pseudotrack.flows.label_round import run_label_round_flow, run_round
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.objects import open_store
+from pseudotrack.tasks.decode import decode_clip_bytes
 from pseudotrack.tasks.shards import committed_shards, read_shard
+from pseudotrack.teachers.lk import LKTeacher
 
 SMALL = dict(height=96, width=128, num_frames=16, min_frames=8, num_queries=48, num_keyframes=4, batch_size=4)
 

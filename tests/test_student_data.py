@@ -141,9 +141,8 @@ def test_prepare_clip_gives_up_when_no_point_is_trackable() -> None:
 
 
 def _write_shards(workspace: str, shards: int = 3, per_shard: int = 4) -> None:
-    from pseudotrack.tasks.decode import encode_clip
-
     from pseudotrack.storage.objects import open_store
+    from pseudotrack.tasks.decode import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
 

@@ -26,10 +26,9 @@ H, W, T = 64, 96, 12  # the tiny CoTracker3's resolution; labelled clips of 12 f
 
 def _write_exact_shards(workspace: str, scenes: list[int], per_shard: int = 3) -> None:
     """Shards whose labels are a synthetic scene's exact tracks, under a teacher named 'exact'."""
-    from pseudotrack.tasks.decode import encode_clip
-
     from pseudotrack.storage.objects import open_store
     from pseudotrack.synthetic import render_scene
+    from pseudotrack.tasks.decode import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
 

@@ -92,9 +92,10 @@ def hbar_chart(counts: dict[str, int], label: str, color: str = BLUE, max_items:
         y = 4 + i * row
         bar = max(1.0, span * count / top)
         text = str(name)
+        shown = escape(_shorten(text, label_chars))
         body.append(
             f'<g><title>{escape(text)}: {count}</title>'
-            f'<text x="{left - 8}" y="{y + 14}" text-anchor="end" fill="{INK}">{escape(_shorten(text, label_chars))}</text>'
+            f'<text x="{left - 8}" y="{y + 14}" text-anchor="end" fill="{INK}">{shown}</text>'
             f'<rect x="{left}" y="{y + 3}" width="{bar:.1f}" height="{row - 8}" rx="3" fill="{color}"/>'
             f'<text x="{left + bar + 6:.1f}" y="{y + 14}" fill="{MUTED}">{fmt_count(count)} '
             f'({100 * count / total:.0f}%)</text></g>'
