@@ -44,7 +44,7 @@ class RoundConfig:
     width: int = 512
     num_frames: int = 64
     max_stride: int = 4
-    min_frames: int = 16
+    min_frames: int | None = None  # shorter clips fail; default min(16, num_frames)
     # queries (App. A): SIFT on 8 keyframes biased to the start, 384 tracks per clip
     num_queries: int = 384
     num_keyframes: int = 8
@@ -61,6 +61,8 @@ class RoundConfig:
     deployment: str | None = None  # default "label-batch/label-batch"
 
     def __post_init__(self) -> None:
+        if self.min_frames is None:
+            self.min_frames = min(16, self.num_frames)
         self.validate()
 
     def validate(self) -> None:

@@ -32,7 +32,7 @@ runner = CliRunner()
             ],
         ),
         ("status", ["--workspace", "--round-id", "--json"]),
-        ("demo-data", ["OUT_DIR", "--videos", "default: 12"]),
+        ("demo-data", ["out_dir", "--videos", "default: 12"]),
         ("show", ["--video", "--sample", "--out", "tracks.png"]),
     ],
 )

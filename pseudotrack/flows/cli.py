@@ -31,6 +31,8 @@ def _quiet_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # the ephemeral API's cold start can exceed Prefect's 20 s default on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -158,7 +160,11 @@ def _run_with_progress(config) -> dict:
         TimeRemainingColumn,
     )
 
-    from .label_round import add_progress_listener, run_label_round_flow
+    from ..tasks.labelling import resolve_checkpoints
+    from .label_round import add_progress_listener, open_workspace, run_label_round_flow
+
+    open_workspace(config)  # a missing bucket, unwritable workspace or checkpoint stops here, before Prefect starts
+    resolve_checkpoints(config)
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),

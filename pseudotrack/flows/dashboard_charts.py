@@ -48,11 +48,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
     start = math.floor(lo / step) * step
-    ticks = []
-    value = start
-    while value < hi + step * 0.5:
-        ticks.append(round(value, 12))
-        value += step
+    ticks = [round(start, 12)]
+    while ticks[-1] < hi - step * 1e-9:  # the last tick covers the maximum, so nothing is drawn off the axis
+        ticks.append(round(start + len(ticks) * step, 12))
     return ticks if len(ticks) >= 2 else [start, start + step]
 
 
