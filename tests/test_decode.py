@@ -1,76 +1,174 @@
-"""Decoding with decord: probing, clip choice, resizing, bad files, and the near-lossless stored clip."""
+"""Decoding: probing, clip choice and resizing, every kind of bad file, and the near-lossless stored clip."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
-from videos import mp4_bytes, translating_frames
+import videos
 
 from pseudotrack.errors import SampleError
-from pseudotrack.tasks.decode import choose_frames, decode_clip, decode_clip_bytes, encode_clip, probe_video
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
-
-
-def test_probe_real_clips(sample_videos):
-    facts = {p.name: probe_video(p.read_bytes(), p.name) for p in sample_videos}
-    assert (facts["bear.mp4"].num_frames, facts["bear.mp4"].width, facts["bear.mp4"].height) == (82, 854, 480)
-    assert facts["cat.mp4"].num_frames == 87 and round(facts["cat.mp4"].fps) == 20
-    assert facts["apple.mp4"].width == 1296 and facts["apple.mp4"].height == 720
-
-
-def test_decode_clip_resizes_strides_and_is_reproducible(sample_videos):
-    data = sample_videos[1].read_bytes()  # bear, 82 frames
-    a = decode_clip(data, "bear", height=96, width=128, num_frames=16, rng=np.random.default_rng(4))
-    b = decode_clip(data, "bear", height=96, width=128, num_frames=16, rng=np.random.default_rng(4))
-    assert a.frames.shape == (16, 96, 128, 3) and a.frames.dtype == np.uint8
-    assert a.frame_indices == b.frame_indices and np.array_equal(a.frames, b.frames)
-    assert np.all(np.diff(a.frame_indices) == a.stride) and 1 <= a.stride <= 4
-    assert a.fps == pytest.approx(30.0 / a.stride, rel=0.05)
-    strides = {decode_clip(data, "b", 96, 128, 16, rng=np.random.default_rng(s)).stride for s in range(12)}
-    assert len(strides) > 1  # the recipe's random frame rate
-
-
-def test_choose_frames_shrinks_stride_then_length():
-    rng = np.random.default_rng(0)
-    indices, stride = choose_frames(30, 16, 4, 8, rng, stride=4)
-    assert stride == 1 and len(indices) == 16  # stride 4 would need 61 frames
-    indices, stride = choose_frames(10, 16, 4, 8, rng, stride=None)
-    assert stride == 1 and indices == list(range(10))
-    with pytest.raises(SampleError, match="too short"):
-        choose_frames(5, 16, 4, 8, rng, stride=None)
-
-
-@pytest.mark.parametrize(
-    ("make", "reason"),
-    [
-        (lambda tmp: b"", "empty file"),
-        (lambda tmp: b"hello, I am text with a video name", "text"),
-        (lambda tmp: b"\x89PNG\r\n\x1a\n" + bytes(100), "image"),
-        (lambda tmp: np.random.default_rng(0).bytes(5000), "not a video"),
-        (lambda tmp: mp4_bytes(translating_frames(12, 64, 64, 1, 0), tmp)[:1500], "corrupt or truncated"),
-        (lambda tmp: mp4_bytes(translating_frames(1, 64, 64, 1, 0), tmp), "1 frame"),
-    ],
+from pseudotrack.synthetic import render_scene
+from pseudotrack.tasks.decode import (
+    _jpegs,
+    choose_stride,
+    decode_clip,
+    decode_clip_bytes,
+    encode_clip,
+    mjpeg_avi,
+    probe_video,
+    psnr,
 )
-def test_bad_files_fail_with_a_reason(tmp_path, make, reason):
-    with pytest.raises(SampleError, match=reason) as info:
-        decode_clip(make(tmp_path), "bad.mp4", 64, 64, 8, rng=np.random.default_rng(0))
+
+
+@pytest.fixture(scope="module")
+def real(sample_videos) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in sample_videos}
+
+
+def test_probe_real_clips(real):
+    facts = {name: probe_video(data, name) for name, data in real.items()}
+    bear, cat, apple = facts["bear"], facts["cat"], facts["apple"]
+    assert (bear.num_frames, bear.width, bear.height, bear.fps) == (82, 854, 480, 30.0)
+    assert (cat.num_frames, cat.width, cat.height, cat.fps) == (87, 368, 480, 20.0)
+    assert (apple.num_frames, apple.width, apple.height, apple.fps) == (50, 1296, 720, 10.0)
+    assert cat.duration_s == pytest.approx(87 / 20) and not cat.fps_assumed
+
+
+def source_frame(data: bytes, index: int, height: int, width: int) -> np.ndarray:
+    """Frame `index` decoded by OpenCV instead of decord, resized the same way."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "v.mp4"
+        path.write_bytes(data)
+        cap = cv2.VideoCapture(str(path))
+        for _ in range(index + 1):
+            ok, frame = cap.read()
+            assert ok
+        cap.release()
+    return cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), (width, height), interpolation=cv2.INTER_AREA)
+
+
+def test_clip_frames_are_the_source_frames_it_names(real):
+    data = real["cat"]
+    clip = decode_clip(data, "cat", 96, 128, 16, stride=2, rng=np.random.default_rng(5))
+    assert clip.frames.shape == (16, 96, 128, 3) and clip.frames.dtype == np.uint8
+    assert clip.frame_indices.dtype == np.int64 and np.all(np.diff(clip.frame_indices) == 2)
+    assert clip.stride == 2 and clip.fps == 10.0 and clip.source_fps == 20.0 and clip.source_size == (480, 368)
+    k = 5
+    here = source_frame(data, int(clip.frame_indices[k]), 96, 128).astype(float)
+    later = source_frame(data, int(clip.frame_indices[k]) + 4, 96, 128).astype(float)
+    error = np.abs(clip.frames[k] - here).mean()
+    assert error < 4.0 and error < np.abs(clip.frames[k] - later).mean()
+
+
+def test_random_stride_and_start_are_reproducible(real):
+    data = real["cat"]
+    a = decode_clip(data, "cat", 48, 64, 16, rng=np.random.default_rng(4))
+    b = decode_clip(data, "cat", 48, 64, 16, rng=np.random.default_rng(4))
+    np.testing.assert_array_equal(a.frame_indices, b.frame_indices)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    clips = [decode_clip(data, "cat", 48, 64, 16, rng=np.random.default_rng(s)) for s in range(8)]
+    assert len({c.stride for c in clips}) > 1 and len({int(c.frame_indices[0]) for c in clips}) > 1
+    assert all(c.frame_indices[-1] < 87 and len(c.frames) == 16 for c in clips)
+
+
+def test_stride_is_lowered_then_the_clip_shortened():
+    rng = np.random.default_rng(0)
+    assert {choose_stride(30, 16, 4, rng) for _ in range(20)} == {1}  # stride 2 would need 31 frames
+    assert {choose_stride(61, 16, 4, rng) for _ in range(40)} == {1, 2, 3, 4}
+    data = videos.mp4_bytes(videos.translating_frames(12, 48, 64, 1, 0))
+    clip = decode_clip(data, "short", 48, 64, 16, min_frames=8, rng=rng)
+    assert clip.stride == 1 and clip.frame_indices.tolist() == list(range(12))
+    with pytest.raises(SampleError, match=r"too short: 12 frames give a 3-frame clip at stride 4"):
+        decode_clip(data, "short", 48, 64, 16, stride=4, min_frames=8, rng=rng)
+
+
+def corrupt_middle(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[len(out) // 3 : len(out) // 3 + 2000] = videos.random_bytes(2000)
+    return bytes(out)
+
+
+CLIP = videos.moving_clip(24, 64, 64)
+BAD_FILES = {
+    "empty": (videos.empty_file(), r"empty file: 0 bytes"),
+    "text": (videos.text_file(), r"not a video: .* holds text"),
+    "png": (videos.png_file(), r"not a video: .* holds a PNG image"),
+    "random": (videos.random_bytes(), r"not a video: .* no known video container"),
+    "ftyp then garbage": (videos.ftyp_then_garbage(), r"truncated or corrupt: unreadable box"),
+    "cut before the index": (videos.truncated(CLIP, 0.6), r"truncated or corrupt: the 'mdat' box"),
+    "cut after the index": (videos.truncated(videos.faststart(CLIP), 0.6), r"truncated or corrupt: the 'mdat' box"),
+    "one frame": (videos.one_frame_video(), r"too short: only 1 frame; need at least 8"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_bad_files_fail_with_a_reason(kind):
+    data, reason = BAD_FILES[kind]
+    for call in (
+        lambda: probe_video(data, "bad.mp4"),
+        lambda: decode_clip(data, "bad.mp4", 64, 64, 8, rng=np.random.default_rng(0)),
+    ):
+        with pytest.raises(SampleError, match=reason) as info:
+            call()
+        assert info.value.stage == "decode"
+
+
+def test_damaged_frames_fail_while_decoding():
+    assert probe_video(videos.faststart(CLIP), "moved index").num_frames == 24  # the helper keeps files valid
+    damaged = corrupt_middle(CLIP)
+    with pytest.raises(SampleError, match=r"truncated or corrupt: frames 0\.\.23 do not decode") as info:
+        decode_clip(damaged, "damaged.mp4", 64, 64, 24, stride=1, rng=np.random.default_rng(0))
     assert info.value.stage == "decode"
 
 
-def test_odd_label_resolution_is_refused(sample_videos):
+def test_missing_frame_rate_is_assumed_not_fatal():
+    frames = videos.translating_frames(12, 64, 64, 1, 0)
+    data = mjpeg_avi([j.tobytes() for j in _jpegs(frames, 95)], 64, 64, fps=0.0001)  # the file says 0.001 fps
+    facts = probe_video(data, "slow.avi")
+    assert facts.fps_assumed and facts.fps == 30.0 and facts.num_frames == 12
+    clip = decode_clip(data, "slow.avi", 64, 64, 8, stride=1, rng=np.random.default_rng(0))
+    assert clip.fps == 30.0 and len(clip.frames) == 8
+
+
+def test_bad_arguments_are_refused(real):
     with pytest.raises(ValueError, match="even"):
-        decode_clip(sample_videos[0].read_bytes(), "apple", 95, 128)
+        decode_clip(real["cat"], "cat", 95, 128, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="min_frames"):
+        decode_clip(real["cat"], "cat", 96, 128, num_frames=8, min_frames=9, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="even"):
+        encode_clip(np.zeros((2, 33, 32, 3), np.uint8), 24.0)
 
 
-def test_stored_clip_is_near_lossless(sample_videos, tmp_path):
-    clip = decode_clip(sample_videos[2].read_bytes(), "cat", 384, 512, 24, rng=np.random.default_rng(1))
+def test_stored_clip_of_a_real_video_is_near_lossless(real):
+    clip = decode_clip(real["cat"], "cat", 384, 512, 16, rng=np.random.default_rng(1))
     data = encode_clip(clip.frames, clip.fps)
     back = decode_clip_bytes(data)
     assert back.shape == clip.frames.shape
     assert psnr(back, clip.frames) >= 40.0
-    generated = translating_frames(10, 96, 128, 1.5, 0.5)
-    assert psnr(decode_clip_bytes(encode_clip(generated, 12.0)), generated) >= 40.0
+    assert len(data) < clip.frames.nbytes / 4  # compressed, not raw
+    reader = __import__("decord").VideoReader(__import__("io").BytesIO(data))
+    assert reader.get_avg_fps() == pytest.approx(clip.fps, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: videos.translating_frames(10, 96, 128, 1.5, 0.5),
+        lambda: render_scene(0, num_frames=6, height=128, width=128).frames,  # saturated colour edges
+        lambda: np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8),  # pure noise
+    ],
+    ids=["texture", "saturated", "noise"],
+)
+def test_stored_generated_clips_are_near_lossless(make):
+    frames = make()
+    back = decode_clip_bytes(encode_clip(frames, 12.0))
+    assert back.shape == frames.shape and psnr(back, frames) >= 40.0
+
+
+def test_stored_clip_that_is_not_a_clip_fails_cleanly():
+    with pytest.raises(SampleError, match="not a video"):
+        decode_clip_bytes(b"nothing here")

@@ -29,6 +29,8 @@ def local_bucket(tmp_path_factory, shared_dir):
     write_demo_bucket(root, videos=8, frames=20, height=120, width=160, seed=3, broken=1, include=shared_dir / "videos")
     (root / "empty.mp4").write_bytes(b"")
     (root / "notes.mp4").write_text("this is a text file named like a video", encoding="utf-8")
+    shutil.copyfile(shared_dir / "videos" / "cat.mp4", root / "unreadable caption.mp4")
+    (root / "unreadable caption.txt").write_bytes(b"a cat \xff\xfe on a sofa")
     return root
 
 
@@ -40,6 +42,7 @@ def expected_states(bucket) -> dict[str, str]:
         "broken_00.mp4": "failed",
         "empty.mp4": "failed",
         "notes.mp4": "failed",
+        "unreadable caption.mp4": "failed",
     }
 
 
@@ -59,6 +62,8 @@ def check_round(bucket, workspace_uri: str, config: RoundConfig, summary) -> dic
     assert "0 bytes" in rows["empty.mp4"]["reason"] or "empty" in rows["empty.mp4"]["reason"]
     for key in ("broken_00.mp4", "notes.mp4", "empty.mp4"):
         assert rows[key]["stage"] == "decode" and rows[key]["reason"]
+    assert rows["unreadable caption.mp4"]["stage"] == "caption"
+    assert "UTF-8" in rows["unreadable caption.mp4"]["reason"]
     assert summary["labelled"] == sum(r["status"] == "labelled" for r in rows.values())
     # shards read back into the arrays that were written, and no sample twice
     store = open_store(workspace_uri)
@@ -178,3 +183,17 @@ def test_round_on_s3_through_prefect(local_bucket, s3_uri, prefect_server):
     check_round(local_bucket, workspace_uri, config, summary)
     saved = json.loads(open_store(workspace_uri).read_bytes("runs/s3-round/summary.json"))
     assert saved["labelled"] == summary["labelled"]
+    # progress and summary artifacts were published to the Prefect API
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["label-progress-s3-round", "label-summary-s3-round"])
+            )
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) == {"label-progress-s3-round", "label-summary-s3-round"}
+    assert float(by_key["label-progress-s3-round"].data) == 100.0
+    assert f"| labelled | {summary['labelled']} |" in by_key["label-summary-s3-round"].data

@@ -21,7 +21,7 @@ from pseudotrack.student.data import (
     shard_refs,
 )
 
-T0, H0, W0, N0 = 12, 32, 48, 6
+T0, H0, W0, N0 = 12, 32, 64, 6  # decord cannot read clips 48 pixels wide
 
 
 def _label(seed: int, visible_every: int = 1) -> dict:
@@ -100,12 +100,12 @@ def test_choose_tracks_subsets_or_pads_with_masked_repeats() -> None:
 
 
 def test_scale_points_maps_corner_pixels_to_corner_pixels() -> None:
-    pts = np.array([[0, 0], [47, 31]], np.float32)
-    assert scale_points(pts, (32, 48), (64, 96)) == pytest.approx(np.array([[0, 0], [95, 63]]))
+    pts = np.array([[0, 0], [63, 31]], np.float32)
+    assert scale_points(pts, (32, 64), (64, 128)) == pytest.approx(np.array([[0, 0], [127, 63]]))
 
 
 def test_prepare_clip_picks_teachers_at_random_and_resizes() -> None:
-    spec = ClipSpec(num_frames=8, num_tracks=4, height=64, width=96)
+    spec = ClipSpec(num_frames=8, num_tracks=4, height=64, width=96)  # also a different aspect ratio
     seen = Counter()
     for draw in range(40):
         clip = prepare_clip(_sample(), _frames(), spec, 8, np.random.default_rng(draw))
@@ -217,3 +217,18 @@ def test_loader_reads_shards_from_s3(s3_uri: str) -> None:
     batches = _take(make_loader(refs, spec, 2, seed=0), 4)  # 8 clips from 6 samples: resampled
     assert all(b["video"].shape == (2, 6, 3, H0, W0) for b in batches)
     assert {k for b in batches for k in b["keys"]} <= {f"s{i}_{j}" for i in range(2) for j in range(3)}
+
+
+def test_loader_stops_with_a_reason_when_no_sample_is_usable(tmp_path) -> None:
+    from pseudotrack.storage.objects import open_store
+    from pseudotrack.tasks.shards import Sample, ShardSink
+    from pseudotrack.teachers.base import TeacherOutput
+
+    sink = ShardSink(open_store(str(tmp_path)), "r1", "broken")
+    s = _sample("bad")
+    labels = {n: TeacherOutput(**lab) for n, lab in s["labels"].items()}
+    sink.add(Sample("bad", b"not a video", s["queries"], labels, s["meta"]), {"video_key": "bad"})
+    sink.close()
+    loader = make_loader(shard_refs(str(tmp_path)), ClipSpec(num_frames=6, num_tracks=3, height=H0, width=W0), 1, 0)
+    with pytest.raises(RuntimeError, match="in a row could not be used"):
+        next(iter(loader))

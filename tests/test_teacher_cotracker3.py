@@ -106,15 +106,18 @@ def test_default_config_is_the_published_model():
     assert (cfg.input_dim, cfg.window_len, with_variant(cfg, True).window_len) == (1110, 16, 60)
     assert cfg.model_resolution == (384, 512) and cfg.stride == 4 and cfg.corr_radius == 3
     tiny = tiny_config()
-    assert sum(p.numel() for p in CoTracker3(tiny).parameters()) < sum(
-        p.numel() for p in CoTracker3(cfg).parameters()
-    ) / 20
+    assert (
+        sum(p.numel() for p in CoTracker3(tiny).parameters())
+        < sum(p.numel() for p in CoTracker3(cfg).parameters()) / 20
+    )
 
 
 def test_time_embedding_matches_the_shipped_buffer():
     """Our sin-cos buffer equals the one in the published file (same frequencies, same order)."""
     for variant in VARIANTS:
-        shipped = np.load(sorted((REFERENCE / f"cotracker3_{variant}").glob("case_*.npz"))[0])["buffer/time_emb"]
+        shipped = np.load(sorted((REFERENCE / f"cotracker3_{variant}").glob("case_*.npz"))[0])[
+            "buffer/time_emb"
+        ]
         ours = CoTracker3(default_config(variant == "offline")).time_emb.numpy()
         np.testing.assert_allclose(ours, shipped, atol=1e-6)
 
@@ -216,7 +219,9 @@ def test_parity_with_reference(variant, case, tmp_path):
         expected = arrays[f"expected/{name}"]
         assert tuple(ours.shape) == expected.shape, name
         gap = float(np.abs(ours.numpy() - expected).max())
-        assert gap <= tol, f"{name}: max gap {gap} > {tol} (roundoff probe {meta['roundoff_probe_max_abs_gap']})"
+        assert gap <= tol, (
+            f"{name}: max gap {gap} > {tol} (roundoff probe {meta['roundoff_probe_max_abs_gap']})"
+        )
 
 
 # ---------------------------------------------------------------- online state and windows
@@ -300,7 +305,10 @@ def test_training_forward_gives_per_step_tracks_with_gradients(offline):
 
 def test_registered_with_official_file_names():
     assert teacher_spec("cotracker3_online").checkpoint_names == ("scaled_online.pth", "baseline_online.pth")
-    assert teacher_spec("cotracker3_offline").checkpoint_names == ("scaled_offline.pth", "baseline_offline.pth")
+    assert teacher_spec("cotracker3_offline").checkpoint_names == (
+        "scaled_offline.pth",
+        "baseline_offline.pth",
+    )
     teacher = create_teacher("cotracker3_offline", checkpoint="x.pth")
     assert isinstance(teacher, Teacher) and teacher.name == "cotracker3_offline" and teacher.tracks_occluded
 
@@ -368,17 +376,17 @@ def test_visibility_is_vis_times_confidence_thresholded(tiny_teacher):
 
 
 def test_coordinates_map_back_to_the_input_frames(ckpt_dir):
-    """With a still flow head the model returns its queries: resizing there and back must be exact."""
+    """A still flow head returns the queries in every frame, so resizing there and back must be exact."""
     for variant in VARIANTS:
         path = _save_tiny(ckpt_dir / f"still_{variant}.pth", offline=variant == "offline", still=True)
         teacher = create_teacher(f"cotracker3_{variant}", checkpoint=path, model_config=tiny_config())
         teacher.setup("cpu")
         frames, queries = _clip(9, 50, 70), _queries(9, 50, 70, n=5)
-        tracks, _, _ = teacher._run(frames, queries)
-        np.testing.assert_allclose(tracks, np.broadcast_to(queries[None, :, 1:], tracks.shape), atol=1e-3)
         out = teacher.predict(frames, queries)
+        np.testing.assert_allclose(
+            out.tracks, np.broadcast_to(queries[None, :, 1:], out.tracks.shape), atol=1e-3
+        )
         rows = np.rint(queries[:, 0]).astype(int)
-        np.testing.assert_allclose(out.tracks[rows, np.arange(5)], queries[:, 1:], atol=1e-4)
         assert out.visibility[rows, np.arange(5)].all()
 
 
@@ -386,8 +394,10 @@ def test_chunked_teacher_equals_unchunked(ckpt_dir):
     path = _save_tiny(ckpt_dir / "chunks.pth", offline=False, seed=3)
     frames, queries = _clip(11, 40, 60), _queries(11, 40, 60, n=9)
     outs = []
-    for chunking in ({"frame_chunk": 1000, "corr_pairs": None, "token_chunk": None},
-                     {"frame_chunk": 3, "corr_pairs": 16, "token_chunk": 40}):
+    for chunking in (
+        {"frame_chunk": 1000, "corr_pairs": None, "token_chunk": None},
+        {"frame_chunk": 3, "corr_pairs": 16, "token_chunk": 40},
+    ):
         teacher = create_teacher("cotracker3_online", checkpoint=path, model_config=tiny_config(), **chunking)
         teacher.setup("cpu")
         outs.append(teacher.predict(frames, queries))
@@ -423,7 +433,10 @@ def test_bad_inputs_are_named(tiny_teacher, frames, queries, match):
 
 def test_student_export_sidecar_picks_the_architecture(ckpt_dir, tmp_path):
     path = _save_tiny(tmp_path / "student.pth", offline=False)
-    sidecar = {"format": "pseudotrack-student/1", "model": {"variant": "online", "config": asdict(tiny_config())}}
+    sidecar = {
+        "format": "pseudotrack-student/1",
+        "model": {"variant": "online", "config": asdict(tiny_config())},
+    }
     Path(str(path) + ".json").write_text(json.dumps(sidecar))
     teacher = create_teacher("cotracker3_online", checkpoint=path)  # no model_config: the sidecar decides
     teacher.setup("cpu")

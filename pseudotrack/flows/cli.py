@@ -310,6 +310,19 @@ def show(
     out.print(f"wrote {output} ({info['teacher']} labels of {info['source_key']}, {info['frames']} frames)")
 
 
+def _register_other_commands() -> None:
+    """Commands that live beside the flows they drive (training, evaluation, the dashboard)."""
+    from .dashboard import dashboard_command
+    from .student_cli import eval_command, train_command
+
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
+    app.command("dashboard")(dashboard_command)
+
+
+_register_other_commands()
+
+
 def main() -> None:
     try:
         app()

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from ..storage.catalog import Catalog, latest_by
+from ..storage.catalog import Catalog
 from ..storage.layout import REPORTS, RUNS, SHARDS, is_manifest, is_sample_key
 from ..storage.objects import ObjectInfo, ObjectStore, open_store
 from . import dashboard_charts as charts
@@ -58,6 +58,7 @@ RECENT_FAILURES = 12
 MAX_CURVE_POINTS = 400
 PREVIEW_CACHE = 64
 PREVIEW_WIDTH = 960
+PREVIEW_MIN_HEIGHT = 288
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE", re.IGNORECASE)
 CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
@@ -109,12 +110,20 @@ class FileCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[str, Any]] = {}
+        self.errors: list[str] = []  # files that could not be read, for the page to name
 
     def get(self, store: ObjectStore, info: ObjectInfo, parse: Callable[[bytes], Any]) -> Any:
+        """The parsed file, or None when it vanished or cannot be parsed (one bad file must not hide the page)."""
         entry = self._entries.get(info.key)
         if entry is not None and entry[0] == info.etag:
             return entry[1]
-        value = parse(store.read_bytes(info.key))
+        try:
+            value = parse(store.read_bytes(info.key))
+        except FileNotFoundError:
+            return None  # replaced or removed since the listing; the next refresh sees the new state
+        except Exception as exc:
+            self.errors.append(f"cannot read {info.key}: {type(exc).__name__}: {exc}")
+            value = None
         self._entries[info.key] = (info.etag, value)
         return value
 
@@ -180,51 +189,82 @@ def throughput(work: pa.Table) -> dict:
     return {"start": start, "bucket_seconds": width, "series": series}
 
 
-def round_rows(events: pa.Table, work: pa.Table, plans: dict[str, dict]) -> list[dict]:
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list]:
+    """Integer codes and their values: grouping on ints is several times faster than sorting strings."""
+    encoded = pc.dictionary_encode(pc.fill_null(column, "(none)")).combine_chunks()
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
+
+
+def latest_indices(events: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the latest event per video, and per (round, video), with the catalog's order (created_at, event_id).
+
+    One sort serves both: within a video sorted newest first, the first row of each round is that
+    round's latest. Same answer as catalog.latest_by, but on integer codes (a third of its time).
+    """
+    if events.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    video, _ = _codes(events["video_key"])
+    rounds, names = _codes(events["round_id"])
+    order = pc.sort_indices(
+        pa.table({"v": video, "t": events["created_at"], "e": events["event_id"]}),
+        sort_keys=[("v", "ascending"), ("t", "descending"), ("e", "descending")],
+    ).to_numpy()
+    sorted_video = video[order]
+    latest = order[np.r_[True, sorted_video[1:] != sorted_video[:-1]]]
+    _, first = np.unique(sorted_video * len(names) + rounds[order], return_index=True)
+    return latest, order[first]
+
+
+def count_values(values: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """value -> count, most frequent first, nulls as '(none)' (as Catalog.summary counts)."""
+    if len(values) == 0:
+        return {}
+    vc = pc.value_counts(values)
+    pairs = zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)
+    return dict(sorted(((v if v is not None else "(none)", c) for v, c in pairs), key=lambda kv: (-kv[1], kv[0])))
+
+
+def round_rows(events: pa.Table, per_round: np.ndarray, is_work: np.ndarray, plans: dict[str, dict]) -> list[dict]:
     """One row per round: latest state of each video within the round, planned size, speed, last activity."""
-    per_round = latest_by(events.select(["round_id", "video_key", "created_at", "event_id", "status", "stage"]),
-                          ("round_id", "video_key"))
-    counts: dict[str, dict[str, int]] = {}
-    if per_round.num_rows:
-        caption_stage = pc.fill_null(pc.equal(per_round["stage"], "caption"), False)
-        keyed = pa.table({
-            "round_id": pc.fill_null(per_round["round_id"], "(none)"),
-            "status": pc.if_else(pc.and_(pc.equal(per_round["status"], "failed"), caption_stage),
-                                 "failed_caption", per_round["status"]),
-        })
-        grouped = keyed.group_by(["round_id", "status"]).aggregate([("status", "count")])
-        for name, state, n in zip(grouped["round_id"].to_pylist(), grouped["status"].to_pylist(),
-                                  grouped["status_count"].to_pylist(), strict=True):
-            counts.setdefault(name, {})[state] = n
-    spans: dict[str, tuple[int, int]] = {}
-    if work.num_rows:
-        timed = pa.table({"round_id": pc.fill_null(work["round_id"], "(none)"),
-                          "t": work["created_at"].cast(pa.int64())})
-        agg = timed.group_by("round_id").aggregate([("t", "min"), ("t", "max")])
-        spans = {r: (lo, hi) for r, lo, hi in zip(agg["round_id"].to_pylist(), agg["t_min"].to_pylist(),
-                                                   agg["t_max"].to_pylist(), strict=True)}
-    last_any: dict[str, int] = {}
-    if events.num_rows:
-        agg = pa.table({"round_id": pc.fill_null(events["round_id"], "(none)"),
-                        "t": events["created_at"].cast(pa.int64())}).group_by("round_id").aggregate([("t", "max")])
-        last_any = dict(zip(agg["round_id"].to_pylist(), agg["t_max"].to_pylist(), strict=True))
+    if events.num_rows == 0:
+        return []
+    rounds, names = _codes(events["round_id"])
+    states, state_names = _codes(events["status"])
+    caption = pc.fill_null(pc.equal(events["stage"], "caption"), False).to_numpy(zero_copy_only=False)
+    # a failure at the caption stage is a planning verdict, not a video the labelling stage finished
+    failed_code = state_names.index("failed") if "failed" in state_names else -1
+    kind = np.where(caption & (states == failed_code), len(state_names), states)
+    width = len(state_names) + 1
+    table = np.bincount(rounds[per_round] * width + kind[per_round], minlength=len(names) * width)
+    table = table.reshape(len(names), width)
+    micros = _micros(events["created_at"])
+    last = np.full(len(names), np.iinfo(np.int64).min)
+    np.maximum.at(last, rounds, micros)
+    # speed: from the round's first event (planning records its verdicts at the start) to its last labelling
+    lo = np.full(len(names), np.iinfo(np.int64).max)
+    hi = np.full(len(names), np.iinfo(np.int64).min)
+    np.minimum.at(lo, rounds, micros)
+    np.maximum.at(hi, rounds[is_work], micros[is_work])
     rows = []
-    for name in sorted(counts, key=lambda r: last_any.get(r, 0), reverse=True):
-        c = counts[name]
-        failed_caption = c.get("failed_caption", 0)
-        labelled, failed = c.get("labelled", 0), c.get("failed", 0) + failed_caption
-        processed = labelled + c.get("failed", 0)  # videos the labelling stage has finished
+    for r in np.argsort(-last, kind="stable"):
+        c = {state_names[i]: int(table[r, i]) for i in range(len(state_names)) if table[r, i]}
+        failed_caption = int(table[r, -1])
+        if not c and not failed_caption:
+            continue
+        name = names[r]
+        labelled, failed_labelling = c.get("labelled", 0), c.get("failed", 0)
+        processed = labelled + failed_labelling  # videos the labelling stage has finished
         planned, source = plan_size(name, c, plans.get(name, {}), processed)
-        lo, hi = spans.get(name, (None, None))
-        hours = (hi - lo) / 3.6e9 if lo is not None and hi > lo else 0.0
+        hours = (hi[r] - lo[r]) / 3.6e9 if hi[r] > lo[r] else 0.0
         rows.append({
-            "round_id": name, "labelled": labelled, "filtered": c.get("filtered", 0), "failed": failed,
+            "round_id": name, "labelled": labelled, "filtered": c.get("filtered", 0),
+            "failed": failed_labelling + failed_caption,
             "waiting": c.get("planned", 0), "planned": planned, "planned_source": source,
             # the bar's whole: what the round will have recorded once done (caption verdicts come at planning)
             "expected": planned + c.get("filtered", 0) + failed_caption if planned is not None else None,
             "progress": min(1.0, processed / planned) if planned else None,
-            "videos_per_hour": round(processed / hours, 1) if hours > 0 else None,
-            "last_event": _iso(datetime.fromtimestamp(last_any[name] / 1e6, UTC)) if name in last_any else None,
+            "videos_per_hour": round(float(processed / hours), 1) if hours > 0 else None,
+            "last_event": _iso(datetime.fromtimestamp(int(last[r]) / 1e6, UTC)),
         })
     return rows
 
@@ -324,20 +364,51 @@ def _newest(table: pa.Table, count: int) -> pa.Table:
     return table.take(order[:count])
 
 
+def event_table(catalog: Catalog) -> pa.Table:
+    """Every event, unsorted. Catalog.events() would sort them first (a quarter second at 100k) for nothing."""
+    return catalog._events(None)
+
+
+def catalog_views(events: pa.Table, plans: dict[str, dict], shards: list[str] | None = None) -> dict:
+    """The catalog's part of the page: counts like Catalog.summary's, per-round rows, throughput, newest rows.
+
+    Previews come from `shards` only (committed ones) when given, so no preview points at a missing file.
+    """
+    latest_rows, per_round = latest_indices(events)
+    latest = events.select(["video_key", "status", "teachers", "stage", "reason", "filter_rule", "caption",
+                            "round_id", "created_at", "sample_key", "shard_id"]).take(latest_rows)
+    status = latest["status"]
+    labelled = latest.filter(pc.equal(status, "labelled"))
+    failed = latest.filter(pc.equal(status, "failed"))
+    filtered = latest.filter(pc.equal(status, "filtered"))
+    reasons = pc.coalesce(pc.binary_join_element_wise(failed["stage"], failed["reason"], ": "), failed["reason"])
+    is_work = pc.and_(pc.is_in(events["status"], pa.array(["labelled", "failed"])),
+                      pc.invert(pc.fill_null(pc.equal(events["stage"], "caption"), False)))
+    work = events.filter(is_work).select(["status", "created_at"])
+    viewable = labelled if shards is None else labelled.filter(
+        pc.fill_null(pc.is_in(labelled["shard_id"], pa.array(shards, pa.string())), False))
+    return {
+        "totals": {"videos": latest.num_rows, "events": events.num_rows, "by_status": count_values(status)},
+        "rounds": round_rows(events, per_round, is_work.to_numpy(zero_copy_only=False), plans),
+        "throughput": throughput(work),
+        "teachers": count_values(pc.list_flatten(labelled["teachers"])),
+        "reasons": count_values(reasons),
+        "filter_rules": count_values(filtered["filter_rule"]),
+        "previews": _rows(_newest(viewable, PREVIEWS),
+                          ["sample_key", "video_key", "caption", "teachers", "round_id", "shard_id", "created_at"]),
+        "recent_failures": _rows(_newest(failed, RECENT_FAILURES),
+                                 ["video_key", "stage", "reason", "round_id", "created_at"]),
+    }
+
+
 def collect(store: ObjectStore, catalog: Catalog, cache: FileCache) -> dict:
     """Everything the page shows, as plain JSON-able data (also served as /api/summary)."""
     started = time.perf_counter()
-    summary = catalog.summary()
-    events = catalog.events()
-    latest = catalog.latest()
-    is_work = pc.and_(pc.is_in(events["status"], pa.array(["labelled", "failed"])),
-                      pc.invert(pc.fill_null(pc.equal(events["stage"], "caption"), False)))
-    work = events.filter(is_work).select(["round_id", "status", "created_at"])
-
     shard_infos = list(store.list(f"{SHARDS}/"))
     run_infos = list(store.list(f"{RUNS}/"))
     report_infos = list(store.list(f"{REPORTS}/", suffixes=(".json",)))
-    manifests = [cache.get(store, i, _manifest_facts) for i in shard_infos if is_manifest(i.key)]
+    cache.errors = []
+    manifests = [m for m in (cache.get(store, i, _manifest_facts) for i in shard_infos if is_manifest(i.key)) if m]
     plans: dict[str, dict] = {}
     for info in run_infos:
         parts = info.key.split("/")
@@ -345,26 +416,10 @@ def collect(store: ObjectStore, catalog: Catalog, cache: FileCache) -> dict:
             plans.setdefault(parts[1], {})[parts[2][:-5]] = cache.get(store, info, _json_or_none)
     cache.keep_only({i.key for i in (*shard_infos, *run_infos, *report_infos)})
 
-    status = latest["status"]
-    labelled = latest.filter(pc.equal(status, "labelled"))
-    failed = latest.filter(pc.equal(status, "failed"))
-    previews = _rows(_newest(labelled, PREVIEWS),
-                     ["sample_key", "video_key", "caption", "teachers", "round_id", "shard_id", "created_at"])
-    failures = _rows(_newest(failed, RECENT_FAILURES), ["video_key", "stage", "reason", "round_id", "created_at"])
-    data = {
-        "totals": {"videos": summary["videos"], "events": summary["events"], "shards": len(manifests),
-                   "by_status": summary["by_status"]},
-        "rounds": round_rows(events, work, plans),
-        "throughput": throughput(work),
-        "teachers": summary["by_teacher"],
-        "reasons": summary["by_reason"],
-        "filter_rules": summary["by_filter_rule"],
-        "shards": shard_stats(manifests),
-        "training": training_runs(store, run_infos, cache),
-        "students": student_reports(store, report_infos, cache),
-        "previews": previews,
-        "recent_failures": failures,
-    }
+    data = catalog_views(event_table(catalog), plans, [m["shard"] for m in manifests if m.get("shard")])
+    data["totals"]["shards"] = len(manifests)
+    data.update(shards=shard_stats(manifests), training=training_runs(store, run_infos, cache),
+                students=student_reports(store, report_infos, cache), errors=list(cache.errors))
     # the page's script reloads when this changes: a hash of the data, not of the clock
     data["fingerprint"] = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     data["query_ms"] = round(1000 * (time.perf_counter() - started), 1)
@@ -397,6 +452,14 @@ def render_preview(store: ObjectStore, shard_id: str, sample_key: str, teacher: 
     frames = decode_clip_bytes(sample["mp4"])
     tracks, visibility = labels[name]["tracks"], labels[name]["visibility"]
     t_len = min(len(frames), len(tracks))
+    scale = PREVIEW_MIN_HEIGHT / frames.shape[1]
+    if scale > 1:  # small clips: enlarge first, so dots and trails are not a pixel wide on the page
+        size = (round(frames.shape[2] * scale), round(frames.shape[1] * scale))
+        frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_LINEAR) for f in frames[:t_len]])
+        tracks = (tracks + 0.5) * scale - 0.5
+    # dimmed, half-desaturated frames: coloured tracks stand out on busy footage
+    gray = frames.mean(axis=-1, keepdims=True)
+    frames = (0.45 * frames + 0.25 * gray).astype(np.uint8)
     shown = np.linspace(0, t_len - 1, min(6, t_len)).round().astype(int)
     trail = 8
     drawn = np.stack([
@@ -521,7 +584,7 @@ def _training(runs: list[dict], students: list[dict]) -> str:
                 + (f' <span class="muted small">(from {initial[n]:.3f})</span>' if n in initial else "")
                 + "</td>" if n in trained else "<td>–</td>" for n in names)
             rows.append(f'<tr><td class="key">{_e(s["name"])}</td><td class="n">{_e(s["steps"])}</td>'
-                        f'<td>{_e(loss)}</td>{cells}</tr>')
+                        f'<td class="n">{_e(loss)}</td>{cells}</tr>')
         parts.append(f'<table id="students">{head}{"".join(rows)}</table>')
     return "".join(parts)
 
@@ -555,11 +618,9 @@ h2{font-size:15px;margin:0 0 10px}h3{font-size:13px;margin:0 0 6px;font-weight:6
 .card{background:#fff;border:1px solid #e3e5ea;border-radius:8px;padding:10px 14px;color:#6b7280}
 .card .num{font-size:22px;font-weight:650}
 .grid2{display:grid;grid-template-columns:1fr 1fr;gap:16px}
-.grid3{display:grid;grid-template-columns:1fr 1fr 1fr;gap:16px}
-.grid3 .chart{max-width:100%}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eef0f3}
 th{font-size:12px;color:#6b7280;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
-th:nth-child(n+3){text-align:right}#rounds th:nth-child(2){text-align:left}#failures th{text-align:left}
+th:nth-child(n+3),#students th:nth-child(2){text-align:right}#rounds th:nth-child(2){text-align:left}#failures th{text-align:left}
 .ok{color:#2e9d5b}.warn{color:#a87a0c}.bad{color:#d1495b}.muted{color:#6b7280}.small{font-size:12px}
 .key{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
 td.progress{white-space:nowrap}td.progress svg{vertical-align:middle}
@@ -604,14 +665,14 @@ def render_page(data: dict, workspace: str, refresh_s: float) -> str:
 <section><h2>Rounds</h2>{_rounds_table(data['rounds'], now)}</section>
 <section><h2>Videos per hour <span class="muted small">(labelled and failed by the labelling stage,
 {_e(bucket)} buckets)</span></h2>{rate}</section>
-<div class="grid3">
-<section><h2>Teacher mix</h2>{charts.hbar_chart(data['teachers'], 'teachers', charts.BLUE, width=420,
-                                                label_chars=22)}</section>
-<section><h2>Failure reasons</h2>{charts.hbar_chart(data['reasons'], 'failures', charts.RED, width=420,
-                                                    label_chars=26)}</section>
-<section><h2>Caption filter</h2>{charts.hbar_chart(data['filter_rules'], 'filtered videos', charts.AMBER,
-                                                   width=420, label_chars=22)}</section>
+<div class="grid2">
+<section><h2>Teacher mix <span class="muted small">(labelled videos)</span></h2>
+{charts.hbar_chart(data['teachers'], 'teachers', charts.BLUE, width=540)}</section>
+<section><h2>Caption filter <span class="muted small">(videos dropped, by rule)</span></h2>
+{charts.hbar_chart(data['filter_rules'], 'filtered videos', charts.AMBER, width=540)}</section>
 </div>
+<section><h2>Failure reasons <span class="muted small">(stage: reason)</span></h2>
+{charts.hbar_chart(data['reasons'], 'failures', charts.RED, width=1120, label_chars=80)}</section>
 <section><h2>Pseudo-track previews <span class="muted small">(newest labelled samples)</span></h2>
 {_previews(data['previews'])}</section>
 <section><h2>Shards</h2>{_shards(data['shards'])}</section>
@@ -669,6 +730,7 @@ class Dashboard:
     def summary(self) -> dict:
         with self._lock:
             data = collect(self.store, self.catalog, self._files)
+            data["errors"] = [self.redact(m) for m in data["errors"]]
             self._samples = {p["sample_key"]: (p["shard_id"], (p["teachers"] or [None])[0])
                              for p in data["previews"] if p.get("shard_id")}
         data["workspace"] = self.workspace

@@ -38,8 +38,11 @@ def fmt_bytes(value: float) -> str:
     return f"{value:.1f} TB"
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2, 5 x 10^k steps), so axes read at a glance."""
+def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi] (1, 2, 5 x 10^k steps), so axes read at a glance.
+
+    `integer` keeps steps whole, for axes that count things (no "0.25 shards").
+    """
     if not math.isfinite(lo) or not math.isfinite(hi):
         return [0.0, 1.0]
     if hi <= lo:
@@ -47,6 +50,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     raw = (hi - lo) / max(count, 1)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    if integer:
+        step = max(1, math.ceil(step))
     start = math.floor(lo / step) * step
     ticks = [round(start, 12)]
     while ticks[-1] < hi - step * 1e-9:  # the last tick covers the maximum, so nothing is drawn off the axis
@@ -82,7 +87,8 @@ def hbar_chart(counts: dict[str, int], label: str, color: str = BLUE, max_items:
         items = items[: max_items - 1] + [(f"({len(rest)} others)", sum(c for _, c in rest))]
     total = sum(c for _, c in items) or 1
     top = max(c for _, c in items) or 1
-    row, left, right = 22, 220, 90
+    row, left, right = 22, min(int(width * 0.42), 40 + 7 * label_chars), 76
+    label_chars = min(label_chars, int((left - 10) / 7))  # about 7 px a character at 12 px
     height = row * len(items) + 8
     span = width - left - right
     body = []
@@ -142,7 +148,7 @@ def rate_chart(start_s: float, step_s: float, series: dict[str, Sequence[float]]
     if not names or length == 0:
         return empty_chart(f"no {label} yet", width)
     totals = [sum(series[n][i] for n in names if i < len(series[n])) for i in range(length)]
-    ticks = nice_ticks(0, max(totals))
+    ticks = nice_ticks(0, max(totals), integer=True)
     left, right, top, bottom = 64, 16, 26, 30
     plot_w, plot_h = width - left - right, height - top - bottom
     y_max = ticks[-1]
@@ -223,7 +229,7 @@ def histogram_chart(edges: Sequence[float], counts: Sequence[int], label: str, f
     """Columns over value bins (`edges` has one more entry than `counts`), e.g. shard sizes."""
     if not counts or not any(counts):
         return empty_chart(f"no {label} yet", width)
-    ticks = nice_ticks(0, max(counts), 4)
+    ticks = nice_ticks(0, max(counts), 4, integer=True)
     left, right, top, bottom = 48, 14, 22, 34
     plot_w, plot_h = width - left - right, height - top - bottom
 
@@ -240,7 +246,11 @@ def histogram_chart(edges: Sequence[float], counts: Sequence[int], label: str, f
                         f'height="{top + plot_h - y:.1f}" fill="{color}"><title>{fmt(edges[i])} – '
                         f'{fmt(edges[i + 1])}: {count}</title></rect>')
     every = max(1, math.ceil(len(counts) / 5))
-    for i in range(0, len(edges), every):
-        body.append(f'<text x="{left + i * col:.1f}" y="{height - 16}" text-anchor="middle" fill="{MUTED}">'
+    shown = sorted({*range(0, len(edges), every), len(edges) - 1})
+    for i in shown:
+        if i != len(edges) - 1 and len(edges) - 1 - i < every * 0.6:
+            continue  # too close to the last label
+        anchor = "start" if i == 0 else "end" if i == len(edges) - 1 else "middle"
+        body.append(f'<text x="{left + i * col:.1f}" y="{height - 16}" text-anchor="{anchor}" fill="{MUTED}">'
                     f'{escape(fmt(edges[i]))}</text>')
     return _svg(width, height, body, label)

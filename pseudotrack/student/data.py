@@ -359,6 +359,8 @@ def stream_batches(
         next(plan)
     reader = _ShardSlots(shards)
     low, high = spec.trim_range()
+    give_up = max(8, min(sum(s.count for s in shards), 256))
+    failures, last_error = 0, ""
     while True:
         clips: list[dict] = []
         next_draw = start_draw
@@ -371,11 +373,18 @@ def stream_batches(
                 sample = decode_sample(raw)
                 clip = prepare_clip(sample, decode_frames(sample["mp4"]), spec, length,
                                     sample_rng(seed, stream, draw.index))
+                last_error = "no point of the clip can be queried in the chosen frames"
             except Exception as exc:  # a bad sample must not stop training; it is reported
                 log.warning("skipping sample %s of %s: %s", raw.get("__key__"), shards[draw.shard].url, exc)
-                clip = None
-            if clip is not None:
-                clips.append(clip)
+                clip, last_error = None, f"{type(exc).__name__}: {exc}"
+            if clip is None:
+                failures += 1
+                if failures >= give_up:  # every sample failing is a broken data set, not bad luck
+                    raise RuntimeError(f"{failures} samples in a row could not be used for training "
+                                       f"(last: {last_error}); check the shards with `pseudotrack show`")
+                continue
+            failures = 0
+            clips.append(clip)
         batch = collate(clips)
         batch["stream"] = stream[1]
         batch["next_draw"] = next_draw

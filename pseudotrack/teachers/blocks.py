@@ -246,11 +246,12 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with biased projections and an optional additive bias.
+    """Multi-head attention with biased projections and an optional mask or additive bias.
 
-    Masks arrive as an additive bias of "-float max where not allowed" rather
-    than -inf, as in the original, so a row whose keys are all masked gets
-    uniform weights instead of NaN.
+    A boolean mask ("may attend") becomes a bias of -float max where not
+    allowed rather than -inf, as in the original, so a row whose keys are all
+    masked gets uniform weights instead of NaN. The bias is made in the dtype
+    the scores are computed in: a float32 -max rounded to bf16 would be -inf.
     """
 
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
@@ -266,7 +267,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # x: [B, N1, D], context: [B, N2, Dc], bias: broadcastable to [B, heads, N1, N2] -> [B, N1, D]
+        # x: [B, N1, D], context: [B, N2, Dc]; bias: bool (may attend) or float, broadcastable to
+        # [B, heads, N1, N2]  ->  [B, N1, D]
         context = x if context is None else context
         b, n1, _ = x.shape
         n2 = context.shape[1]
@@ -275,7 +277,7 @@ class Attention(nn.Module):
         k = k.reshape(b, n2, self.heads, self.dim_head).transpose(1, 2)
         v = v.reshape(b, n2, self.heads, self.dim_head).transpose(1, 2)
         if bias is not None:
-            bias = bias.to(q.dtype)
+            bias = mask_bias(bias, q.dtype) if bias.dtype == torch.bool else bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.to_out(out.transpose(1, 2).reshape(b, n1, self.heads * self.dim_head))
 
@@ -329,7 +331,7 @@ class CrossAttnBlock(nn.Module):
                 allowed = mask[:, None, :, None].expand(-1, heads, -1, context.shape[1])
             else:
                 allowed = mask[:, None, None].expand(-1, heads, x.shape[1], -1)
-            bias = mask_bias(allowed, x.dtype)
+            bias = allowed
         x = x + self.cross_attn(self.norm1(x), context=self.norm_context(context), bias=bias)
         return x + self.mlp(self.norm2(x))
 

@@ -107,7 +107,7 @@ class CoTracker3Config:
 
     @property
     def input_dim(self) -> int:
-        """Token width: visibility and confidence, correlations of every level, displacement embedding (1110)."""
+        """Token width (1110): visibility, confidence, correlations of every level, displacement embedding."""
         return 2 + self.corr_levels * self.corr_dim + 4 * (1 + 2 * self.posenc_degrees)
 
     def validate(self) -> None:
@@ -211,6 +211,15 @@ class WindowIterates:
     tracks: list[torch.Tensor]
     visibility: list[torch.Tensor]
     confidence: list[torch.Tensor]
+
+
+@dataclass
+class RefineSteps:
+    """What `refine` returns: per step, tracks [B, S, N, 2] input pixels and LOGITS [B, S, N]."""
+
+    tracks: list[torch.Tensor]
+    vis_logits: list[torch.Tensor]
+    conf_logits: list[torch.Tensor]
 
 
 @dataclass
@@ -348,7 +357,6 @@ class CoTracker3(nn.Module):
         pyramid levels [B, S, C, h, w]; frames [B, N] indices into S (clamped);
         coords [B, N, 2] level-0 feature pixels -> per level [B, N, P*P, C]
         """
-        b, n = frames.shape
         offsets = _patch_offsets3(self.cfg.corr_radius, coords.device)  # P*P 3
         support = []
         for i, level in enumerate(pyramid):
@@ -404,18 +412,17 @@ class CoTracker3(nn.Module):
         conf: torch.Tensor,
         iters: int,
         chunks: Chunks = Chunks(),
-    ) -> WindowIterates:
+    ) -> RefineSteps:
         """`iters` updates of tracks, visibility and confidence over one window (or a whole offline clip).
 
         pyramid levels [B, S, C, h, w]; coords [B, S, N, 2] level-0 feature pixels;
         support levels [B, N, P*P, C]; vis, conf [B, S, N] logits
-        -> per step: tracks [B, S, N, 2] input pixels, visibility and confidence LOGITS [B, S, N]
-        (start is 0; callers set it)
+        -> per step: tracks [B, S, N, 2] input pixels, visibility and confidence logits [B, S, N]
         """
         b, s, n, _ = coords.shape
         time_emb = interpolate_time_embedding(self.time_emb, s)
         per_call = n if chunks.corr_pairs is None else max(1, chunks.corr_pairs // max(1, b * s))
-        out = WindowIterates(0, [], [], [])
+        out = RefineSteps([], [], [])
         for _ in range(iters):
             coords = coords.detach()  # gradients flow through one update at a time, as the authors train
             tokens = torch.cat(
@@ -438,8 +445,8 @@ class CoTracker3(nn.Module):
             vis = vis + delta[..., 2]
             conf = conf + delta[..., 3]
             out.tracks.append(coords * float(self.cfg.stride))
-            out.visibility.append(vis)
-            out.confidence.append(conf)
+            out.vis_logits.append(vis)
+            out.conf_logits.append(conf)
         return out
 
     # -------------------------------------------------------- offline
@@ -462,7 +469,10 @@ class CoTracker3(nn.Module):
         zeros = torch.zeros((b, t, n), device=video.device)
         it = self.refine(pyramid, coords, support, zeros, zeros, iters, chunks)
         window = WindowIterates(
-            0, it.tracks, [torch.sigmoid(v) for v in it.visibility], [torch.sigmoid(c) for c in it.confidence]
+            0,
+            it.tracks,
+            [torch.sigmoid(v) for v in it.vis_logits],
+            [torch.sigmoid(c) for c in it.conf_logits],
         )
         return TrackerOutput(it.tracks[-1], window.visibility[-1], window.confidence[-1], [window])
 
@@ -514,7 +524,10 @@ class CoTracker3(nn.Module):
     def _window(
         self, state: OnlineState, pyramid: list[torch.Tensor], tc: int, iters: int, chunks: Chunks
     ) -> tuple[OnlineState, WindowIterates]:
-        """One online window on its feature pyramid (levels [B, S, C, h, w]); the first `tc` frames are real."""
+        """One online window given its feature pyramid; the first `tc` of its frames are real.
+
+        pyramid levels [B, S, C, h, w] -> the next state and this window's refinement steps
+        """
         cfg = self.cfg
         s = cfg.window_len
         step = s // 2
@@ -563,21 +576,24 @@ class CoTracker3(nn.Module):
             start=ind + step,
             support=support,
             tracks=splice(state.tracks, it.tracks[-1]),
-            vis_logits=splice(state.vis_logits, it.visibility[-1]),
-            conf_logits=splice(state.conf_logits, it.confidence[-1]),
+            vis_logits=splice(state.vis_logits, it.vis_logits[-1]),
+            conf_logits=splice(state.conf_logits, it.conf_logits[-1]),
         )
         window = WindowIterates(
             ind,
             [c[:, :tc] for c in it.tracks],
-            [torch.sigmoid(v[:, :tc]) for v in it.visibility],
-            [torch.sigmoid(c[:, :tc]) for c in it.confidence],
+            [torch.sigmoid(v[:, :tc]) for v in it.vis_logits],
+            [torch.sigmoid(c[:, :tc]) for c in it.conf_logits],
         )
         return next_state, window
 
     def forward(
         self, video: torch.Tensor, queries: torch.Tensor, iters: int = 4, chunks: Chunks = Chunks()
     ) -> TrackerOutput:
-        """Offline or sliding-window run, as `cfg.offline` says. video [B, T, 3, H, W] 0..255; queries [B, N, 3]."""
+        """Offline or sliding-window run, as `cfg.offline` says.
+
+        video [B, T, 3, H, W] float 0..255; queries [B, N, 3] (t, x, y) -> TrackerOutput over T frames
+        """
         if self.cfg.offline:
             return self.forward_offline(video, queries, iters, chunks)
         return self.forward_windowed(video, queries, iters, chunks)
@@ -629,9 +645,9 @@ def load_cotracker3(
             variant = "offline" if cfg.offline else "online"
             other = "online" if cfg.offline else "offline"
             raise CheckpointError(
-                f"checkpoint {path} has a time embedding of {emb.shape[1]} frames but the {variant} CoTracker3 "
-                f"uses {cfg.window_len}: it looks like a {other} file; use teacher cotracker3_{other} "
-                f"(or a config with {'offline' if cfg.offline else 'online'}_window={emb.shape[1]})"
+                f"checkpoint {path} has a time embedding of {emb.shape[1]} frames but the {variant} "
+                f"CoTracker3 uses {cfg.window_len}: it looks like a {other} file; use teacher "
+                f"cotracker3_{other} (or a config with {variant}_window={emb.shape[1]})"
             )
         return state
 
@@ -758,7 +774,7 @@ class CoTracker3Teacher:
         return TeacherOutput(tracks, visible, conf)
 
     def support_points(self, frames: np.ndarray) -> np.ndarray:
-        """[M, 3] (t, x, y) context points in model pixels for this clip (deterministic per clip size and seed)."""
+        """[M, 3] (t, x, y) context points in model pixels; deterministic per clip size and seed."""
         assert self.model is not None
         mh, mw = self.model.cfg.model_resolution
         t, h, w = frames.shape[:3]
@@ -919,6 +935,7 @@ __all__ = [
     "CoTracker3Config",
     "CoTracker3Teacher",
     "OnlineState",
+    "RefineSteps",
     "TrackerOutput",
     "WindowIterates",
     "default_config",
