@@ -104,6 +104,12 @@ def main() -> None:
         after = Catalog(store)
         timed("latest() cold after compact", after.latest, results)
         timed("summary() warm after compact", after.summary, results)
+
+        from pseudotrack.flows.dashboard import Dashboard
+
+        board = Dashboard(store.uri())
+        timed("dashboard summary() cold", board.summary, results)
+        timed("dashboard page() warm", board.page, results)
         print("by_status:", summary["by_status"])
         print("by_teacher:", summary["by_teacher"])
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import shutil
-import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -101,12 +101,14 @@ def build_workspace(root: Path) -> dict:
     store.write_bytes("runs/r1/summary.json", json.dumps(summary).encode())
     store.write_bytes("runs/r1/config.json", json.dumps({"videos": 100}).encode())
     store.write_bytes("runs/r2/config.json", json.dumps({"videos": 20}).encode())
-    metrics = [{"step": s, "total_steps": 200, "loss": 10.0 / (1 + s / 20), "lr": 5e-5 * (1 - s / 200),
-                "grad_norm": 1.0, "clips_per_second": 3.5, "time": 0.0} for s in range(10, 130, 10)]
+    metrics = [{"step": s, "total_steps": 200, "loss": 10.0 / (1 + s / 20) if s != 50 else math.nan,
+                "lr": 5e-5 * (1 - s / 200), "grad_norm": 1.0, "clips_per_second": 3.5, "time": 0.0}
+               for s in range(10, 130, 10)]
     store.write_bytes("runs/student-a/metrics.jsonl",
                       ("\n".join(json.dumps(m) for m in metrics) + "\n{\"step\": 13").encode())
     report = {"train": {"steps": 120, "first_loss": 9.1, "final_loss": 1.4},
-              "evaluation": {"trained": {"benchmark": "synthetic", "metrics": {"aj": 0.61, "delta_avg": 0.72}},
+              "evaluation": {"trained": {"benchmark": "synthetic", "metrics": {"aj": 0.61, "delta_avg": 0.72,
+                                                                                 "oa": math.nan}},
                              "initial": {"benchmark": "synthetic", "metrics": {"aj": 0.55, "delta_avg": 0.70}}}}
     store.write_bytes("reports/student-a.json", json.dumps(report).encode())
     return {"store": store, "shards": committed, "previews": previews, "metrics": metrics}
@@ -175,8 +177,8 @@ def test_collect_matches_what_was_written(workspace):
     # the training log's half-written last line is ignored
     (run,) = data["training"]
     assert run["run"] == "student-a" and run["steps"] == [float(m["step"]) for m in built["metrics"]]
-    assert run["last"]["step"] == 120
-    assert data["students"][0]["metrics"]["trained"]["aj"] == 0.61
+    assert run["last"]["step"] == 120 and run["loss"][4] is None  # the NaN step: a gap in strict JSON
+    assert data["students"][0]["metrics"]["trained"] == {"aj": 0.61, "delta_avg": 0.72}  # NaN dropped
     # newest first, and only from committed shards (r2's rows and the 40 others point at missing shards)
     assert [p["sample_key"] for p in data["previews"]] == ["cccccccccccc_00", "bbbbbbbbbbbb_00", "aaaaaaaaaaaa_00"]
     assert data["recent_failures"][0]["video_key"] == "videos/bad-4.mp4"
@@ -210,6 +212,15 @@ def test_counts_agree_with_catalog_summary(workspace):
     assert_same_counts_as_catalog_summary(dash.collect(store, catalog, dash.FileCache()), catalog)
 
 
+def test_empty_workspace_renders(tmp_path):
+    board = dash.Dashboard(str(tmp_path))
+    page = board.page()
+    for text in ("No rounds in the catalog yet", "no labelling throughput yet", "No labelled samples yet",
+                 "No committed shards yet", "No training runs yet", "No failures"):
+        assert text in page
+    assert board.summary()["totals"] == {"videos": 0, "events": 0, "by_status": {}, "shards": 0}
+
+
 def test_fingerprint_changes_only_with_data(workspace, tmp_path):
     root = tmp_path / "ws"
     shutil.copytree(workspace[0], root)
@@ -221,6 +232,23 @@ def test_fingerprint_changes_only_with_data(workspace, tmp_path):
     after = board.summary()  # the same Dashboard re-reads the catalog on every request
     assert after["fingerprint"] != first["fingerprint"]
     assert after["reasons"]["teacher: out of memory"] == 1
+
+
+def test_unreadable_files_are_named_not_fatal(workspace, tmp_path):
+    root = tmp_path / "ws"
+    shutil.copytree(workspace[0], root)
+    (root / "shards/r1/broken-000000.tar.json").write_text("{not json")
+    (root / "reports/student-b.json").write_text("[1, 2]")  # JSON, but not a report: ignored
+    (root / "runs/r1/summary.json").write_bytes(b"\xff\xfe")
+    board = dash.Dashboard(str(root))
+    for _ in range(2):  # parsed once, still reported on the next refresh
+        data = board.summary()
+        assert [e.split(":")[0] for e in data["errors"]] == ["cannot read shards/r1/broken-000000.tar.json",
+                                                           "cannot read runs/r1/summary.json"]
+        assert data["shards"]["count"] == 2 and [s["name"] for s in data["students"]] == ["a"]
+        r1 = next(r for r in data["rounds"] if r["round_id"] == "r1")
+        assert r1["planned_source"] == "config.json (at most)" and r1["planned"] == 100
+    assert 'class="error"' in board.page()
 
 
 def test_throughput_bucket_width():
@@ -254,7 +282,7 @@ def test_charts_escape_labels_and_drop_bad_points():
     assert "<b>" not in svg and "&lt;b&gt;x&lt;/b&gt;" in svg and svg.startswith("<svg")
     many = charts.hbar_chart({f"r{i}": i + 1 for i in range(30)}, "reasons", max_items=5)
     assert "(26 others)" in many and many.count("<rect") == 5
-    line = charts.line_chart([1, 2, 3, 4], [1.0, float("nan"), 3.0, float("inf")], "loss")
+    line = charts.line_chart([1, 2, 3, 4, 5], [1.0, float("nan"), 3.0, float("inf"), None], "loss")
     assert line.count("L") >= 1 and "nan" not in line.lower().replace("aria", "")
     assert "no loss points yet" in charts.line_chart([], [], "loss")
     assert charts.nice_ticks(0, 87) == [0, 20, 40, 60, 80, 100]
@@ -290,6 +318,7 @@ def test_server_is_read_only_and_local(served):
     assert request(url + "nothing-here")[0] == 404
     assert request(url + "preview/..%2F..%2Fetc.png")[0] == 404
     assert request(url + "preview/zzzzzzzz_00.png")[0] == 404
+    assert request(url + "preview/r1x000_00.png")[0] == 404  # catalogued, but its shard is gone
     assert request(url, headers={"Host": "evil.example:80"})[0] == 403  # DNS rebinding
     assert request(url, headers={"Host": "localhost"})[0] == 200
     status, headers, body = request(url + "api/summary")
@@ -309,9 +338,7 @@ def test_default_bind_is_loopback():
 def test_preview_png_draws_tracks_and_is_cached(served):
     board, url, _, built = served
     key = built["previews"][0][1]
-    started = time.perf_counter()
     status, headers, png = request(url + f"preview/{key}.png")
-    first = time.perf_counter() - started
     assert status == 200 and headers["Content-Type"] == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (480, 960, 3)  # six frames, three a row, enlarged from 192x256 and fit to 960 wide
@@ -325,9 +352,8 @@ def test_preview_png_draws_tracks_and_is_cached(served):
     hits = [lit[y - 1: y + 2, x - 1: x + 2].any() for y, x in inside]
     assert len(inside) > 20 and np.mean(hits) > 0.8, np.mean(hits)
     assert lit.mean() < 0.1
-    started = time.perf_counter()
     assert request(url + f"preview/{key}.png")[2] == png
-    assert time.perf_counter() - started < first and len(board._pngs) == 1
+    assert len(board._pngs) == 1  # served from the cache, not rendered twice
 
 
 def test_no_credentials_in_page_or_json(s3_uri, monkeypatch):
@@ -410,30 +436,20 @@ def write_big_catalog(root: Path, videos: int = 100_000, files: int = 50, repeat
         pq.write_table(table.take(part), folder / f"2026010{i:04d}-big{SUFFIX}", compression="zstd")
 
 
-def test_catalog_queries_at_100k_videos_take_under_a_second(tmp_path):
+def test_catalog_views_at_100k_videos_match_the_catalog(tmp_path):
+    """Correctness at scale; the timings are measured by bench/bench_catalog.py, not asserted here."""
     write_big_catalog(tmp_path)
     board = dash.Dashboard(str(tmp_path))
-    started = time.perf_counter()
     cold = board.summary()
-    cold_s = time.perf_counter() - started
-    timings = []
-    for _ in range(3):
-        started = time.perf_counter()
-        page = board.page()
-        timings.append(time.perf_counter() - started)
+    page = board.page()
     # while a round runs each refresh finds a new event file: the catalog reads it and merges again
     Catalog(str(tmp_path)).append([{"video_key": "bucket/new.mp4", "etag": "n", "status": "failed",
                                     "stage": "decode", "reason": "cannot decode", "round_id": "round-a"}])
-    started = time.perf_counter()
     data = board.summary()
-    changed_s = time.perf_counter() - started
-    print(f"\n100k videos: cold summary {cold_s:.3f} s, warm page {min(timings):.3f}..{max(timings):.3f} s, "
-          f"after a new event file {changed_s:.3f} s (queries {data['query_ms']:.0f} ms)")
     assert data["totals"]["videos"] == 100_001 and cold["fingerprint"] != data["fingerprint"]
     assert sum(r["labelled"] + r["filtered"] + r["failed"] for r in data["rounds"]) == 100_001
     assert data["previews"] == [] and "round-a" in page  # no committed shards in this catalog
     assert_same_counts_as_catalog_summary(data, board.catalog)
-    assert min(timings) < 1.0 and changed_s < 1.0, (timings, changed_s)
 
 
 # --------------------------------------------------------------------------- a real browser
@@ -507,8 +523,11 @@ def test_page_in_headless_chromium(served, tmp_path):
 
 def test_api_summary_is_strict_json(served):
     _, url, _, _ = served
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
     with urllib.request.urlopen(url + "api/summary", timeout=30) as response:
-        data = json.loads(response.read())
+        data = json.loads(response.read(), parse_constant=refuse)
     assert data["workspace"] and data["refresh_seconds"] == 1.0 and len(data["fingerprint"]) == 16
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(urllib.request.Request(url + "api/summary", data=b"x", method="POST"), timeout=30)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import cv2
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import videos
 from pseudotrack.errors import SampleError
 from pseudotrack.synthetic import render_scene
 from pseudotrack.tasks.decode import (
+    _decord,
     _jpegs,
     choose_stride,
     decode_clip,
@@ -150,7 +153,7 @@ def test_stored_clip_of_a_real_video_is_near_lossless(real):
     assert back.shape == clip.frames.shape
     assert psnr(back, clip.frames) >= 40.0
     assert len(data) < clip.frames.nbytes / 4  # compressed, not raw
-    reader = __import__("decord").VideoReader(__import__("io").BytesIO(data))
+    reader = _decord().VideoReader(io.BytesIO(data))
     assert reader.get_avg_fps() == pytest.approx(clip.fps, rel=1e-3)
 
 

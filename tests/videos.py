@@ -79,7 +79,7 @@ def png_file() -> bytes:
 
 
 def text_file() -> bytes:
-    return "These are my holiday notes, saved with the wrong name.\n".encode()
+    return b"These are my holiday notes, saved with the wrong name.\n"
 
 
 def one_frame_video() -> bytes:

@@ -109,23 +109,23 @@ class FileCache:
     """Parsed small files keyed by object key and ETag: a refresh re-parses only what changed."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[str, Any]] = {}
-        self.errors: list[str] = []  # files that could not be read, for the page to name
+        self._entries: dict[str, tuple[str, Any, str | None]] = {}  # key -> (etag, parsed, why it failed)
+        self.errors: list[str] = []  # this refresh's unreadable files, for the page to name
 
     def get(self, store: ObjectStore, info: ObjectInfo, parse: Callable[[bytes], Any]) -> Any:
         """The parsed file, or None when it vanished or cannot be parsed (one bad file must not hide the page)."""
         entry = self._entries.get(info.key)
-        if entry is not None and entry[0] == info.etag:
-            return entry[1]
-        try:
-            value = parse(store.read_bytes(info.key))
-        except FileNotFoundError:
-            return None  # replaced or removed since the listing; the next refresh sees the new state
-        except Exception as exc:
-            self.errors.append(f"cannot read {info.key}: {type(exc).__name__}: {exc}")
-            value = None
-        self._entries[info.key] = (info.etag, value)
-        return value
+        if entry is None or entry[0] != info.etag:
+            try:
+                entry = (info.etag, parse(store.read_bytes(info.key)), None)
+            except FileNotFoundError:
+                return None  # replaced or removed since the listing; the next refresh sees the new state
+            except Exception as exc:
+                entry = (info.etag, None, f"cannot read {info.key}: {type(exc).__name__}: {exc}")
+            self._entries[info.key] = entry
+        if entry[2] is not None:
+            self.errors.append(entry[2])
+        return entry[1]
 
     def keep_only(self, keys: set[str]) -> None:
         for stale in set(self._entries) - keys:
@@ -148,13 +148,6 @@ def _metrics_rows(data: bytes) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("step"), int | float):
             rows.append(row)
     return rows
-
-
-def _json_or_none(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -307,6 +300,13 @@ def shard_stats(manifests: list[dict]) -> dict:
     return out
 
 
+def _finite(value: Any) -> float | None:
+    """A number the strict JSON of /api/summary can carry (NaN and infinities become None)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def training_runs(store: ObjectStore, infos: list[ObjectInfo], cache: FileCache) -> list[dict]:
     runs = []
     for info in infos:
@@ -320,9 +320,10 @@ def training_runs(store: ObjectStore, infos: list[ObjectInfo], cache: FileCache)
         last = rows[-1]
         runs.append({
             "run": info.key[len(RUNS) + 1: -len(METRICS_FILE) - 1],
-            "steps": [float(r["step"]) for r in picked],
-            "loss": [float(r.get("loss", math.nan)) for r in picked],
-            "last": {k: last.get(k) for k in ("step", "total_steps", "loss", "lr", "clips_per_second", "time")},
+            "steps": [_finite(r["step"]) for r in picked],
+            "loss": [_finite(r.get("loss")) for r in picked],  # a diverged step logs NaN: a gap, not an error
+            "last": {k: _finite(last.get(k)) for k in ("step", "total_steps", "loss", "lr", "clips_per_second",
+                                                       "time")},
         })
     return runs
 
@@ -334,7 +335,7 @@ def student_reports(store: ObjectStore, infos: list[ObjectInfo], cache: FileCach
         name = info.key[len(REPORTS) + 1:]
         if not (name.startswith("student-") and name.endswith(".json")):
             continue
-        report = cache.get(store, info, _json_or_none)
+        report = cache.get(store, info, json.loads)
         if not isinstance(report, dict):
             continue
         train = report.get("train") if isinstance(report.get("train"), dict) else {}
@@ -342,9 +343,9 @@ def student_reports(store: ObjectStore, infos: list[ObjectInfo], cache: FileCach
         metrics = {}
         for which, ev in evaluation.items():
             if isinstance(ev, dict) and isinstance(ev.get("metrics"), dict):
-                metrics[which] = {k: v for k, v in ev["metrics"].items() if isinstance(v, int | float)}
-        out.append({"name": name[len("student-"):-len(".json")], "steps": train.get("steps"),
-                    "first_loss": train.get("first_loss"), "final_loss": train.get("final_loss"),
+                metrics[which] = {k: _finite(v) for k, v in ev["metrics"].items() if _finite(v) is not None}
+        out.append({"name": name[len("student-"):-len(".json")], "steps": _finite(train.get("steps")),
+                    "first_loss": _finite(train.get("first_loss")), "final_loss": _finite(train.get("final_loss")),
                     "metrics": metrics})
     return out
 
@@ -413,7 +414,7 @@ def collect(store: ObjectStore, catalog: Catalog, cache: FileCache) -> dict:
     for info in run_infos:
         parts = info.key.split("/")
         if len(parts) == 3 and parts[2] in ("summary.json", "config.json"):
-            plans.setdefault(parts[1], {})[parts[2][:-5]] = cache.get(store, info, _json_or_none)
+            plans.setdefault(parts[1], {})[parts[2][:-5]] = cache.get(store, info, json.loads)
     cache.keep_only({i.key for i in (*shard_infos, *run_infos, *report_infos)})
 
     data = catalog_views(event_table(catalog), plans, [m["shard"] for m in manifests if m.get("shard")])
@@ -583,7 +584,8 @@ def _training(runs: list[dict], students: list[dict]) -> str:
                 f'<td class="n">{trained[n]:.3f}'
                 + (f' <span class="muted small">(from {initial[n]:.3f})</span>' if n in initial else "")
                 + "</td>" if n in trained else "<td>–</td>" for n in names)
-            rows.append(f'<tr><td class="key">{_e(s["name"])}</td><td class="n">{_e(s["steps"])}</td>'
+            steps = f"{s['steps']:.0f}" if s["steps"] is not None else "–"
+            rows.append(f'<tr><td class="key">{_e(s["name"])}</td><td class="n">{_e(steps)}</td>'
                         f'<td class="n">{_e(loss)}</td>{cells}</tr>')
         parts.append(f'<table id="students">{head}{"".join(rows)}</table>')
     return "".join(parts)
@@ -620,7 +622,8 @@ h2{font-size:15px;margin:0 0 10px}h3{font-size:13px;margin:0 0 6px;font-weight:6
 .grid2{display:grid;grid-template-columns:1fr 1fr;gap:16px}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eef0f3}
 th{font-size:12px;color:#6b7280;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
-th:nth-child(n+3),#students th:nth-child(2){text-align:right}#rounds th:nth-child(2){text-align:left}#failures th{text-align:left}
+th:nth-child(n+3),#students th:nth-child(2){text-align:right}
+#rounds th:nth-child(2){text-align:left}#failures th{text-align:left}
 .ok{color:#2e9d5b}.warn{color:#a87a0c}.bad{color:#d1495b}.muted{color:#6b7280}.small{font-size:12px}
 .key{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
 td.progress{white-space:nowrap}td.progress svg{vertical-align:middle}
@@ -642,7 +645,7 @@ def render_page(data: dict, workspace: str, refresh_s: float) -> str:
                               throughput_data["series"], "labelling throughput")
             if throughput_data["start"] is not None else charts.empty_chart("no labelling throughput yet", 1120))
     width = throughput_data["bucket_seconds"]
-    bucket = f"{width // 3600} h" if width >= 3600 else f"{width // 60} min"
+    bucket = f", {width // 3600} h buckets" if width >= 3600 else f", {width // 60} min buckets" if width else ""
     refresh = f'<noscript><meta http-equiv="refresh" content="{int(refresh_s)}"></noscript>' if refresh_s > 0 else ""
     cards = "".join([
         _card("videos", f"{data['totals']['videos']:,}"),
@@ -663,8 +666,8 @@ def render_page(data: dict, workspace: str, refresh_s: float) -> str:
 <main>{errors}
 <div class="cards">{cards}</div>
 <section><h2>Rounds</h2>{_rounds_table(data['rounds'], now)}</section>
-<section><h2>Videos per hour <span class="muted small">(labelled and failed by the labelling stage,
-{_e(bucket)} buckets)</span></h2>{rate}</section>
+<section><h2>Videos per hour <span class="muted small">(labelled and failed by the labelling stage{_e(bucket)})
+</span></h2>{rate}</section>
 <div class="grid2">
 <section><h2>Teacher mix <span class="muted small">(labelled videos)</span></h2>
 {charts.hbar_chart(data['teachers'], 'teachers', charts.BLUE, width=540)}</section>
@@ -799,6 +802,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def _not_allowed(self) -> None:
+        self.close_connection = True  # the request's body (if any) is left unread
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed: this dashboard is read-only\n",
                    "text/plain; charset=utf-8", head=False, extra={"Allow": "GET, HEAD"})
 
@@ -828,7 +832,10 @@ class DashboardHandler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, SCRIPT.encode(), "text/javascript; charset=utf-8", head,
                            extra={"Cache-Control": "max-age=60"})
             elif path.startswith("/preview/") and path.endswith(".png"):
-                png = self.dashboard.preview(path[len("/preview/"):-len(".png")])
+                try:
+                    png = self.dashboard.preview(path[len("/preview/"):-len(".png")])
+                except (LookupError, FileNotFoundError):  # the catalog names a sample its shard lacks
+                    png = None
                 if png is None:
                     self._send(HTTPStatus.NOT_FOUND, b"no labelled sample with this key\n",
                                "text/plain; charset=utf-8", head)
@@ -839,8 +846,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as exc:  # a workspace that cannot be read: say why, without credentials
-            log.exception("dashboard request %s failed", path)
             message = self.dashboard.redact(f"{type(exc).__name__}: {exc}")
+            log.warning("dashboard request %s failed: %s", path, message)
             self._send_text(HTTPStatus.SERVICE_UNAVAILABLE, f"the dashboard cannot read the workspace: {message}\n",
                             "text/plain; charset=utf-8", head)
 

@@ -189,10 +189,11 @@ def _legend(body: list[str], entries: list[tuple[str, str]], right_x: float, y: 
         x -= 14
 
 
-def line_chart(xs: Sequence[float], ys: Sequence[float], label: str, x_name: str = "step", y_name: str = "loss",
-               width: int = 540, height: int = 220, color: str = BLUE) -> str:
-    """One curve with axes, e.g. training loss against step; NaN and inf points are left out."""
-    points = [(float(x), float(y)) for x, y in zip(xs, ys, strict=False) if math.isfinite(x) and math.isfinite(y)]
+def line_chart(xs: Sequence[float | None], ys: Sequence[float | None], label: str, x_name: str = "step",
+               y_name: str = "loss", width: int = 540, height: int = 220, color: str = BLUE) -> str:
+    """One curve with axes, e.g. training loss against step; None, NaN and inf points are left out."""
+    points = [(float(x), float(y)) for x, y in zip(xs, ys, strict=False)
+              if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
     if not points:
         return empty_chart(f"no {label} points yet", width)
     x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)

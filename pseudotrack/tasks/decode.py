@@ -306,7 +306,7 @@ def decode_clip(
     """
     _check_clip_args(height, width, num_frames, stride, max_stride, min_frames)
     if facts is None:
-        facts = probe_video(data, name, min_frames=1)
+        facts = probe_video(data, name, min_frames=min_frames)
     reader = _open_reader(data, name, width=width, height=height)
     num_source = len(reader)
     if stride is None:
@@ -411,8 +411,39 @@ def mjpeg_avi(jpegs: list[bytes], width: int, height: int, fps: float) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
+def _avi_jpegs(data: bytes) -> list[bytes] | None:
+    """The JPEG frames of an MJPEG AVI as `mjpeg_avi` writes it, or None for any other file."""
+    if data[:4] != b"RIFF" or data[8:12] != b"AVI ":
+        return None
+    pos, mjpeg, frames = 12, False, None
+    while pos + 12 <= len(data):
+        fourcc, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        if fourcc == b"LIST" and data[pos + 8 : pos + 12] == b"hdrl":
+            mjpeg = b"vidsMJPG" in data[pos : pos + 8 + size]
+        elif fourcc == b"LIST" and data[pos + 8 : pos + 12] == b"movi":
+            frames, inner, end = [], pos + 12, min(pos + 8 + size, len(data))
+            while inner + 8 <= end:
+                kind, length = data[inner : inner + 4], struct.unpack("<I", data[inner + 4 : inner + 8])[0]
+                if kind[2:] != b"dc" or inner + 8 + length > end:
+                    return None  # audio, 'rec ' lists or a cut file: leave it to FFmpeg
+                frames.append(data[inner + 8 : inner + 8 + length])
+                inner += 8 + length + (length & 1)
+        pos += 8 + size + (size & 1)
+    return frames if mjpeg and frames else None
+
+
 def decode_clip_bytes(data: bytes) -> np.ndarray:
-    """A stored clip (`encode_clip` output) -> uint8 [T, H, W, 3] RGB, all frames."""
+    """A stored clip (`encode_clip` output) -> uint8 [T, H, W, 3] RGB, all frames.
+
+    Our own MJPEG AVI is unpacked here and its JPEGs decoded by OpenCV: no torch
+    import for readers such as the dashboard, and no dependence on a decord bug
+    that rejects some small widths (48 pixels, for one). Anything else goes to decord.
+    """
+    jpegs = _avi_jpegs(data)
+    if jpegs is not None:
+        frames = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in jpegs]
+        if all(f is not None and f.shape == frames[0].shape for f in frames):
+            return np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames])
     reader = _open_reader(data, "stored clip")
     try:
         return _to_numpy(reader.get_batch(list(range(len(reader)))))

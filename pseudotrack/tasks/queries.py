@@ -1,9 +1,26 @@
 """SIFT query points on keyframes biased to the start of the clip (CoTracker3 §3.1, App. A).
 
-SIFT fires on distinctive, trackable structure and stays silent on flat or
-ambiguous regions, so it doubles as a filter: a clip whose keyframes give too
-few points is not labelled (`failed: too few features`) rather than filling the
-training set with points no teacher can follow.
+SIFT fires on distinctive structure and stays silent on flat or ambiguous
+regions, so it doubles as a filter: the paper skips a video when SIFT fails to
+give enough points on a keyframe, rather than filling the training set with
+points no teacher can follow. Here that rule is explicit: a clip fails with
+`too few features` when any keyframe gives fewer than `min_per_keyframe` points
+or all keyframes together give fewer than `num_queries`.
+
+Keyframes. K distinct frames are drawn without replacement with
+P(t) proportional to exp(-start_bias * t / T), t = 0..T-1. With the default
+start_bias = 3 the last frame is 20 times less likely than the first and one
+draw falls in the first third of the clip with probability
+(1 - e^-1) / (1 - e^-3) = 0.67; start_bias = 0 is uniform. Early queries suit
+online students, which track forward only (App. A: "frame sampling biased
+towards the beginning of the video").
+
+Points. SIFT reports one location several times, once per dominant
+orientation (DESIGN.md pitfalls): points are sorted by response, and points
+that fall on the same pixel as a stronger one are dropped before the strongest
+are taken. Each keyframe is due N // K points, the remainder going to the
+earliest keyframes; what a keyframe cannot supply is handed, one point at a
+time, to the keyframes that still have points, earliest first.
 """
 
 from __future__ import annotations
@@ -13,23 +30,28 @@ import numpy as np
 
 from ..errors import SampleError
 
-BORDER = 2.0  # pixels: points this close to the edge are dropped (trackers sample patches around them)
+START_BIAS = 3.0
+BORDER = 2.0  # pixels: trackers sample patches around a query, so points this close to an edge are dropped
 
 
-def choose_keyframes(num_frames: int, count: int, rng: np.random.Generator, decay: float = 0.35) -> np.ndarray:
-    """`count` distinct frames drawn with probability decaying exponentially with time.
-
-    With decay 0.35 the first third of the clip holds about 60% of the mass, which
-    suits online students that track forward from early queries.
-    """
-    count = min(count, num_frames)
-    t = np.arange(num_frames)
-    weights = np.exp(-t / max(1.0, decay * num_frames))
-    return np.sort(rng.choice(num_frames, size=count, replace=False, p=weights / weights.sum()))
+def keyframe_probabilities(num_frames: int, start_bias: float = START_BIAS) -> np.ndarray:
+    """P(t) for one draw, proportional to exp(-start_bias * t / T)."""
+    weights = np.exp(-start_bias * np.arange(num_frames) / max(num_frames, 1))
+    return weights / weights.sum()
 
 
-def sift_points(gray: np.ndarray, detector) -> tuple[np.ndarray, np.ndarray]:
-    """(xy [M,2], response [M]) strongest first, one per location (SIFT repeats locations per orientation)."""
+def choose_keyframes(
+    num_frames: int, num_keyframes: int, rng: np.random.Generator, start_bias: float = START_BIAS
+) -> np.ndarray:
+    """Sorted distinct frame indices, drawn with `keyframe_probabilities`; all frames when the clip is shorter."""
+    count = min(num_keyframes, num_frames)
+    picks = rng.choice(num_frames, size=count, replace=False, p=keyframe_probabilities(num_frames, start_bias))
+    return np.sort(picks).astype(np.int64)
+
+
+def sift_points(gray: np.ndarray, detector=None, border: float = BORDER) -> tuple[np.ndarray, np.ndarray]:
+    """(xy float32 [M, 2], response float32 [M]): strongest first, one per pixel, `border` px from the edges."""
+    detector = detector if detector is not None else cv2.SIFT_create()
     keypoints = detector.detect(gray, None)
     if not keypoints:
         return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
@@ -37,41 +59,59 @@ def sift_points(gray: np.ndarray, detector) -> tuple[np.ndarray, np.ndarray]:
     response = np.array([k.response for k in keypoints], np.float32)
     order = np.argsort(-response, kind="stable")
     xy, response = xy[order], response[order]
-    _, first = np.unique(np.round(xy, 1), axis=0, return_index=True)
-    keep = np.sort(first)
-    xy, response = xy[keep], response[keep]
-    h, w = gray.shape
-    inside = (xy[:, 0] >= BORDER) & (xy[:, 1] >= BORDER) & (xy[:, 0] <= w - 1 - BORDER) & (xy[:, 1] <= h - 1 - BORDER)
-    return xy[inside], response[inside]
+    h, w = gray.shape[:2]
+    inside = (xy[:, 0] >= border) & (xy[:, 1] >= border) & (xy[:, 0] <= w - 1 - border) & (xy[:, 1] <= h - 1 - border)
+    xy, response = xy[inside], response[inside]
+    cells = np.round(xy).astype(np.int64)
+    _, first = np.unique(cells[:, 1] * (w + 1) + cells[:, 0], return_index=True)
+    keep = np.sort(first)  # the strongest point of each pixel, still in order of response
+    return xy[keep], response[keep]
+
+
+def allocate(available: list[int], total: int) -> list[int]:
+    """How many points each keyframe gives: equal shares (remainder to the first), shortfalls handed on."""
+    k = len(available)
+    share, extra = divmod(total, k)
+    taken = [min(share + (i < extra), a) for i, a in enumerate(available)]
+    missing = total - sum(taken)
+    while missing > 0:
+        spare = [i for i in range(k) if taken[i] < available[i]]
+        if not spare:
+            raise ValueError(f"{sum(available)} points cannot fill {total}")
+        for i in spare[:missing]:
+            taken[i] += 1
+        missing = total - sum(taken)
+    return taken
 
 
 def sample_queries(
     frames: np.ndarray,
     num_queries: int = 384,
     num_keyframes: int = 8,
-    rng: np.random.Generator | None = None,
+    *,
+    rng: np.random.Generator,
+    start_bias: float = START_BIAS,
     min_per_keyframe: int | None = None,
-    decay: float = 0.35,
+    border: float = BORDER,
 ) -> tuple[np.ndarray, dict]:
-    """(queries float32 [N,3] (t, x, y), stats) with N = num_queries spread over the keyframes.
+    """frames: uint8 [T, H, W, 3] RGB -> (queries float32 [num_queries, 3] (t, x, y) in pixels, stats).
 
-    Each keyframe gets an equal share (remainder to the earliest); a keyframe short of
-    its share hands the rest to keyframes with spare points. The clip fails when any
-    keyframe gives fewer than `min_per_keyframe` points (default: a quarter of its
-    share, at least 1), or when all keyframes together cannot give N points.
+    min_per_keyframe: the fewest SIFT points a keyframe may give before the
+    clip fails; None means a quarter of its share (at least 1), 0 checks only
+    the total. Rows are grouped by keyframe in time order, strongest first.
+    stats: keyframes, found (distinct points per keyframe), taken, mean_response.
     """
-    rng = rng if rng is not None else np.random.default_rng()
-    t_len = len(frames)
-    keyframes = choose_keyframes(t_len, num_keyframes, rng, decay)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be [T, H, W, 3] RGB with T >= 1, got {frames.shape}")
+    if num_queries < 1 or num_keyframes < 1:
+        raise ValueError(f"num_queries ({num_queries}) and num_keyframes ({num_keyframes}) must be at least 1")
+    keyframes = choose_keyframes(len(frames), num_keyframes, rng, start_bias)
     share = num_queries // len(keyframes)
-    minimum = min_per_keyframe if min_per_keyframe is not None else max(1, share // 4)
+    minimum = max(1, share // 4) if min_per_keyframe is None else min_per_keyframe
     detector = cv2.SIFT_create()
-    found = []
-    for t in keyframes:
-        gray = cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY)
-        found.append(sift_points(gray, detector))
+    found = [sift_points(cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY), detector, border) for t in keyframes]
     counts = [len(xy) for xy, _ in found]
-    stats = {"keyframes": keyframes.tolist(), "found": counts}
     poor = [int(t) for t, c in zip(keyframes, counts, strict=True) if c < minimum]
     if poor or sum(counts) < num_queries:
         raise SampleError(
@@ -79,26 +119,18 @@ def sample_queries(
             f"too few features: SIFT found {counts} points on keyframes {keyframes.tolist()}; "
             f"need {num_queries} in all and at least {minimum} on each",
         )
-    quotas = np.full(len(keyframes), share)
-    quotas[: num_queries - share * len(keyframes)] += 1
-    taken = np.minimum(quotas, counts)
-    spare = np.array(counts) - taken
-    missing = num_queries - taken.sum()
-    while missing > 0:  # hand the shortfall to keyframes with points left, earliest first
-        for i in np.flatnonzero(spare):
-            if missing == 0:
-                break
-            taken[i] += 1
-            spare[i] -= 1
-            missing -= 1
-    rows = []
-    responses = []
+    taken = allocate(counts, num_queries)
+    rows, responses = [], []
     for t, (xy, response), n in zip(keyframes, found, taken, strict=True):
         rows.append(np.column_stack([np.full(n, t, np.float32), xy[:n]]))
         responses.append(response[:n])
     queries = np.concatenate(rows).astype(np.float32)
-    stats.update(
-        taken=taken.tolist(),
-        mean_response=float(np.concatenate(responses).mean()) if num_queries else 0.0,
-    )
+    stats = {
+        "keyframes": keyframes.tolist(),
+        "found": counts,
+        "taken": taken,
+        "mean_response": float(np.concatenate(responses).mean()),
+        "start_bias": float(start_bias),
+        "min_per_keyframe": int(minimum),
+    }
     return queries, stats
