@@ -210,6 +210,8 @@ def run_round(config: RoundConfig) -> RoundSummary:
             key = f"caption: {row['reason']}"
             summary.failure_reasons[key] = summary.failure_reasons.get(key, 0) + 1
     summary.planned = len(planned)
+    # written now so the dashboard knows the round's size while it runs, and again at the end
+    workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
     _notify(
         "planned",
         {"round_id": round_id, "total": len(planned), "filtered": summary.filtered, "reused": summary.reused},
