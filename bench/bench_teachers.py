@@ -173,7 +173,12 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teachers", nargs="+", default=["cotracker3_online", "cotracker3_offline"])
+    parser.add_argument(
+        "--teachers",
+        nargs="*",
+        default=["cotracker3_online", "cotracker3_offline"],
+        help="registered teacher names (none: only the sweep)",
+    )
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=512)

@@ -288,11 +288,11 @@ def test_training_forward_gives_per_step_tracks_with_gradients(offline):
     model = CoTracker3(tiny_config(offline)).train()
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(CoTracker3.VIS_CONF_HEAD))
-    video, queries = _video(12, 32, 48), torch.from_numpy(_queries(12, 32, 48, n=4))[None]
-    windows = train_forward(model, video, queries, iters=3, online=not offline)
-    expected = [(0, 12)] if offline else [(0, 8), (4, 8)]
+    video, queries = _video(11, 32, 48), torch.from_numpy(_queries(11, 32, 48, n=4))[None]
+    windows = train_forward(model, video, queries, iters=2, online=not offline)
+    expected = [(0, 11)] if offline else [(0, 8), (4, 7)]
     assert [(start, tracks[0].shape[1]) for start, tracks in windows] == expected
-    assert all(len(tracks) == 3 and tracks[0].shape[-2:] == (4, 2) for _, tracks in windows)
+    assert all(len(tracks) == 2 and tracks[0].shape[-2:] == (4, 2) for _, tracks in windows)
     loss = sum(tracks[-1].square().mean() + 0.5 * tracks[0].square().mean() for _, tracks in windows)
     loss.backward()
     assert model.fnet.conv1.weight.grad is not None and model.fnet.conv1.weight.grad.abs().sum() > 0
@@ -396,7 +396,7 @@ def test_chunked_teacher_equals_unchunked(ckpt_dir):
     outs = []
     for chunking in (
         {"frame_chunk": 1000, "corr_pairs": None, "token_chunk": None},
-        {"frame_chunk": 3, "corr_pairs": 16, "token_chunk": 40},
+        {"frame_chunk": 3, "corr_pairs": 64, "token_chunk": 200},
     ):
         teacher = create_teacher("cotracker3_online", checkpoint=path, model_config=tiny_config(), **chunking)
         teacher.setup("cpu")

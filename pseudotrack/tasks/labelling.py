@@ -150,6 +150,7 @@ def label_video(
         max_stride=config.max_stride,
         min_frames=config.min_frames,
         rng=rng,
+        facts=facts,
     )
     t1 = time.perf_counter()
     queries, query_stats = sample_queries(

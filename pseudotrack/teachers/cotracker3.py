@@ -49,6 +49,7 @@ from .blocks import (
     Mlp,
     UpdateTransformer,
     interpolate_time_embedding,
+    patch_offsets,
     posenc,
     sample_patches,
     sample_video,
@@ -534,7 +535,7 @@ class CoTracker3(nn.Module):
         overlap = s - step
         ind = state.start
         seen = state.frames_seen
-        if ind > seen or (ind > 0 and seen == 0):
+        if ind > seen:
             raise ValueError(
                 f"online window at frame {ind} but only {seen} frames were seen: feed chunks in order"
             )
@@ -600,10 +601,9 @@ class CoTracker3(nn.Module):
 
 
 def _patch_offsets3(radius: int, device: torch.device) -> torch.Tensor:
-    """[P*P, 3] (0, dx, dy) offsets in `blocks.patch_offsets` order, for sampling at (t, x, y)."""
-    steps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    dx, dy = torch.meshgrid(steps, steps, indexing="ij")
-    return torch.stack([torch.zeros_like(dx), dx, dy], dim=-1).reshape(-1, 3)
+    """[P*P, 3] (0, dx, dy): `patch_offsets` with a zero time step, for sampling at (t, x, y)."""
+    xy = patch_offsets(radius, device).reshape(-1, 2)
+    return torch.cat([torch.zeros_like(xy[:, :1]), xy], dim=1)
 
 
 def train_forward(
