@@ -111,7 +111,7 @@ def test_prepare_clip_picks_teachers_at_random_and_resizes() -> None:
         clip = prepare_clip(_sample(), _frames(), spec, 8, np.random.default_rng(draw))
         assert clip is not None
         seen[clip["teacher"]] += 1
-        assert clip["video"].shape == (8, 3, 64, 96) and clip["video"].dtype == torch.uint8
+        assert clip["video"].shape == (8, 64, 96, 3) and clip["video"].dtype == torch.uint8
         assert clip["tracks"].shape == (8, 4, 2) and clip["visible"].shape == (8, 4)
         assert clip["occluded_supervised"] == (clip["teacher"] != "lk")
         q = clip["queries"]
@@ -215,7 +215,7 @@ def test_loader_reads_shards_from_s3(s3_uri: str) -> None:
     assert [r.url.startswith(s3_uri + "/shards/r1/") for r in refs] == [True, True]
     spec = ClipSpec(num_frames=6, num_tracks=3, height=H0, width=W0)
     batches = _take(make_loader(refs, spec, 2, seed=0), 4)  # 8 clips from 6 samples: resampled
-    assert all(b["video"].shape == (2, 6, 3, H0, W0) for b in batches)
+    assert all(b["video"].shape == (2, 6, H0, W0, 3) for b in batches)
     assert {k for b in batches for k in b["keys"]} <= {f"s{i}_{j}" for i in range(2) for j in range(3)}
 
 

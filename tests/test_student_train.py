@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,135 @@ def test_exported_student_loads_as_the_next_rounds_teacher(tmp_path: Path) -> No
                                                  student.net.state_dict().values(), strict=True))
     with pytest.raises(ConfigError, match="online student"):
         build_student("offline", checkpoint=str(path))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_student_learns_from_lk_labels_of_generated_clips(tmp_path: Path) -> None:
+    """Label generated clips with `lk`, train a tiny student a few hundred steps, evaluate on held-out scenes.
+
+    The tiny architecture has no published weights, so the starting checkpoint is a random student.
+    CoTracker3's own init keeps the update head near zero (a student that does not move its points);
+    we put that head back at PyTorch's default init, a start whose tracks wander, so that a few
+    hundred CPU steps have something measurable to fix. The held-out scenes (seeds 5000+) are
+    never labelled.
+    """
+    from pseudotrack.config import RoundConfig
+    from pseudotrack.demo import write_demo_bucket
+    from pseudotrack.flows.label_round import run_round
+    from pseudotrack.flows.train_student import train_student
+    from pseudotrack.student.benchmarks import synthetic_videos
+
+    write_demo_bucket(tmp_path / "bucket", videos=48, frames=24, height=H, width=W, broken=0)
+    summary = run_round(RoundConfig(bucket=str(tmp_path / "bucket"), workspace=str(tmp_path / "ws"),
+                                    teachers=["lk"], height=H, width=W, num_frames=24, num_queries=24,
+                                    max_stride=1, min_frames=8))
+    assert summary.labelled >= 24 and summary.teachers == {"lk": summary.labelled}
+
+    torch.manual_seed(0)
+    start = build_student("online", "tiny")
+    start.net.updateformer.flow_head.reset_parameters()
+    start_path = export_student(start, tmp_path / "start.pth")
+    head = {k: v.clone() for k, v in start.frozen_parameters().items()}
+
+    config = TrainConfig(workspace=str(tmp_path / "ws"), output=str(tmp_path / "out"), init_checkpoint=str(start_path),
+                         model_size="tiny", steps=200, batch_size=1, num_frames=8, num_tracks=24, iters=3,
+                         lr=1e-3, workers=0, checkpoint_every=100, log_every=10)
+    held_out = list(synthetic_videos(6, seed=5000, num_frames=16, height=H, width=W, num_points=24))
+    report = train_student(config, evaluate_on="synthetic", eval_clips=held_out,
+                           eval_options={"resize_to": None, "one_query_at_a_time": False})
+
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 20 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    trained = torch.load(report["train"]["export_path"], weights_only=True)
+    assert all(torch.equal(trained[k], v) for k, v in head.items()), "the frozen head moved"
+    before = report["evaluation"]["initial"]["metrics"]["average_pts_within_thresh"]
+    after = report["evaluation"]["trained"]["metrics"]["average_pts_within_thresh"]
+    assert after > before + 0.05, (before, after)
+    saved = json.loads(Path(report["report_path"]).read_text())
+    assert saved["evaluation"]["trained"]["metrics"]["average_pts_within_thresh"] == pytest.approx(after)
+    assert (tmp_path / "ws" / "reports" / "student-out.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_run_under_torchrun(workspace: str, tmp_path: Path) -> None:
+    """`torchrun` with two CPU ranks (gloo): both ranks step together, rank 0 exports, each keeps its stream."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = _config(workspace, tmp_path / "ddp", steps=2, batch_size=2, checkpoint_every=1)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "pseudotrack.student.train", str(path)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group we started: torchrun and its two ranks
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout[stdout.index("{"):])["steps"] == 2
+    ckpt = load_training_checkpoint(checkpoint_paths(tmp_path / "ddp")[0])
+    assert ckpt["world_size"] == 2 and len(ckpt["loader"]) == 2 and len(ckpt["rng"]) == 2
+    assert all(state["batches"] == 2 for state in ckpt["loader"])  # one clip per rank per step
+    assert torch.load(tmp_path / "ddp" / "student.pth", weights_only=True).keys() == ckpt["model"].keys()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli():
+    import typer
+
+    from pseudotrack.flows.student_cli import eval_command, train_command
+
+    app = typer.Typer()
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
+    return app
+
+
+def test_eval_command_prints_a_metrics_table_and_saves_a_report(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    path = export_student(build_student("online", "tiny"), tmp_path / "student.pth")
+    report = tmp_path / "eval.json"
+    result = CliRunner().invoke(_cli(), ["eval", "--checkpoint", str(path), "--videos", "1", "--joint",
+                                         "--native-size", "--report", str(report)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "average_pts_within_thresh" in result.stdout and "occlusion_accuracy" in result.stdout
+    saved = json.loads(report.read_text())
+    assert saved["videos"] == 1 and saved["variant"] == "online" and saved["info"]["protocol"] == "all queries at once"
+    assert 0.0 <= saved["metrics"]["average_pts_within_thresh"] <= 1.0
+    missing = CliRunner().invoke(_cli(), ["eval", "--checkpoint", str(tmp_path / "nope.pth")])
+    assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())
+
+
+@pytest.mark.slow
+def test_train_command_runs_the_train_student_flow(prefect_server: str, workspace: str, tmp_path: Path) -> None:
+    """In a subprocess, as a user runs it: Prefect's log handlers and CliRunner's captured streams do not mix."""
+    import subprocess
+    import sys
+
+    program = ("import typer; from pseudotrack.flows.student_cli import train_command; "
+               "app = typer.Typer(); app.command('train')(train_command); app.command('other')(lambda: None); app()")
+    args = ["train", "--workspace", workspace, "--output", str(tmp_path / "run"), "--model-size", "tiny",
+            "--steps", "2", "--batch-size", "1", "--frames", "8", "--tracks", "8", "--iters", "2", "--workers", "0",
+            "--lr", "1e-3", "--evaluate-on", "none"]
+    done = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loss (last step)" in done.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["train"]["steps"] == 2 and Path(report["train"]["export_path"]).is_file()
+    bad = subprocess.run([sys.executable, "-c", program, "train", "--workspace", workspace, "--output",
+                          str(tmp_path / "x"), "--variant", "sideways"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "variant" in bad.stderr

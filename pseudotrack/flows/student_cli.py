@@ -7,7 +7,6 @@ table on stdout and save a JSON report.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -147,18 +146,29 @@ def _print_train_report(report: dict) -> None:
 def eval_command(
     checkpoint: Annotated[str, typer.Option(help="Student export (student.pth) or an official CoTracker3 file.")],
     benchmark: Annotated[
-        str, typer.Option(help="'synthetic' (generated, exact ground truth) or a TAP-Vid pickle file.")
+        str, typer.Option(help="'synthetic' (generated, exact ground truth) or a TAP-Vid pickle file or folder.")
     ] = "synthetic",
     query_mode: Annotated[str, typer.Option(help="first or strided (TAP-Vid query modes).")] = "first",
     variant: Annotated[
         str | None, typer.Option(help="online or offline. Default: from the export, online for official files.")
     ] = None,
     videos: Annotated[int, typer.Option(help="Evaluate at most this many videos.")] = 8,
+    one_query_at_a_time: Annotated[
+        bool,
+        typer.Option("--one-query-at-a-time/--joint",
+                     help="TAP-Vid protocol: each benchmark query in its own call (default), or all at once "
+                          "(cheaper; a different, joint setting)."),
+    ] = True,
+    resize: Annotated[
+        bool, typer.Option("--resize/--native-size", help="Run at 256x256 as TAP-Vid does, or at each video's size.")
+    ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
-    report: Annotated[Path | None, typer.Option(help="Where to save the JSON report. Default: beside the "
-                                                     "checkpoint, <checkpoint>.eval-<benchmark>.json")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Where to save the JSON report. Default: <checkpoint>.eval-<benchmark>-<mode>.json"),
+    ] = None,
 ) -> None:
-    """Evaluate a checkpoint with the TAP-Vid metrics (AJ, δ_avg, OA) and save a JSON report."""
+    """Evaluate a checkpoint with the TAP-Vid metrics (AJ, δ_avg, OA), print them and save a JSON report."""
     from ..errors import ConfigError
     from .train_student import evaluate_student
 
@@ -169,16 +179,19 @@ def eval_command(
     path = report or Path(f"{checkpoint}.eval-{Path(benchmark).stem}-{query_mode}.json")
     progress = _progress()
     with progress:
-        task = progress.add_task("evaluating", total=None, info="")
+        task = progress.add_task("evaluating", total=videos, info=benchmark)
 
         def on_video(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, info="")
+            progress.update(task, completed=done, total=total or videos)
 
         try:
             result = evaluate_student(checkpoint, benchmark, query_mode, variant, videos, device=device,
-                                      output=str(path), on_video=on_video)
+                                      output=str(path), resize_to=(256, 256) if resize else None,
+                                      one_query_at_a_time=one_query_at_a_time, progress=on_video)
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
             return
-    out.print(metrics_table(f"{Path(checkpoint).name} on {benchmark} ({query_mode})", {"value": result}))
-    out.print(json.dumps({"report": str(path), "videos": result["videos"]}))
+    protocol = result["info"]["protocol"]
+    out.print(metrics_table(f"{Path(checkpoint).name} on {benchmark} ({query_mode} queries, {protocol}, "
+                            f"{result['videos']} videos)", {"value": result}))
+    out.print(f"report: {path}")

@@ -141,8 +141,14 @@ def train_student(
     evaluate_on: str | None = "synthetic",
     eval_videos: int = 8,
     on_log: Callable[[dict], None] | None = None,
+    eval_clips: list | None = None,
+    eval_options: dict | None = None,
 ) -> dict:
-    """Train, export, then evaluate the start and the trained student on the same clips; returns the report."""
+    """Train, export, then evaluate the start and the trained student on the same clips; returns the report.
+
+    eval_clips: BenchmarkVideo list to evaluate on instead of reading `evaluate_on`;
+    eval_options: extra `evaluate_student` arguments (query_mode, resize_to, one_query_at_a_time).
+    """
     from ..student.train import init_distributed
 
     progress_id = None
@@ -164,14 +170,12 @@ def train_student(
     report: dict = {"train": {k: v for k, v in result.to_dict().items() if k != "history"},
                     "config": config.to_dict()}
     if evaluate_on and result.export_path:
-        clips = benchmark_videos(evaluate_on, eval_videos)
+        clips = eval_clips if eval_clips is not None else benchmark_videos(evaluate_on, eval_videos)
+        options = dict(variant=config.variant, device=config.device, clips=clips, **(eval_options or {}))
         report["evaluation"] = {}
-        if config.init_checkpoint:
-            report["evaluation"]["initial"] = evaluate_student(config.init_checkpoint, evaluate_on,
-                                                               variant=config.variant, device=config.device,
-                                                               clips=clips)
-        report["evaluation"]["trained"] = evaluate_student(result.export_path, evaluate_on, variant=config.variant,
-                                                           device=config.device, clips=clips)
+        if config.init_checkpoint:  # the same clips and protocol, so the two columns compare
+            report["evaluation"]["initial"] = evaluate_student(config.init_checkpoint, evaluate_on, **options)
+        report["evaluation"]["trained"] = evaluate_student(result.export_path, evaluate_on, **options)
     path = Path(config.output) / REPORT_NAME
     path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     report["report_path"] = str(path)

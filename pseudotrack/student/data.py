@@ -235,7 +235,8 @@ def prepare_clip(
     """One decoded shard sample -> one training clip of `num_frames` frames; None when nothing is trackable.
 
     sample: `tasks.shards.decode_sample` output; frames: uint8 [T0, H0, W0, 3]
-    returns video uint8 [T, 3, H, W], queries f32 [N, 3], tracks f32 [T, N, 2], visible bool [T, N],
+    returns video uint8 [T, H, W, 3] (channels move on the device, not here), queries f32 [N, 3],
+            tracks f32 [T, N, 2], visible bool [T, N],
             valid bool [N], occluded_supervised bool, teacher, key
     """
     teachers = sorted(sample["labels"])
@@ -262,7 +263,7 @@ def prepare_clip(
     # an unknown teacher is treated as one that cannot track through occlusion: no loss beats a wrong one
     occluded_ok = bool(sample.get("meta", {}).get("tracks_occluded", {}).get(teacher, False))
     return {
-        "video": torch.from_numpy(np.ascontiguousarray(video.transpose(0, 3, 1, 2))),
+        "video": torch.from_numpy(np.ascontiguousarray(video)),
         "queries": torch.from_numpy(clip_queries),
         "tracks": torch.from_numpy(np.ascontiguousarray(clip_tracks)),
         "visible": torch.from_numpy(np.ascontiguousarray(visible[indices][:, chosen])),
@@ -276,7 +277,7 @@ def prepare_clip(
 def collate(clips: list[dict]) -> dict:
     """Stack clips of equal T and N into a batch.
 
-    returns video uint8 [B, T, 3, H, W], queries [B, N, 3], tracks [B, T, N, 2], visible [B, T, N],
+    returns video uint8 [B, T, H, W, 3], queries [B, N, 3], tracks [B, T, N, 2], visible [B, T, N],
             valid [B, N], occluded_supervised bool [B], teachers list, keys list
     """
     return {

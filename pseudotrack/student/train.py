@@ -263,9 +263,12 @@ def load_training_checkpoint(path: Path) -> dict:
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
-    """uint8 clips become float 0..255 on the device (the model normalises them itself)."""
+    """uint8 [B, T, H, W, 3] clips become float [B, T, 3, H, W] 0..255 on the device (the model normalises).
+
+    The channel move happens on the device: on the loader's CPU it was a third of a clip's preparation.
+    """
     out = dict(batch)
-    out["video"] = batch["video"].to(device, non_blocking=True).float()
+    out["video"] = batch["video"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().contiguous()
     for name in ("queries", "tracks", "visible", "valid", "occluded_supervised"):
         out[name] = batch[name].to(device, non_blocking=True)
     return out
@@ -273,7 +276,7 @@ def move_batch(batch: dict, device: torch.device) -> dict:
 
 def compute_loss(model: torch.nn.Module, batch: dict, config: TrainConfig) -> torch.Tensor:
     """Unscaled track loss of one micro-batch (shapes in `data.collate`)."""
-    windows = model(batch["video"], batch["queries"], iters=config.iters)
+    windows = model(batch["video"], batch["queries"], iters=config.iters)  # video [B, T, 3, H, W] float
     num_frames = batch["video"].shape[1]
     if config.variant == "online":
         supervised = online_supervision_mask(batch["queries"][..., 0], num_frames, batch["valid"])
@@ -487,3 +490,26 @@ def _check_resumable(ckpt: dict, config: TrainConfig, ddp: Dist, total_steps: in
     if problems:
         raise ConfigError("cannot resume from the checkpoint in this output folder: " + "; ".join(problems)
                           + " (use another output folder, or resume=False to start over)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`torchrun --nproc-per-node N -m pseudotrack.student.train CONFIG.json`: one rank of a DDP run.
+
+    The config file is a `TrainConfig` as JSON (`train_student` writes one beside
+    its report); every rank reads the same file.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pseudotrack.student.train", description=main.__doc__)
+    parser.add_argument("config", help="TrainConfig JSON file")
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    result = run_training(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

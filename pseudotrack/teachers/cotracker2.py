@@ -8,6 +8,11 @@ correlate, update one window, slide the windows) instead of one long forward;
 numerics follow the authors' release operation by operation, which is what
 the parity cases in `shared/reference/cotracker2` check.
 
+The building blocks shared with CoTracker3 (feature encoder, update
+transformer, sampling, embeddings) come from `blocks`; what stays here is
+CoTracker2's own: explicit (unfused) attention, the flow head sizing, its
+correlation of track features with every pixel, and the window schedule.
+
 Two behaviours of the original are kept on purpose because the parity cases
 depend on them:
   * the cross-attention mask is applied to the query side whenever the number
@@ -35,6 +40,18 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, SampleError
 from .base import TeacherOutput, TeacherSpec, register_teacher, sha256_file
+from .blocks import (
+    Attention,
+    FeatureEncoder,
+    UpdateTransformer,
+    fourier_2d,
+    mask_bias,
+    sample_patches,
+    sample_points,
+    sample_video,
+    sincos_1d,
+    sincos_2d,
+)
 from .checkpoints import load_into
 
 # Official file name -> sliding-window length the file was trained with.
@@ -91,260 +108,64 @@ class CoTracker2Config:
             raise ConfigError("invalid CoTracker2Config: " + "; ".join(problems))
 
 
-# ---------------------------------------------------------------- sampling and embeddings
+# ---------------------------------------------------------------- CoTracker2's attention
 
 
-def bilinear_sample(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """`grid_sample` with pixel coordinates (align_corners=True, border padding).
+class ExplicitAttention(Attention):
+    """`blocks.Attention` with the product written out, as CoTracker2 computes it.
 
-    values [B, C, H, W] with coords [B, ..., 2] as (x, y), or values [B, C, T, H, W]
-    with coords [B, ..., 3] as (t, x, y). The scaling is done as the original
-    does it (multiply, then subtract 1) to keep its float rounding.
-    """
-    sizes = values.shape[2:]
-    if len(sizes) == 3:
-        coords = coords[..., [1, 2, 0]]
-    scale = torch.tensor([2 / max(s - 1, 1) for s in reversed(sizes)], device=coords.device)
-    coords = coords.float() * scale - 1
-    # float32 on purpose: under bf16 autocast a coordinate of 100 would be off by up to 0.25
-    return F.grid_sample(values.float(), coords, align_corners=True, padding_mode="border")
-
-
-def sample_map(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """values [B, C, H, W], coords [B, R, 2] (x, y) -> [B, R, C]."""
-    out = bilinear_sample(values, coords.unsqueeze(2))  # B C R 1
-    return out.permute(0, 2, 1, 3).reshape(values.shape[0], -1, values.shape[1])
-
-
-def sample_video(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """values [B, T, C, H, W], coords [B, R1, R2, 3] (t, x, y) -> [B, R1, R2, C]."""
-    b, _, c = values.shape[:3]
-    out = bilinear_sample(values.permute(0, 2, 1, 3, 4), coords.unsqueeze(3))  # B C R1 R2 1
-    return out.permute(0, 2, 3, 1, 4).reshape(b, coords.shape[1], coords.shape[2], c)
-
-
-def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """[M] positions -> [1, M, dim]: sines in the first half, cosines in the second (float64 math)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
-    angles = pos.reshape(-1).to(torch.float64)[:, None] * omega[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)[None].float()
-
-
-def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
-    """[1, dim, height, width] map: first half of the channels encodes x, second half y."""
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
-    )
-    emb = torch.cat([sincos_1d(dim // 2, xs), sincos_1d(dim // 2, ys)], dim=2)  # 1 (H W) dim
-    return emb.reshape(1, height, width, dim).permute(0, 3, 1, 2)
-
-
-def flow_embedding(xy: torch.Tensor, dim: int) -> torch.Tensor:
-    """[M, S, 2] displacements -> [M, S, 2 + 2 * dim]: (dx, dy), then interleaved sin/cos of x, then of y."""
-    freqs = torch.arange(0, dim, 2, device=xy.device, dtype=torch.float32) * (1000.0 / dim)
-
-    def one(v: torch.Tensor) -> torch.Tensor:
-        angles = v * freqs
-        return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(-2)
-
-    return torch.cat([xy, one(xy[..., 0:1]), one(xy[..., 1:2])], dim=-1)
-
-
-# ---------------------------------------------------------------- feature encoder
-
-
-class ResidualBlock(nn.Module):
-    """Two 3x3 convs with instance norm; a strided 1x1 conv matches the shortcut when downsampling."""
-
-    def __init__(self, in_dim: int, out_dim: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_dim, out_dim, 3, stride=stride, padding=1)
-        self.conv2 = nn.Conv2d(out_dim, out_dim, 3, padding=1)
-        self.norm1 = nn.InstanceNorm2d(out_dim)
-        self.norm2 = nn.InstanceNorm2d(out_dim)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, stride=stride), nn.InstanceNorm2d(out_dim))
-            if stride != 1 or in_dim != out_dim
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.norm1(self.conv1(x)))
-        y = F.relu(self.norm2(self.conv2(y)))
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return F.relu(x + y)
-
-
-class FeatureEncoder(nn.Module):
-    """Per-frame CNN: four residual stages at strides 2..16, all resized to stride 4 and fused.
-
-    Instance norm keeps frames independent, which is what lets the model encode a
-    long clip a few frames at a time.
+    softmax(q k^T * scale + bias) v instead of the fused kernel, which rounds
+    differently. A boolean "may attend" mask becomes the original's
+    "(not allowed) * -float max" bias (not -inf, so a row whose keys are all
+    masked gets uniform weights instead of NaN), made in the dtype of the
+    block's input as the original makes it (float32 under autocast).
+    Same parameters and keys as `Attention`.
     """
 
-    def __init__(self, latent_dim: int = 128, stride: int = 4):
-        super().__init__()
-        self.stride = stride
-        half = latent_dim // 2
-        dims = (half, latent_dim // 4 * 3, latent_dim, latent_dim)
-        self.conv1 = nn.Conv2d(3, half, 7, stride=2, padding=3)
-        self.norm1 = nn.InstanceNorm2d(half)
-        self.layer1 = self._stage(half, dims[0], 1)
-        self.layer2 = self._stage(dims[0], dims[1], 2)
-        self.layer3 = self._stage(dims[1], dims[2], 2)
-        self.layer4 = self._stage(dims[2], dims[3], 2)
-        self.conv2 = nn.Conv2d(sum(dims), latent_dim * 2, 3, padding=1)
-        self.norm2 = nn.InstanceNorm2d(latent_dim * 2)
-        self.conv3 = nn.Conv2d(latent_dim * 2, latent_dim, 1)
-
-    @staticmethod
-    def _stage(in_dim: int, out_dim: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(ResidualBlock(in_dim, out_dim, stride), ResidualBlock(out_dim, out_dim, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, 3, H, W] in [-1, 1]  ->  [M, latent_dim, H // stride, W // stride]
-        size = (x.shape[2] // self.stride, x.shape[3] // self.stride)
-        x = F.relu(self.norm1(self.conv1(x)))
-        stages = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            stages.append(x)
-        resized = [F.interpolate(s, size, mode="bilinear", align_corners=True) for s in stages]
-        fused = torch.cat(resized, dim=1)
-        return self.conv3(F.relu(self.norm2(self.conv2(fused))))
-
-
-# ---------------------------------------------------------------- transformer blocks
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class Attention(nn.Module):
-    """Multi-head attention with an additive bias, computed explicitly.
-
-    The bias is the original's "(not allowed) * -float_max" rather than -inf, so a
-    row whose keys are all masked gets uniform weights instead of NaN; a fused
-    kernel would round differently, so the product is written out.
-    """
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.heads = num_heads
-        self.dim_head = dim // num_heads
-        self.scale = self.dim_head**-0.5
-        self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(dim, 2 * dim)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-        # x: [B, N1, D], context: [B, N2, D], bias: [B, heads, N1, N2] -> [B, N1, D]
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: [B, N1, D], context: [B, N2, D]; bias: bool (may attend) or float, broadcastable to
+        # [B, heads, N1, N2]  ->  [B, N1, D]
         context = x if context is None else context
-        b, n1, _ = x.shape
-        n2 = context.shape[1]
-        q = self.to_q(x).reshape(b, n1, self.heads, self.dim_head).transpose(1, 2)
-        k, v = self.to_kv(context).chunk(2, dim=-1)
-        k = k.reshape(b, n2, self.heads, self.dim_head).transpose(1, 2)
-        v = v.reshape(b, n2, self.heads, self.dim_head).transpose(1, 2)
-        sim = (q @ k.transpose(-2, -1)) * self.scale
+        q = self._split_heads(self.to_q(x))
+        k, v = (self._split_heads(kv) for kv in self.to_kv(context).chunk(2, dim=-1))
+        sim = (q @ k.transpose(-2, -1)) * self.dim_head**-0.5
         if bias is not None:
-            sim = sim + bias
+            sim = sim + (mask_bias(bias, x.dtype) if bias.dtype == torch.bool else bias)
         out = sim.softmax(dim=-1) @ v
-        return self.to_out(out.transpose(1, 2).reshape(b, n1, self.heads * self.dim_head))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, N, heads * dim_head] -> [B, heads, N, dim_head]
+        return x.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
 
 
-class AttnBlock(nn.Module):
-    """Pre-norm self-attention block (norms without affine parameters, as published)."""
+class UpdateFormer(UpdateTransformer):
+    """`blocks.UpdateTransformer` sized from a CoTracker2Config, with explicit attention everywhere.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class CrossAttnBlock(nn.Module):
-    """Pre-norm cross-attention block; the context has its own affine LayerNorm."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.norm_context = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: [B, N1, D], context: [B, N2, D], mask: [B, N] bool over the real tracks
-        heads = self.cross_attn.heads
-        if mask.shape[1] == x.shape[1]:  # the original tests sizes, not roles (see module docstring)
-            allowed = mask[:, None, :, None].expand(-1, heads, -1, context.shape[1])
-        else:
-            allowed = mask[:, None, None].expand(-1, heads, x.shape[1], -1)
-        bias = (~allowed) * -torch.finfo(x.dtype).max
-        x = x + self.cross_attn(self.norm1(x), context=self.norm_context(context), bias=bias)
-        return x + self.mlp(self.norm2(x))
-
-
-class UpdateFormer(nn.Module):
-    """Alternating attention over time (per track) and over tracks (per frame, through virtual tracks).
-
-    Tracks never attend to each other directly: virtual tracks gather from the
-    real ones, attend among themselves, and the real ones read back from them,
-    so cost grows linearly with the number of tracks.
+    The flow head predicts (dx, dy) and a track-feature update (latent_dim); there
+    is no visibility head in the transformer. `blocks.CrossAttnBlock` already
+    applies a mask of N == num_virtual_tracks entries to the query side (see the
+    module docstring); only the attention kernel differs, so each block's
+    attention is swapped for `ExplicitAttention` (same keys).
     """
 
     def __init__(self, cfg: CoTracker2Config):
-        super().__init__()
-        d = cfg.hidden_size
-        self.num_virtual = cfg.num_virtual_tracks
-        self.input_transform = nn.Linear(cfg.input_dim, d)
-        self.flow_head = nn.Linear(d, cfg.latent_dim + 2)
-        self.virual_tracks = nn.Parameter(torch.randn(1, cfg.num_virtual_tracks, 1, d))  # official spelling
-        self.time_blocks = nn.ModuleList(
-            AttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.time_depth)
+        super().__init__(
+            input_dim=cfg.input_dim,
+            hidden_size=cfg.hidden_size,
+            flow_dim=cfg.latent_dim + 2,
+            num_heads=cfg.num_heads,
+            time_depth=cfg.time_depth,
+            space_depth=cfg.space_depth,
+            mlp_ratio=cfg.mlp_ratio,
+            num_virtual_tracks=cfg.num_virtual_tracks,
         )
-        self.space_virtual_blocks = nn.ModuleList(
-            AttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.space_depth)
-        )
-        self.space_point2virtual_blocks = nn.ModuleList(
-            CrossAttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.space_depth)
-        )
-        self.space_virtual2point_blocks = nn.ModuleList(
-            CrossAttnBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.space_depth)
-        )
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: [B, N, S, input_dim], mask: [B * S, N] bool  ->  [B, N, S, latent_dim + 2]
-        tokens = self.input_transform(x)
-        b, n, s, d = tokens.shape
-        tokens = torch.cat([tokens, self.virual_tracks.repeat(b, 1, s, 1)], dim=1)
-        every = len(self.time_blocks) // max(1, len(self.space_virtual_blocks))
-        j = 0
-        for i, time_block in enumerate(self.time_blocks):
-            tokens = time_block(tokens.reshape(-1, s, d)).reshape(b, -1, s, d)
-            if len(self.space_virtual_blocks) and i % every == 0:
-                space = tokens.permute(0, 2, 1, 3).reshape(b * s, -1, d)  # B N S D -> (B S) N D
-                points, virtual = space[:, :n], space[:, n:]
-                virtual = self.space_virtual2point_blocks[j](virtual, points, mask)
-                virtual = self.space_virtual_blocks[j](virtual)
-                points = self.space_point2virtual_blocks[j](points, virtual, mask)
-                tokens = torch.cat([points, virtual], dim=1).reshape(b, s, -1, d).permute(0, 2, 1, 3)
-                j += 1
-        return self.flow_head(tokens[:, :n])
+        for block in (*self.time_blocks, *self.space_virtual_blocks):
+            block.attn = ExplicitAttention(cfg.hidden_size, cfg.num_heads)
+        for block in (*self.space_point2virtual_blocks, *self.space_virtual2point_blocks):
+            block.cross_attn = ExplicitAttention(cfg.hidden_size, cfg.num_heads)
 
 
 # ---------------------------------------------------------------- correlation
@@ -367,25 +188,23 @@ def local_correlations(
 
     track_feat [B, S, N, C], pyramid maps [B, S, C, h, w], coords [B, S, N, 2] in level-0
     feature pixels  ->  [B * N, S, levels * (2r+1)^2], levels outermost, then the x
-    offset, then the y offset (the published layout). The full correlation volume
-    is the largest tensor in the model, so it is built for `point_chunk` tracks at a time.
+    offset, then the y offset (the published layout, `blocks.patch_offsets` order).
+    The full correlation volume is the largest tensor in the model, so it is built
+    for `point_chunk` tracks at a time.
     """
     b, s, n, c = track_feat.shape
-    k = 2 * radius + 1
-    line = torch.linspace(-radius, radius, k, device=coords.device)
-    offsets = torch.stack(torch.meshgrid(line, line, indexing="ij"), dim=-1).view(1, k, k, 2)
     norm = torch.sqrt(torch.tensor(c, dtype=torch.float32)).to(coords.device)
     chunks = []
     for start in range(0, n, point_chunk):
         feat = track_feat[:, :, start : start + point_chunk]
         m = feat.shape[2]
-        centre = coords[:, :, start : start + point_chunk].reshape(b * s * m, 1, 1, 2)
+        centre = coords[:, :, start : start + point_chunk].reshape(b * s * m, 1, 2)
         per_level = []
         for level, fmap in enumerate(pyramid):
             h, w = fmap.shape[-2:]
             corr = torch.matmul(feat, fmap.reshape(b, s, c, h * w)) / norm  # B S m (h w)
-            sampled = bilinear_sample(corr.reshape(b * s * m, 1, h, w), centre / 2**level + offsets)
-            per_level.append(sampled.reshape(b, s, m, k * k))
+            sampled = sample_patches(corr.reshape(b * s * m, 1, h, w), centre / 2**level, radius)
+            per_level.append(sampled.reshape(b, s, m, -1))
         chunks.append(torch.cat(per_level, dim=-1))
     out = torch.cat(chunks, dim=2)  # B S N L
     return out.permute(0, 2, 1, 3).reshape(b * n, s, -1).float()
@@ -451,13 +270,13 @@ class CoTracker2(nn.Module):
         c = cfg.latent_dim
         mask_vis = torch.cat([track_mask.to(vis.dtype), vis], dim=-1).permute(0, 2, 1, 3).reshape(b * n, s, 2)
         pyramid = feature_pyramid(fmaps, cfg.corr_levels)
-        pos = sample_map(self.pos_emb.expand(b, -1, -1, -1), coords[:, 0]).reshape(b * n, 1, -1)
+        pos = sample_points(self.pos_emb.expand(b, -1, -1, -1), coords[:, 0]).reshape(b * n, 1, -1)
         space_mask = attention_mask.reshape(b * s, n)
         for _ in range(iters):
             corrs = local_correlations(track_feat, pyramid, coords, cfg.corr_radius, point_chunk)
             flows = (coords - coords[:, 0:1]).permute(0, 2, 1, 3).reshape(b * n, s, 2)
             feat = track_feat.permute(0, 2, 1, 3).reshape(b * n, s, c)
-            tokens = torch.cat([flow_embedding(flows, cfg.flow_embed_dim), corrs, feat, mask_vis], dim=2)
+            tokens = torch.cat([fourier_2d(flows, cfg.flow_embed_dim), corrs, feat, mask_vis], dim=2)
             tokens = tokens + pos + self.time_emb
             delta = self.updateformer(tokens.view(b, n, s, -1), space_mask)  # B N S (2 + C)
             coords = coords + delta[..., :2].permute(0, 2, 1, 3)
