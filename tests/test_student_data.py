@@ -21,7 +21,7 @@ from pseudotrack.student.data import (
     shard_refs,
 )
 
-T0, H0, W0, N0 = 12, 32, 64, 6  # decord cannot read clips 48 pixels wide
+T0, H0, W0, N0 = 12, 32, 64, 6
 
 
 def _label(seed: int, visible_every: int = 1) -> dict:
@@ -186,7 +186,7 @@ def test_shard_refs_count_only_committed_shards(workspace) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_resumes_exactly_where_it_stopped(workspace, workers: int) -> None:
     refs = shard_refs(str(workspace))
-    spec = ClipSpec(num_frames=8, num_tracks=5, height=H0, width=W0, min_frames=4, online=False)
+    spec = ClipSpec(num_frames=8, num_tracks=5, height=H0, width=W0, min_frames=4)  # an offline student's trim
     straight = _take(make_loader(refs, spec, 3, seed=5, num_workers=workers), 5)
     state = LoaderState()
     _take(make_loader(refs, spec, 3, seed=5, num_workers=workers), 3, state)  # "killed" after 3 batches

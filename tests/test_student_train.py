@@ -25,7 +25,7 @@ from pseudotrack.student.train import (
 H, W, T = 64, 96, 12  # the tiny CoTracker3's resolution; labelled clips of 12 frames
 
 
-def _write_exact_shards(workspace: str, scenes: list[int], per_shard: int = 3) -> None:
+def _write_exact_shards(workspace: str, scenes: list[int], per_shard: int = 3, batch: str = "exact") -> None:
     """Shards whose labels are a synthetic scene's exact tracks, under a teacher named 'exact'."""
     from pseudotrack.storage.objects import open_store
     from pseudotrack.synthetic import render_scene
@@ -34,7 +34,7 @@ def _write_exact_shards(workspace: str, scenes: list[int], per_shard: int = 3) -
     from pseudotrack.teachers.base import TeacherOutput
 
     store = open_store(workspace)
-    sink = ShardSink(store, "r1", "exact", max_samples=per_shard)
+    sink = ShardSink(store, "r1", batch, max_samples=per_shard)
     for seed in scenes:
         scene = render_scene(seed, num_frames=T, height=H, width=W, num_objects=2, num_points=24)
         queries = np.concatenate([np.zeros((24, 1)), scene.tracks[:, 0]], axis=1).astype(np.float32)
@@ -95,7 +95,7 @@ def test_config_refuses_what_cannot_run() -> None:
 
 def test_offline_clips_are_trimmed_between_half_and_full_length() -> None:
     spec = TrainConfig(workspace="w", output="o", variant="offline", num_frames=64).clip_spec(384, 512)
-    assert spec.trim_range() == (32, 64) and not spec.online
+    assert spec.trim_range() == (32, 64)
     assert TrainConfig(workspace="w", output="o").clip_spec(384, 512).trim_range() == (64, 64)
 
 
@@ -114,10 +114,15 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(workspac
     straight = run_training(_config(workspace, tmp_path / "straight"))  # 2 steps of 2 accumulated clips
     assert straight.steps == 2 and straight.resumed_from == 0
 
-    interrupted = _config(workspace, tmp_path / "resumed")
+    import shutil
+
+    copy = str(tmp_path / "ws")
+    shutil.copytree(workspace, copy)
+    interrupted = _config(copy, tmp_path / "resumed")
     first = run_training(interrupted, stop_at=1)
     assert first.steps == 1 and first.export_path == ""  # stopped: nothing exported yet
-    second = run_training(interrupted)
+    _write_exact_shards(copy, [40, 41], batch="late")  # a round commits more shards meanwhile
+    second = run_training(interrupted)  # trains on the shard list fixed at its first start
     assert second.resumed_from == 1 and second.steps == 2
 
     a = torch.load(straight.export_path, weights_only=True)
@@ -155,6 +160,36 @@ def test_resume_refuses_a_changed_configuration(workspace: str, tmp_path: Path) 
     run_training(_config(workspace, tmp_path / "run", steps=2, batch_size=1), stop_at=1)
     with pytest.raises(ConfigError, match="num_tracks"):
         run_training(_config(workspace, tmp_path / "run", steps=2, batch_size=1, num_tracks=6))
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_weights(workspace: str, tmp_path: Path) -> None:
+    """SIGKILL (no chance to save) after a periodic checkpoint; the restarted run ends where a straight one does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight = run_training(_config(workspace, tmp_path / "straight", steps=6, batch_size=1))
+    killed = _config(workspace, tmp_path / "killed", steps=6, batch_size=1, checkpoint_every=2)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(killed.to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "pseudotrack.student.train", str(path)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not checkpoint_paths(tmp_path / "killed") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = checkpoint_paths(tmp_path / "killed")
+    assert saved, proc.stderr.read().decode()[-2000:] if proc.stderr else "no checkpoint before the kill"
+    assert not (tmp_path / "killed" / "student.pth").exists()  # killed before the end
+    resumed = run_training(killed)
+    assert 2 <= resumed.resumed_from < 6 and resumed.steps == 6
+    a = torch.load(straight.export_path, weights_only=True)
+    b = torch.load(resumed.export_path, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------- export
@@ -244,7 +279,6 @@ def test_student_learns_from_lk_labels_of_generated_clips(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_two_rank_ddp_run_under_torchrun(workspace: str, tmp_path: Path) -> None:
     """`torchrun` with two CPU ranks (gloo): both ranks step together, rank 0 exports, each keeps its stream."""
-    import os
     import signal
     import subprocess
     import sys

@@ -82,10 +82,13 @@ def train_command(
         str | None, typer.Option(help="After training evaluate on 'synthetic' or a TAP-Vid pickle; 'none' skips.")
     ] = "synthetic",
     eval_videos: Annotated[int, typer.Option(help="Benchmark videos to evaluate on.")] = 8,
-    fresh: Annotated[bool, typer.Option(help="Ignore checkpoints in the output folder instead of resuming.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
 ) -> None:
-    """Fine-tune a CoTracker3 student on pseudo-label shards (resumes from the output folder's checkpoint)."""
+    """Fine-tune a CoTracker3 student on pseudo-label shards; run it again to resume from the last checkpoint.
+
+    Several GPUs: torchrun --nproc-per-node N -m pseudotrack.student.train OUTPUT/config.json
+    (config.json is written into the output folder by any run, and can be edited).
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     from ..errors import ConfigError
@@ -97,7 +100,7 @@ def train_command(
             workspace=workspace, output=str(output), rounds=round_id or None, init_checkpoint=init,
             variant=variant, model_size=model_size, steps=steps, batch_size=batch_size,
             micro_batch_size=micro_batch_size, num_frames=frames, num_tracks=tracks, lr=lr, iters=iters,
-            workers=workers, checkpoint_every=checkpoint_every, seed=seed, device=device, resume=not fresh,
+            workers=workers, checkpoint_every=checkpoint_every, seed=seed, device=device,
         )
     except ConfigError as exc:
         _fail(str(exc))

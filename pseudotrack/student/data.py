@@ -55,8 +55,6 @@ class ClipSpec:
     min_frames: shortest random trim (offline); equal to num_frames means no trim
     max_stride: largest extra frame stride drawn where the labelled clip has the frames
                 (the labeller already drew the recipe's 1..4; leave 1 to keep its clips)
-    online:     supervise only frames at or after each query (done by the trainer) and
-                prefer query frames near the start
     """
 
     num_frames: int = 64
@@ -65,7 +63,6 @@ class ClipSpec:
     width: int = 512
     max_stride: int = 1
     min_frames: int | None = None
-    online: bool = True
 
     def trim_range(self) -> tuple[int, int]:
         low = self.num_frames if self.min_frames is None else self.min_frames

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_NAME = "student.pth"
 METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+SHARDS_NAME = "shards.json"
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrainConfig:
     min_frames:       offline random trim lower bound; None: num_frames // 2 offline
     loss_scale:       the authors multiply the track loss by 0.05 before clipping at 10;
                       kept so that clipping acts as in their runs
+    resume:           continue from the newest checkpoint in `output` (off: refuse a used folder)
     """
 
     workspace: str
@@ -136,8 +139,7 @@ class TrainConfig:
             min_frames = max(2, self.num_frames // 2)
         if self.variant == "online":
             min_frames = self.num_frames  # the online student trains on clips of one length (§3.3)
-        return ClipSpec(self.num_frames, self.num_tracks, height, width, self.max_stride, min_frames,
-                        self.variant == "online")
+        return ClipSpec(self.num_frames, self.num_tracks, height, width, self.max_stride, min_frames)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -295,7 +297,7 @@ def run_training(
     stop_at: int | None = None,
     shards: list[ShardRef] | None = None,
 ) -> TrainResult:
-    """Train (or resume training) the student described by `config`.
+    """Train (or resume training) the student described by `config`; every rank of a DDP run calls it.
 
     stop_at: return after this many steps as if the job had been stopped there
     (a checkpoint is written first); the next call resumes from it.
@@ -307,18 +309,142 @@ def run_training(
         torch.cuda.set_device(device)
     output = Path(config.output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
-    shards = shards if shards is not None else shard_refs(config.workspace, config.rounds)
+    shards = shards if shards is not None else _shard_snapshot(config, output, ddp)
     if not shards:
         raise ConfigError(f"no committed shards in {config.workspace} (rounds {config.rounds or 'all'}): "
                           "run a labelling round first")
-    num_videos = sum(s.count for s in shards)
-    total_steps = config.steps or default_steps(num_videos, config.batch_size)
+    total_steps = config.steps or default_steps(sum(s.count for s in shards), config.batch_size)
+    accumulation = _accumulation(config, ddp)
+    if ddp.is_main:  # what `torchrun -m pseudotrack.student.train <output>/config.json` reads
+        save_text_atomic(output / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True))
+
+    run = _start(config, ddp, device, output, total_steps)
+    model: torch.nn.Module = run.student
+    if ddp.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            run.student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    height, width = run.student.resolution
+    loader = make_loader(shards, config.clip_spec(height, width), config.micro_batch_size, config.seed,
+                         rank=ddp.rank, num_workers=config.workers, state=run.loader_state,
+                         pin_memory=device.type == "cuda")
+    batches: Iterator[dict] = iter(loader)
+    metrics_file = output / METRICS_NAME
+    stop_requested = {"flag": False}
+    previous_handler = _install_sigterm(stop_requested)
+    history: list[dict] = []
+    last_ckpt = str(run.resumed_path or "")
+    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    end = total_steps if stop_at is None else min(stop_at, total_steps)
+    try:
+        model.train()
+        while run.step < end:
+            loss, grad_norm = _train_step(model, batches, run, config, accumulation, device)
+            run.step += 1
+            window_loss += loss
+            window_steps += 1
+            if run.step % config.log_every == 0 or run.step == end:
+                if ddp.world_size > 1:
+                    dist.all_reduce(window_loss, op=dist.ReduceOp.AVG)
+                seconds = time.perf_counter() - window_start
+                row = {"step": run.step, "total_steps": total_steps, "loss": float(window_loss) / window_steps,
+                       "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                       "clips_per_second": window_steps * config.batch_size / max(seconds, 1e-9),
+                       "time": time.time()}
+                history.append(row)
+                if ddp.is_main:
+                    with open(metrics_file, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    if on_log is not None:
+                        on_log(row)
+                window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+            stop_now = _any_rank(stop_requested["flag"], device, ddp)
+            if run.step % config.checkpoint_every == 0 or run.step == end or stop_now:
+                last_ckpt = _save_checkpoint(output, run, config, ddp, total_steps)
+            if stop_now:
+                log.warning("stopped by SIGTERM at step %d; run again to resume", run.step)
+                break
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    _check_frozen(run)
+    finished = run.step >= total_steps
+    export_path = output / EXPORT_NAME
+    if ddp.is_main and finished:
+        export_student(run.student, export_path, {"step": run.step, "train_config": config.to_dict()})
+    seconds = time.perf_counter() - started
+    clips = (run.step - run.resumed_from) * config.batch_size
+    return TrainResult(
+        steps=run.step,
+        final_loss=history[-1]["loss"] if history else float("nan"),
+        first_loss=history[0]["loss"] if history else float("nan"),
+        export_path=str(export_path) if finished else "",
+        checkpoint_path=last_ckpt,
+        metrics_path=str(metrics_file),
+        resumed_from=run.resumed_from,
+        seconds=seconds,
+        clips_per_second=clips / max(seconds, 1e-9),
+        history=history,
+    )
+
+
+def _shard_snapshot(config: TrainConfig, output: Path, ddp: Dist) -> list[ShardRef]:
+    """The shards this run trains on, fixed at its first start (`shards.json`).
+
+    Rounds keep committing shards while a student trains; a resumed run must
+    see the same list, or its sampling plan (and so its data position) changes.
+    """
+    path = output / SHARDS_NAME
+    rows = None
+    if ddp.is_main:
+        if config.resume and path.is_file():
+            rows = json.loads(path.read_text())
+        else:
+            rows = [{"url": r.url, "count": r.count} for r in shard_refs(config.workspace, config.rounds)]
+            if rows:
+                save_text_atomic(path, json.dumps(rows, indent=1))
+    if ddp.world_size > 1:  # every rank must sample from the same list, even if a shard lands meanwhile
+        box = [rows]
+        dist.broadcast_object_list(box, src=0)
+        rows = box[0]
+    return [ShardRef(r["url"], int(r["count"])) for r in rows or []]
+
+
+def save_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Run:
+    """What a checkpoint restores, plus the frozen head as it was at the start (checked at the end)."""
+
+    student: Student
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader_state: LoaderState
+    frozen_at_start: dict[str, torch.Tensor]
+    step: int = 0
+    resumed_from: int = 0
+    resumed_path: Path | None = None
+
+
+def _accumulation(config: TrainConfig, ddp: Dist) -> int:
     per_rank = config.batch_size // ddp.world_size
     if config.batch_size % ddp.world_size or per_rank % config.micro_batch_size:
         raise ConfigError(f"batch_size={config.batch_size} must split evenly over {ddp.world_size} ranks "
                           f"into micro-batches of {config.micro_batch_size}")
-    accumulation = per_rank // config.micro_batch_size
+    return per_rank // config.micro_batch_size
 
+
+def _start(config: TrainConfig, ddp: Dist, device: torch.device, output: Path, total_steps: int) -> _Run:
+    """The student, optimiser and schedule, fresh or restored from the newest checkpoint in `output`.
+
+    The frozen head is copied before any checkpoint is loaded, so the final
+    check compares it with the starting weights across every resume.
+    """
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     random.seed(config.seed)
@@ -328,99 +454,61 @@ def run_training(
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total_steps))
-
-    step, loader_state, resumed_from = 0, LoaderState(), 0
-    latest = checkpoint_paths(output) if config.resume else []
+    run = _Run(student, trainable, optimizer, scheduler, LoaderState(), frozen)
+    latest = checkpoint_paths(output)
+    if latest and not config.resume:
+        raise ConfigError(f"{output} holds checkpoints of an earlier run (newest {latest[0].name}) and resume is "
+                          "off: use another output folder, or resume")
     if latest:
         ckpt = load_training_checkpoint(latest[0])
         _check_resumable(ckpt, config, ddp, total_steps)
         student.net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        step = resumed_from = int(ckpt["step"])
-        loader_state = LoaderState.from_dict(ckpt["loader"][ddp.rank])
+        run.step = run.resumed_from = int(ckpt["step"])
+        run.loader_state = LoaderState.from_dict(ckpt["loader"][ddp.rank])
+        run.resumed_path = latest[0]
         set_rng_state(ckpt["rng"][ddp.rank])
         if ddp.is_main:
-            log.info("resumed from %s at step %d", latest[0], step)
+            log.info("resumed from %s at step %d", latest[0], run.step)
+    return run
 
-    model: torch.nn.Module = student
-    if ddp.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    height, width = student.resolution
-    loader = make_loader(shards, config.clip_spec(height, width), config.micro_batch_size, config.seed,
-                         rank=ddp.rank, num_workers=config.workers, state=loader_state,
-                         pin_memory=device.type == "cuda")
-    batches: Iterator[dict] = iter(loader)
+
+def _train_step(model: torch.nn.Module, batches: Iterator[dict], run: _Run, config: TrainConfig,
+                accumulation: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step over `accumulation` micro-batches; returns (mean unscaled loss, grad norm) on device.
+
+    DDP synchronises gradients on the last micro-batch only. The loss is scaled
+    (authors' 0.05) before backward so that clipping at `grad_clip` acts as in
+    their runs; the logged loss is unscaled.
+    """
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and device.type == "cuda"
                 else nullcontext())
-    metrics_file = output / METRICS_NAME
-    stop_requested = {"flag": False}
-    previous_handler = _install_sigterm(stop_requested)
-    history: list[dict] = []
-    first_loss = final_loss = float("nan")
-    last_ckpt = str(latest[0]) if latest else ""
-    window_start, window_clips = time.perf_counter(), 0
-    end = total_steps if stop_at is None else min(stop_at, total_steps)
-    try:
-        model.train()
-        while step < end:
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accumulation):
-                batch = next(batches)
-                loader_state.update(batch)
-                batch = move_batch(batch, device)
-                sync = ddp.world_size == 1 or micro == accumulation - 1
-                with (nullcontext() if sync else model.no_sync()), autocast:
-                    loss = compute_loss(model, batch, config)
-                (loss * config.loss_scale / accumulation).backward()
-                step_loss += loss.detach() / accumulation
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_clips += config.batch_size
-            if ddp.world_size > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            loss_value = float(step_loss)
-            if step == resumed_from + 1:
-                first_loss = loss_value
-            final_loss = loss_value
-            if step % config.log_every == 0 or step == end:
-                seconds = time.perf_counter() - window_start
-                row = {"step": step, "total_steps": total_steps, "loss": loss_value,
-                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                       "clips_per_second": window_clips / max(seconds, 1e-9), "time": time.time()}
-                window_start, window_clips = time.perf_counter(), 0
-                history.append(row)
-                if ddp.is_main:
-                    with open(metrics_file, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    if on_log is not None:
-                        on_log(row)
-            stop_now = _any_rank(stop_requested["flag"], device, ddp)
-            if step % config.checkpoint_every == 0 or step == end or stop_now:
-                last_ckpt = _save_checkpoint(output, student, optimizer, scheduler, step, loader_state, config,
-                                             ddp, total_steps)
-            if stop_now:
-                log.warning("stopped by SIGTERM at step %d; run again to resume", step)
-                break
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    changed = [n for n, p in student.frozen_parameters().items() if not torch.equal(p.detach().cpu(),
-                                                                                     frozen[n].cpu())]
+    step_loss = torch.zeros((), device=device)
+    for micro in range(accumulation):
+        batch = next(batches)
+        run.loader_state.update(batch)
+        batch = move_batch(batch, device)
+        last = micro == accumulation - 1
+        no_sync = model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last \
+            else nullcontext()
+        with no_sync:
+            with autocast:
+                loss = compute_loss(model, batch, config)
+            (loss * config.loss_scale / accumulation).backward()
+        step_loss += loss.detach() / accumulation
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, config.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
+def _check_frozen(run: _Run) -> None:
+    changed = [n for n, p in run.student.frozen_parameters().items()
+               if not torch.equal(p.detach().cpu(), run.frozen_at_start[n].cpu())]
     if changed:
         raise RuntimeError(f"frozen visibility/confidence parameters changed during training: {changed}")
-    export_path = output / EXPORT_NAME
-    if ddp.is_main and step >= total_steps:
-        export_student(student, export_path, {"step": step, "train_config": config.to_dict()})
-    seconds = time.perf_counter() - started
-    clips = (step - resumed_from) * config.batch_size
-    return TrainResult(step, final_loss, first_loss, str(export_path) if step >= total_steps else "", last_ckpt,
-                       str(metrics_file), resumed_from, seconds, clips / max(seconds, 1e-9), history)
 
 
 def _install_sigterm(flag: dict):
@@ -447,24 +535,24 @@ def _gather(obj, ddp: Dist) -> list:
     return out
 
 
-def _save_checkpoint(output: Path, student: Student, optimizer, scheduler, step: int, loader_state: LoaderState,
-                     config: TrainConfig, ddp: Dist, total_steps: int) -> str:
-    loaders = _gather(loader_state.to_dict(), ddp)
+def _save_checkpoint(output: Path, run: _Run, config: TrainConfig, ddp: Dist, total_steps: int) -> str:
+    """Every rank contributes its loader position and generators; rank 0 writes (a collective call)."""
+    loaders = _gather(run.loader_state.to_dict(), ddp)
     rngs = _gather(rng_state(), ddp)
-    path = output / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+    path = output / CHECKPOINT_DIR / f"step-{run.step:08d}.pt"
     if ddp.is_main:
         save_atomic({
-            "model": student.net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
+            "model": run.student.net.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "step": run.step,
             "total_steps": total_steps,
             "world_size": ddp.world_size,
             "workers": config.workers,
             "loader": loaders,
             "rng": rngs,
             "config": config.to_dict(),
-            "model_config": student.config_dict(),
+            "model_config": run.student.config_dict(),
         }, path)
         for old in checkpoint_paths(output)[config.keep_checkpoints:]:
             old.unlink(missing_ok=True)
@@ -489,7 +577,7 @@ def _check_resumable(ckpt: dict, config: TrainConfig, ddp: Dist, total_steps: in
             problems.append(f"{key} was {saved.get(key)!r}, now {getattr(config, key)!r}")
     if problems:
         raise ConfigError("cannot resume from the checkpoint in this output folder: " + "; ".join(problems)
-                          + " (use another output folder, or resume=False to start over)")
+                          + " (use another output folder to start over)")
 
 
 def main(argv: list[str] | None = None) -> None:
