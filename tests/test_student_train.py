@@ -121,8 +121,9 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(workspac
     interrupted = _config(copy, tmp_path / "resumed")
     first = run_training(interrupted, stop_at=1)
     assert first.steps == 1 and first.export_path == ""  # stopped: nothing exported yet
-    _write_exact_shards(copy, [40, 41], batch="late")  # a round commits more shards meanwhile
+    _write_exact_shards(copy, list(range(40, 49)), batch="late")  # a round commits more shards meanwhile
     second = run_training(interrupted)  # trains on the shard list fixed at its first start
+    assert len(json.loads((tmp_path / "resumed" / "shards.json").read_text())) == 2
     assert second.resumed_from == 1 and second.steps == 2
 
     a = torch.load(straight.export_path, weights_only=True)
