@@ -355,12 +355,15 @@ def test_support_points_are_tracked_and_dropped(tiny_teacher):
     assert out.tracks.shape[1] == 3 and seen[0] >= 3 + extra
 
 
-def test_online_support_adds_sift_points_on_a_textured_clip(tiny_teacher):
-    if tiny_teacher.offline:
-        pytest.skip("the offline teacher samples uniform points, not SIFT")
+def test_support_points_follow_each_variants_rule(tiny_teacher):
+    """Online: a 5x5 grid plus SIFT points from early keyframes; offline: uniform in space and time."""
     frames = _clip(12, 64, 96)
     points = tiny_teacher.support_points(frames)
     mh, mw = tiny_teacher.model.cfg.model_resolution
+    if tiny_teacher.offline:
+        assert len(points) == 100 and len(np.unique(points[:, 0])) > 3
+        assert (points[:, 1] >= 0).all() and (points[:, 1] <= mw - 1).all() and (points[:, 2] <= mh - 1).all()
+        return
     assert len(points) > 25 and (points[25:, 0] <= 3).all()  # keyframes from the first quarter
     assert (points[:, 1] >= 0).all() and (points[:, 1] <= mw - 1).all() and (points[:, 2] <= mh - 1).all()
 
