@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, SampleError
-from .base import TeacherOutput, TeacherSpec, register_teacher, sha256_file
+from .base import TeacherOutput, TeacherSpec, check_predict_inputs, register_teacher, sha256_file
 from .blocks import (
     Attention,
     FeatureEncoder,
@@ -453,7 +453,7 @@ class CoTracker2Teacher:
         """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y)  ->  labels in the same pixels."""
         if self.model is None:
             raise RuntimeError("CoTracker2Teacher.predict called before setup(device): call setup first")
-        t, h, w = _check_inputs(frames, queries)
+        t, h, w = check_predict_inputs(frames, queries)
         queries = np.asarray(queries, dtype=np.float32)
         n = len(queries)
         if n == 0:
@@ -505,29 +505,6 @@ class CoTracker2Teacher:
                 x = F.interpolate(x, size, mode="bilinear", align_corners=True)
             out.append(x)
         return torch.cat(out)[None]
-
-
-def _check_inputs(frames: np.ndarray, queries: np.ndarray) -> tuple[int, int, int]:
-    """Shapes and ranges of `predict`'s inputs, with errors that say what to pass instead."""
-    is_rgb = isinstance(frames, np.ndarray) and frames.ndim == 4 and frames.shape[3] == 3
-    if not is_rgb or frames.dtype != np.uint8:
-        raise ValueError(
-            f"frames must be a uint8 array [T, H, W, 3] of RGB frames, got "
-            f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}"
-        )
-    t, h, w = frames.shape[:3]
-    if t < 1 or h < 2 or w < 2:
-        raise ValueError(f"frames {frames.shape} must hold at least one frame of at least 2x2 pixels")
-    q = np.asarray(queries)
-    if q.ndim != 2 or q.shape[1] != 3:
-        raise ValueError(f"queries must be an array [N, 3] of (t, x, y) rows, got shape {q.shape}")
-    if len(q) and not np.isfinite(q).all():
-        raise ValueError("queries contain NaN or infinite values: pass finite (t, x, y) pixel coordinates")
-    if len(q):
-        frame = q[:, 0]
-        if np.abs(frame - np.rint(frame)).max() > 1e-3 or frame.min() < 0 or frame.max() > t - 1:
-            raise ValueError(f"query frames must be whole numbers in [0, {t - 1}] for a {t}-frame clip")
-    return t, h, w
 
 
 def _make_teacher(**options) -> CoTracker2Teacher:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, SampleError
-from .base import TeacherOutput, TeacherSpec, register_teacher, sha256_file
+from .base import TeacherOutput, TeacherSpec, check_predict_inputs, register_teacher, sha256_file
 from .checkpoints import load_into
 from .tapir_blocks import (
     CostVolumeHead,
@@ -448,7 +448,7 @@ class TapirTeacher:
         """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y)  ->  labels in the same pixels."""
         if self.model is None:
             raise RuntimeError(f"{self.name} teacher: predict called before setup(device): call setup first")
-        t = _check_inputs(frames, queries)
+        t = check_predict_inputs(frames, queries)[0]
         queries = np.asarray(queries, dtype=np.float32)
         n = len(queries)
         if n == 0:
@@ -504,29 +504,6 @@ class TapirTeacher:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
-
-
-def _check_inputs(frames: np.ndarray, queries: np.ndarray) -> int:
-    """Shapes and ranges of `predict`'s inputs, with errors that say what to pass instead; returns T."""
-    is_rgb = isinstance(frames, np.ndarray) and frames.ndim == 4 and frames.shape[3] == 3
-    if not is_rgb or frames.dtype != np.uint8:
-        raise ValueError(
-            f"frames must be a uint8 array [T, H, W, 3] of RGB frames, got "
-            f"{getattr(frames, 'dtype', type(frames))} {getattr(frames, 'shape', '')}"
-        )
-    t, h, w = frames.shape[:3]
-    if t < 1 or h < 2 or w < 2:
-        raise ValueError(f"frames {frames.shape} must hold at least one frame of at least 2x2 pixels")
-    q = np.asarray(queries)
-    if q.ndim != 2 or q.shape[1] != 3:
-        raise ValueError(f"queries must be an array [N, 3] of (t, x, y) rows, got shape {q.shape}")
-    if len(q) and not np.isfinite(q).all():
-        raise ValueError("queries contain NaN or infinite values: pass finite (t, x, y) pixel coordinates")
-    if len(q):
-        frame = q[:, 0]
-        if np.abs(frame - np.rint(frame)).max() > 1e-3 or frame.min() < 0 or frame.max() > t - 1:
-            raise ValueError(f"query frames must be whole numbers in [0, {t - 1}] for a {t}-frame clip")
-    return t
 
 
 def _make_tapir(**options) -> TapirTeacher:
