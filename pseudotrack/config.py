@@ -18,6 +18,14 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpe
 MISSING_CAPTION_POLICIES = ("keep", "drop", "fail")
 
 
+def dataclass_from_dict(cls, data: dict, what: str):
+    """Build a config dataclass from saved JSON, refusing keys it does not know (a typo must not pass silently)."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {what} configuration keys: {', '.join(unknown)}")
+    return cls(**data)
+
+
 @dataclass
 class RoundConfig:
     """A labelling round: where videos come from, where results go, and the recipe.
@@ -116,11 +124,7 @@ class RoundConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RoundConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown round configuration keys: {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "round")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> RoundConfig:

@@ -29,13 +29,14 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import dataclass_from_dict
 from ..errors import ConfigError
 from .data import ClipSpec, LoaderState, ShardRef, make_loader, shard_refs
 from .loss import offline_supervision_mask, online_supervision_mask, track_loss
@@ -148,11 +149,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training configuration keys: {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "training")
 
 
 @dataclass
