@@ -325,3 +325,20 @@ def test_sample_keys_are_webdataset_safe_and_distinct() -> None:
     assert all(layout.is_sample_key(k) and "." not in k and "/" not in k for k in keys)
     assert layout.sample_key("bear.mp4", "e1") == layout.sample_key("bear.mp4", "e1", 0)  # stable
     assert layout.sample_key("bear.mp4", "e1") != layout.sample_key("bear.mp4", "e2")  # changed video
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_create_exclusive_has_one_winner(backend, tmp_path, s3_uri):
+    """Claims rest on this: of many racing writers to one key exactly one wins, and the winner's bytes stay."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pseudotrack.storage.objects import open_store
+
+    store = open_store(str(tmp_path / "ws") if backend == "local" else s3_uri)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: store.create_exclusive("claims/a.json", f"writer {i}".encode()), range(16)))
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert store.read_bytes("claims/a.json") == f"writer {winner}".encode()
+    assert store.create_exclusive("claims/b.json", b"x") is True
+    assert [o.key for o in store.list("claims/")] == ["claims/a.json", "claims/b.json"]

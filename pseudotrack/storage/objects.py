@@ -96,6 +96,14 @@ class ObjectStore(ABC):
         """Write the whole object atomically; a readable binary file object is streamed."""
 
     @abstractmethod
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write `key` only if no object has that key; True if this call created it.
+
+        Two writers racing on one key: exactly one gets True. Claims, leases and locks are built on this
+        (local: an O_EXCL hard link of a complete temporary file; S3: PutObject with If-None-Match: *).
+        """
+
+    @abstractmethod
     def put_file(self, local_path: str | os.PathLike, key: str) -> ObjectInfo: ...
 
     @abstractmethod
@@ -246,6 +254,23 @@ class LocalStore(ObjectStore):
             tmp.unlink(missing_ok=True)
             raise
         return self._info(key, path.stat())
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_beside(path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            # link() fails if the name exists, and the name only ever points at a complete file.
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def put_file(self, local_path: str | os.PathLike, key: str) -> ObjectInfo:
         src = Path(local_path)
@@ -466,6 +491,16 @@ class S3Store(ObjectStore):
             assert info is not None, f"{self.uri(key)} vanished right after it was written"
             return info
         return ObjectInfo(key, size, response["ETag"].strip('"'), time.time())
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data), IfNoneMatch="*")
+            return True
+        except Exception as exc:
+            # 412: the key exists. 409: another conditional write to the key is in flight; it will win.
+            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
 
     def put_file(self, local_path: str | os.PathLike, key: str) -> ObjectInfo:
         from boto3.s3.transfer import TransferConfig
