@@ -33,26 +33,46 @@ def make_rows(videos: int, files: int, repeat: float, seed: int) -> list[list[di
     status = rng.choice(["labelled", "filtered", "failed"], size=videos, p=[0.8, 0.12, 0.08])
     for i in range(videos):
         key = f"bucket/folder{i % 97:02d}/video_{i:07d}.mp4"
-        base = {"video_key": key, "etag": f"{i:032x}", "size": int(rng.integers(1e5, 1e8)),
-                "round_id": f"round-{i % 3}", "batch_id": f"b{i // 500:06d}"}
+        base = {
+            "video_key": key,
+            "etag": f"{i:032x}",
+            "size": int(rng.integers(1e5, 1e8)),
+            "round_id": f"round-{i % 3}",
+            "batch_id": f"b{i // 500:06d}",
+        }
         when = t0 + timedelta(seconds=i)
         if rng.random() < repeat:
-            events.append(dict(base, status="failed", stage="teacher", reason="timeout",
-                               created_at=when - timedelta(hours=1)))
+            events.append(
+                dict(base, status="failed", stage="teacher", reason="timeout", created_at=when - timedelta(hours=1))
+            )
         s = status[i]
         if s == "labelled":
             chosen = [TEACHERS[int(rng.integers(4))]]
             shard = f"shards/r/b-{i // 64:06d}.tar"
-            events.append(dict(base, status="labelled", created_at=when, shard_id=shard,
-                               sample_key=f"{i:024x}_00", teachers=chosen, teacher_sha256=["f" * 64],
-                               num_frames=120, fps=30.0, width=1280, height=720, clip_frames=64, stride=2,
-                               num_queries=384, query_stats={"sift": 900}, duration_s=1.5))
+            events.append(
+                dict(
+                    base,
+                    status="labelled",
+                    created_at=when,
+                    shard_id=shard,
+                    sample_key=f"{i:024x}_00",
+                    teachers=chosen,
+                    teacher_sha256=["f" * 64],
+                    num_frames=120,
+                    fps=30.0,
+                    width=1280,
+                    height=720,
+                    clip_frames=64,
+                    stride=2,
+                    num_queries=384,
+                    query_stats={"sift": 900},
+                    duration_s=1.5,
+                )
+            )
         elif s == "filtered":
-            events.append(dict(base, status="filtered", created_at=when, filter_rule=RULES[i % 4],
-                               caption="a caption"))
+            events.append(dict(base, status="filtered", created_at=when, filter_rule=RULES[i % 4], caption="a caption"))
         else:
-            events.append(dict(base, status="failed", created_at=when, stage="queries",
-                               reason=REASONS[i % 4]))
+            events.append(dict(base, status="failed", created_at=when, stage="queries", reason=REASONS[i % 4]))
     order = rng.permutation(len(events))  # workers finish out of order
     shuffled = [events[j] for j in order]
     return [list(chunk) for chunk in np.array_split(np.array(shuffled, dtype=object), files)]
@@ -67,9 +87,7 @@ def timed(label: str, fn, results: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=100_000)
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--repeat", type=float, default=0.2, help="fraction of videos with an earlier event")

@@ -57,13 +57,17 @@ def main() -> None:
         out = teacher.predict(clip.frames, queries)
         times.append(time.perf_counter() - start)
     t_len = len(clip.frames)
-    print(f"clip: {path.name}, {t_len} frames at {args.height}x{args.width}, {len(queries)} queries "
-          f"on keyframes {stats['keyframes']}")
+    print(
+        f"clip: {path.name}, {t_len} frames at {args.height}x{args.width}, {len(queries)} queries "
+        f"on keyframes {stats['keyframes']}"
+    )
     print(f"decode   {t1 - t0:6.2f} s")
     print(f"queries  {t2 - t1:6.2f} s  ({(t2 - t1) / len(stats['keyframes']) * 1000:.0f} ms per keyframe)")
     print(f"encode   {t3 - t2:6.2f} s  ({len(stored) / 1e6:.2f} MB stored)")
-    print(f"lk       {min(times):6.2f} s per clip (best of {args.repeats}; all: "
-          f"{', '.join(f'{t:.2f}' for t in times)}), {min(times) / t_len * 1000:.1f} ms per frame")
+    print(
+        f"lk       {min(times):6.2f} s per clip (best of {args.repeats}; all: "
+        f"{', '.join(f'{t:.2f}' for t in times)}), {min(times) / t_len * 1000:.1f} ms per frame"
+    )
     print(f"lk visible: {out.visibility.mean():.1%} of points x frames")
 
 

@@ -61,9 +61,7 @@ def make_bucket(root: Path, videos: int, frames: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=12)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--height", type=int, default=384)
@@ -100,9 +98,7 @@ def main() -> None:
             if stage != "teacher":
                 print(f"  {stage:10s} {seconds / clips * 1000:8.1f} ms/clip")
         other = total - staged
-        print(
-            f"  {'plan+other':10s} {other / clips * 1000:8.1f} ms/clip (discover, caption filter, catalog reads)"
-        )
+        print(f"  {'plan+other':10s} {other / clips * 1000:8.1f} ms/clip (discover, caption filter, catalog reads)")
         no_teacher = total - summary.stage_seconds.get("teacher", 0.0)
         print(f"  {'total':10s} {no_teacher / clips * 1000:8.1f} ms/clip without the teacher")
 
@@ -133,9 +129,7 @@ def main() -> None:
             t0 = time.perf_counter()
             lk.predict(frames, queries)
             times.append(time.perf_counter() - t0)
-        print(
-            f"lk teacher: {np.median(times):.2f} s/clip ({len(frames)} frames, {len(queries)} queries, median of 3)"
-        )
+        print(f"lk teacher: {np.median(times):.2f} s/clip ({len(frames)} frames, {len(queries)} queries, median of 3)")
 
 
 if __name__ == "__main__":

@@ -44,14 +44,19 @@ def bench_step(size: str, variant: str, frames: int, tracks: int, iters: int, re
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=1e-5)
     video = (torch.rand(1, frames, 3, height, width, device=dev) * 255).float()
-    queries = torch.stack([torch.randint(0, max(1, frames // 4), (tracks,)).float(),
-                           torch.rand(tracks) * (width - 1), torch.rand(tracks) * (height - 1)], dim=-1)[None].to(dev)
+    queries = torch.stack(
+        [
+            torch.randint(0, max(1, frames // 4), (tracks,)).float(),
+            torch.rand(tracks) * (width - 1),
+            torch.rand(tracks) * (height - 1),
+        ],
+        dim=-1,
+    )[None].to(dev)
     target = queries[:, None, :, 1:].expand(1, frames, tracks, 2) + torch.randn(1, frames, tracks, 2, device=dev)
     visible = torch.rand(1, frames, tracks, device=dev) > 0.2
     valid = torch.ones(1, tracks, dtype=torch.bool, device=dev)
     occluded_ok = torch.ones(1, dtype=torch.bool, device=dev)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu",
-                                                                                                  enabled=False)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     rss_before = peak_rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -62,8 +67,11 @@ def bench_step(size: str, variant: str, frames: int, tracks: int, iters: int, re
         start = time.perf_counter()
         with amp:
             windows = student(video, queries, iters=iters)
-            supervised = online_supervision_mask(queries[..., 0], frames, valid) if variant == "online" else \
-                valid[:, None].expand(1, frames, tracks)
+            supervised = (
+                online_supervision_mask(queries[..., 0], frames, valid)
+                if variant == "online"
+                else valid[:, None].expand(1, frames, tracks)
+            )
             loss = track_loss(windows, target, visible, supervised, occluded_ok)
         (loss * 0.05).backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -73,11 +81,20 @@ def bench_step(size: str, variant: str, frames: int, tracks: int, iters: int, re
             torch.cuda.synchronize(dev)
         if i:  # the first step pays one-off allocation and kernel selection
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-            else max(0.0, peak_rss_mb() - rss_before))
-    return {"size": size, "variant": variant, "device": str(dev), "frames": frames, "resolution": f"{height}x{width}",
-            "tracks": tracks, "iters": iters, "step_s": float(np.median(times)),
-            "peak_mb": peak, "threads": torch.get_num_threads(), "bf16": dev.type == "cuda"}
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else max(0.0, peak_rss_mb() - rss_before)
+    return {
+        "size": size,
+        "variant": variant,
+        "device": str(dev),
+        "frames": frames,
+        "resolution": f"{height}x{width}",
+        "tracks": tracks,
+        "iters": iters,
+        "step_s": float(np.median(times)),
+        "peak_mb": peak,
+        "threads": torch.get_num_threads(),
+        "bf16": dev.type == "cuda",
+    }
 
 
 def write_shards(root: str, samples: int, frames: int, height: int, width: int, tracks: int) -> None:
@@ -92,17 +109,27 @@ def write_shards(root: str, samples: int, frames: int, height: int, width: int, 
     for seed in range(samples):
         scene = render_scene(seed, num_frames=frames, height=height, width=width, num_points=tracks)
         queries = np.concatenate([np.zeros((tracks, 1)), scene.tracks[:, 0]], axis=1).astype(np.float32)
-        label = TeacherOutput(scene.tracks.transpose(1, 0, 2), ~scene.occluded.T,
-                              np.ones((frames, tracks), np.float16))
-        meta = {"teachers": ["cotracker3_online", "tapir"],
-                "tracks_occluded": {"cotracker3_online": True, "tapir": False}}
-        sink.add(Sample(f"s{seed:05d}", encode_clip(scene.frames, 24.0), queries,
-                        {"cotracker3_online": label, "tapir": label}, meta), {})
+        label = TeacherOutput(scene.tracks.transpose(1, 0, 2), ~scene.occluded.T, np.ones((frames, tracks), np.float16))
+        meta = {
+            "teachers": ["cotracker3_online", "tapir"],
+            "tracks_occluded": {"cotracker3_online": True, "tapir": False},
+        }
+        sink.add(
+            Sample(
+                f"s{seed:05d}",
+                encode_clip(scene.frames, 24.0),
+                queries,
+                {"cotracker3_online": label, "tapir": label},
+                meta,
+            ),
+            {},
+        )
     sink.close()
 
 
-def bench_loader(root: str, frames: int, height: int, width: int, tracks: int, workers: int, batches: int,
-                 batch_size: int) -> dict:
+def bench_loader(
+    root: str, frames: int, height: int, width: int, tracks: int, workers: int, batches: int, batch_size: int
+) -> dict:
     refs = shard_refs(root)
     spec = ClipSpec(num_frames=frames, num_tracks=tracks, height=height, width=width)
     loader = iter(make_loader(refs, spec, batch_size, seed=0, num_workers=workers))
@@ -111,8 +138,13 @@ def bench_loader(root: str, frames: int, height: int, width: int, tracks: int, w
     for _ in range(batches):
         next(loader)
     seconds = time.perf_counter() - start
-    return {"workers": workers, "batch_size": batch_size, "clip": f"{frames}x{height}x{width}", "tracks": tracks,
-            "samples_per_s": batches * batch_size / seconds}
+    return {
+        "workers": workers,
+        "batch_size": batch_size,
+        "clip": f"{frames}x{height}x{width}",
+        "tracks": tracks,
+        "samples_per_s": batches * batch_size / seconds,
+    }
 
 
 def main() -> None:
@@ -140,20 +172,33 @@ def main() -> None:
 
     if not args.skip_step:
         r = bench_step(args.size, args.variant, args.frames, args.tracks, args.iters, args.repeats, args.device)
-        print(f"step  {r['size']} {r['variant']} on {r['device']} ({r['threads']} threads, bf16={r['bf16']}): "
-              f"{r['frames']} frames {r['resolution']}, {r['tracks']} tracks, {r['iters']} iters -> "
-              f"{r['step_s']:.3f} s/step, peak {r['peak_mb']:.0f} MB")
+        print(
+            f"step  {r['size']} {r['variant']} on {r['device']} ({r['threads']} threads, bf16={r['bf16']}): "
+            f"{r['frames']} frames {r['resolution']}, {r['tracks']} tracks, {r['iters']} iters -> "
+            f"{r['step_s']:.3f} s/step, peak {r['peak_mb']:.0f} MB"
+        )
     if not args.skip_loader:
         with tempfile.TemporaryDirectory(prefix="bench-student-") as root:
             t0 = time.perf_counter()
-            write_shards(root, args.loader_samples, args.loader_frames, args.loader_height, args.loader_width,
-                         args.loader_tracks)
+            write_shards(
+                root, args.loader_samples, args.loader_frames, args.loader_height, args.loader_width, args.loader_tracks
+            )
             print(f"wrote {args.loader_samples} samples in {time.perf_counter() - t0:.1f} s")
             for workers in args.workers:
-                r = bench_loader(root, args.loader_frames, args.loader_height, args.loader_width,
-                                 args.loader_tracks, workers, args.loader_batches, 1)
-                print(f"loader {r['workers']} workers, clips {r['clip']}, {r['tracks']} tracks: "
-                      f"{r['samples_per_s']:.1f} samples/s")
+                r = bench_loader(
+                    root,
+                    args.loader_frames,
+                    args.loader_height,
+                    args.loader_width,
+                    args.loader_tracks,
+                    workers,
+                    args.loader_batches,
+                    1,
+                )
+                print(
+                    f"loader {r['workers']} workers, clips {r['clip']}, {r['tracks']} tracks: "
+                    f"{r['samples_per_s']:.1f} samples/s"
+                )
 
 
 if __name__ == "__main__":

@@ -70,10 +70,7 @@ def build_teacher(name: str, folder: Path, device: str, dtype: str, iters: int |
     spec = teacher_spec(name)
     checkpoint = stand_in_checkpoint(name, folder) if spec.needs_checkpoint else None
     if spec.needs_checkpoint and checkpoint is None:
-        print(
-            f"# {name}: skipped, no {shared_dir() / 'reference' / name / 'manifest.json'} "
-            "for stand-in weights"
-        )
+        print(f"# {name}: skipped, no {shared_dir() / 'reference' / name / 'manifest.json'} for stand-in weights")
         return None
     teacher = create_teacher(name, checkpoint)
     if hasattr(teacher, "amp"):
@@ -95,9 +92,7 @@ def load_clip(frames: int, height: int, width: int) -> np.ndarray:
         ok, bgr = capture.read()
         if not ok:
             break
-        images.append(
-            cv2.cvtColor(cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
-        )
+        images.append(cv2.cvtColor(cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
     if not images:
         base = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
         images = [np.roll(base, 2 * i, axis=1) for i in range(frames)]
@@ -140,9 +135,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(
-    teacher: Teacher, clip: np.ndarray, queries: np.ndarray, device: str, dtype: str, repeat: int
-) -> dict:
+def measure(teacher: Teacher, clip: np.ndarray, queries: np.ndarray, device: str, dtype: str, repeat: int) -> dict:
     """Best wall time over `repeat` runs and the peak memory of one run (MiB)."""
     cpu_bf16 = device == "cpu" and dtype == "bfloat16"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else nullcontext()
@@ -190,13 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: bfloat16 on CUDA, float32 on CPU",
     )
-    parser.add_argument(
-        "--iters", type=int, default=None, help="refinement steps (default: the teacher's own)"
-    )
+    parser.add_argument("--iters", type=int, default=None, help="refinement steps (default: the teacher's own)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per setting (best is reported)")
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on CPU)"
-    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sweep", action="store_true", help="also sweep the offline CoTracker3 over N x T")
     parser.add_argument("--sweep-n", type=int, nargs="+", default=[64, 256, 1024, 4096])
@@ -212,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     warmup = args.warmup if args.warmup is not None else int(args.device.startswith("cuda"))
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    print(
-        f"# device {device_name}, dtype {args.dtype}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}"
-    )
+    print(f"# device {device_name}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     with tempfile.TemporaryDirectory(prefix="bench_teachers_") as tmp:
         folder = Path(tmp)
@@ -236,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             teacher = build_teacher("cotracker3_offline", folder, args.device, args.dtype, args.iters)
             assert teacher is not None
-            print(
-                f"\n# sweep: cotracker3_offline, {args.height}x{args.width}, "
-                "N queries (+100 support) x T frames"
-            )
+            print(f"\n# sweep: cotracker3_offline, {args.height}x{args.width}, N queries (+100 support) x T frames")
             print(f"{'N':>6}{'T':>6}{'s/clip':>9}{'peak MiB':>10}{'growth MiB':>12}")
             long_clip = load_clip(max(args.sweep_t), args.height, args.width)
             for t in args.sweep_t:

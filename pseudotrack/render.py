@@ -75,9 +75,7 @@ def find_sample(workspace_uri: str, video_key: str | None = None, sample_key: st
     for sample in read_shard(url):
         if sample["key"] == row["sample_key"]:
             return sample
-    raise ConfigError(
-        f"sample {row['sample_key']} is missing from shard {url}: the shard may have been replaced"
-    )
+    raise ConfigError(f"sample {row['sample_key']} is missing from shard {url}: the shard may have been replaced")
 
 
 def shard_url(store, key: str) -> str:

@@ -204,8 +204,7 @@ def _draw_object(canvas: np.ndarray, labels: np.ndarray, layer: Layer, t: int, k
     dx, dy = xs - np.float32(m[0, 2]), ys - np.float32(m[1, 2])
     u = np.stack([a_inv[0, 0] * dx + a_inv[0, 1] * dy, a_inv[1, 0] * dx + a_inv[1, 1] * dy], axis=-1)
     cx, cy = layer.texture_centre.astype(np.float32)
-    colour = cv2.remap(layer.texture, u[..., 0] + cx, u[..., 1] + cy, cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_REFLECT)
+    colour = cv2.remap(layer.texture, u[..., 0] + cx, u[..., 1] + cy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     inside = layer.contains(u)
     canvas[box][inside] = colour[inside]
     labels[box][inside] = k
@@ -218,17 +217,20 @@ def _render(layers: tuple[Layer, ...], h: int, w: int) -> tuple[np.ndarray, np.n
     layer_map = np.zeros((t_len, h, w), np.uint8)
     background = layers[BACKGROUND]
     for t in range(t_len):
-        canvas = cv2.warpAffine(background.texture, _texture_to_frame(background, t), (w, h),
-                                flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        canvas = cv2.warpAffine(
+            background.texture,
+            _texture_to_frame(background, t),
+            (w, h),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REFLECT,
+        )
         for k in range(1, len(layers)):
             _draw_object(canvas, layer_map[t], layers[k], t, k)
         frames[t] = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return frames, layer_map
 
 
-def _sample_queries(
-    rng: np.random.Generator, layer_map: np.ndarray, num_points: int
-) -> np.ndarray:
+def _sample_queries(rng: np.random.Generator, layer_map: np.ndarray, num_points: int) -> np.ndarray:
     """[N, 3] (t, x, y): half anywhere in the frame, half on visible object pixels; half on frame 0.
 
     Starting points on frame 0 suit 'first' queries; the rest start wherever

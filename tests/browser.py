@@ -19,9 +19,17 @@ from pathlib import Path
 
 CHROMIUM = os.environ.get("PSEUDOTRACK_CHROMIUM", "/usr/bin/chromium")
 FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
 )
 
 
@@ -37,8 +45,9 @@ def _install() -> None:
     """On a fresh Debian machine where the tests run as root, the README's test command sets chromium up itself."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True, timeout=600)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env, capture_output=True,
-                   timeout=900)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env, capture_output=True, timeout=900
+    )
 
 
 def _usable() -> bool:
@@ -77,13 +86,13 @@ def dump_dom(url: str, timeout: float = 60.0, budget_ms: int = 3000) -> str:
     return done.stdout.decode("utf-8", errors="replace")
 
 
-def screenshot(url: str, png: str | Path, width: int = 1280, height: int = 2000, timeout: float = 60.0,
-               budget_ms: int = 3000) -> Path:
+def screenshot(
+    url: str, png: str | Path, width: int = 1280, height: int = 2000, timeout: float = 60.0, budget_ms: int = 3000
+) -> Path:
     """Write a PNG of the page at width x height; returns its path."""
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    _run([f"--virtual-time-budget={budget_ms}", f"--screenshot={png}", f"--window-size={width},{height}", url],
-         timeout)
+    _run([f"--virtual-time-budget={budget_ms}", f"--screenshot={png}", f"--window-size={width},{height}", url], timeout)
     if not png.is_file() or png.stat().st_size == 0:
         raise RuntimeError(f"chromium wrote no screenshot to {png}")
     return png

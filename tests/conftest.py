@@ -174,15 +174,20 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_healthy(url, proc, log, timeout=180)
         # Prefect reads its settings once at import; a settings context is what the client consults (also
         # made the global one, for threads started earlier); the variable is for subprocesses (CLI, workers).
-        with pytest.MonkeyPatch.context() as mp, temporary_settings(
-            {PREFECT_API_URL: url, PREFECT_SERVER_ANALYTICS_ENABLED: False}
-        ), _temporary_global_settings_context(get_settings_context()):
+        with (
+            pytest.MonkeyPatch.context() as mp,
+            temporary_settings({PREFECT_API_URL: url, PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+            _temporary_global_settings_context(get_settings_context()),
+        ):
             mp.setenv("PREFECT_API_URL", url)
             mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             try:

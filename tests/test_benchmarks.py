@@ -53,8 +53,12 @@ def kinetics_entry(seed: int) -> dict:
     frames = smooth_frames(4, 48, 64)
     quality = [cv2.IMWRITE_JPEG_QUALITY, 95]
     jpegs = [cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), quality)[1].tobytes() for f in frames]
-    return {"video": np.array(jpegs), "points": e["points"].astype(np.float64), "occluded": e["occluded"],
-            "_frames": frames}
+    return {
+        "video": np.array(jpegs),
+        "points": e["points"].astype(np.float64),
+        "occluded": e["occluded"],
+        "_frames": frames,
+    }
 
 
 def check(video: BenchmarkVideo, source: dict, name: str) -> None:
@@ -159,8 +163,10 @@ def test_wrong_files_fail_with_a_reason(tmp_path: Path) -> None:
     short["occluded"] = short["occluded"][:, :3]
     with pytest.raises(BenchmarkFormatError, match="cover 3 frames"):
         list(read_tapvid(dump({"clip": short}, tmp_path / "short.pkl")))
-    bad_jpeg = dump([{"video": np.array([b"\xff\xd8 broken"]), "points": np.zeros((1, 1, 2)),
-                      "occluded": np.zeros((1, 1), bool)}], tmp_path / "0000_of_0001.pkl")
+    bad_jpeg = dump(
+        [{"video": np.array([b"\xff\xd8 broken"]), "points": np.zeros((1, 1, 2)), "occluded": np.zeros((1, 1), bool)}],
+        tmp_path / "0000_of_0001.pkl",
+    )
     with pytest.raises(BenchmarkFormatError, match="frame 0 is not a decodable image"):
         list(read_tapvid_kinetics(bad_jpeg.parent))
     empty = tmp_path / "empty"

@@ -44,9 +44,7 @@ def test_default_rules(rules: CaptionRules, caption: str, keep: bool, rule: str)
 
 
 def test_real_clip_captions(rules: CaptionRules, shared_dir) -> None:
-    records = [
-        json.loads(line) for line in (shared_dir / "videos" / "captions.jsonl").read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in (shared_dir / "videos" / "captions.jsonl").read_text().splitlines()]
     verdicts = {r["file"]: rules.judge(r["caption"] + " " + r["keywords"]) for r in records}
     assert verdicts["bear.mp4"].keep and verdicts["cat.mp4"].keep
     assert not verdicts["apple.mp4"].keep and verdicts["apple.mp4"].rule == "no-keep-match"

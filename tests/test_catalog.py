@@ -19,27 +19,46 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def labelled(key: str, etag: str = "e1", round_id: str = "r1", teachers=("lk",), at: int | None = None, **kw):
-    row = {"video_key": key, "etag": etag, "size": 100, "status": "labelled", "round_id": round_id,
-           "shard_id": f"shards/{round_id}/b-000000.tar", "sample_key": f"s_{key}",
-           "teachers": list(teachers),
-           "teacher_sha256": ["0" * 64] * len(teachers), "num_frames": 50, "fps": 30.0, "width": 512,
-           "height": 384, "clip_frames": 24, "stride": 2, "num_queries": 384, **kw}
+    row = {
+        "video_key": key,
+        "etag": etag,
+        "size": 100,
+        "status": "labelled",
+        "round_id": round_id,
+        "shard_id": f"shards/{round_id}/b-000000.tar",
+        "sample_key": f"s_{key}",
+        "teachers": list(teachers),
+        "teacher_sha256": ["0" * 64] * len(teachers),
+        "num_frames": 50,
+        "fps": 30.0,
+        "width": 512,
+        "height": 384,
+        "clip_frames": 24,
+        "stride": 2,
+        "num_queries": 384,
+        **kw,
+    }
     if at is not None:
         row["created_at"] = T0 + timedelta(seconds=at)
     return row
 
 
 def failed(key: str, reason: str, stage: str = "decode", etag: str = "e1", round_id: str = "r1", at=None):
-    row = {"video_key": key, "etag": etag, "status": "failed", "stage": stage, "reason": reason,
-           "round_id": round_id}
+    row = {"video_key": key, "etag": etag, "status": "failed", "stage": stage, "reason": reason, "round_id": round_id}
     if at is not None:
         row["created_at"] = T0 + timedelta(seconds=at)
     return row
 
 
 def filtered(key: str, rule: str, round_id: str = "r1", at=None):
-    row = {"video_key": key, "etag": "e1", "status": "filtered", "filter_rule": rule, "round_id": round_id,
-           "caption": "a drawing of a cat"}
+    row = {
+        "video_key": key,
+        "etag": "e1",
+        "status": "filtered",
+        "filter_rule": rule,
+        "round_id": round_id,
+        "caption": "a drawing of a cat",
+    }
     if at is not None:
         row["created_at"] = T0 + timedelta(seconds=at)
     return row
@@ -121,8 +140,13 @@ def test_latest_picks_the_last_event(store: ObjectStore) -> None:
 
 def test_done_returns_the_new_etag_after_relabel(store: ObjectStore) -> None:
     catalog = Catalog(store)
-    catalog.append([labelled("a.mp4", etag="e1", at=0), failed("b.mp4", "no frames", at=0),
-                    dict(video_key="c.mp4", etag="e1", status="planned", round_id="r1", created_at=T0)])
+    catalog.append(
+        [
+            labelled("a.mp4", etag="e1", at=0),
+            failed("b.mp4", "no frames", at=0),
+            dict(video_key="c.mp4", etag="e1", status="planned", round_id="r1", created_at=T0),
+        ]
+    )
     assert catalog.done() == {"a.mp4": "e1", "b.mp4": "e1"}  # planned is not terminal
     assert catalog.done(statuses=("labelled", "filtered")) == {"a.mp4": "e1"}  # retry failures
     catalog.append([labelled("a.mp4", etag="e2", round_id="r2", at=10)])
@@ -156,8 +180,18 @@ def test_bad_rows_are_refused_before_anything_is_written(tmp_path, row: dict, me
 def test_values_are_normalised(tmp_path) -> None:
     catalog = Catalog(str(tmp_path / "ws"))
     stats = {"sift_points": np.int64(812), "spread": np.float32(0.5), "per_keyframe": np.arange(3)}
-    catalog.append([labelled("a.mp4", num_frames=np.int64(50), fps=np.float64(29.97), query_stats=stats,
-                             created_at="2026-01-01T00:00:05+00:00", duration_s=1.25)])
+    catalog.append(
+        [
+            labelled(
+                "a.mp4",
+                num_frames=np.int64(50),
+                fps=np.float64(29.97),
+                query_stats=stats,
+                created_at="2026-01-01T00:00:05+00:00",
+                duration_s=1.25,
+            )
+        ]
+    )
     row = catalog.latest().to_pylist()[0]
     assert row["num_frames"] == 50 and row["fps"] == pytest.approx(29.97)
     assert row["query_stats"] == '{"per_keyframe": [0, 1, 2], "sift_points": 812, "spread": 0.5}'
@@ -255,19 +289,23 @@ def test_crash_between_snapshot_and_delete_doubles_nothing(store: ObjectStore) -
 
 def test_summary_counts(store: ObjectStore) -> None:
     catalog = Catalog(store)
-    catalog.append([
-        labelled("a.mp4", teachers=("cotracker3_online", "tapir"), at=0),
-        labelled("b.mp4", teachers=("tapir",), at=0),
-        failed("c.mp4", "too few features", stage="queries", at=0),
-        failed("d.mp4", "cannot decode", at=0),
-        filtered("e.mp4", "animation", at=0),
-        filtered("f.mp4", "animation", at=0),
-    ])
-    catalog.append([
-        failed("d.mp4", "cannot decode", round_id="r2", at=10),
-        labelled("c.mp4", round_id="r2", shard_id="shards/r2/b-000000.tar", at=10),
-        filtered("g.mp4", "time-lapse", round_id="r2", at=10),
-    ])
+    catalog.append(
+        [
+            labelled("a.mp4", teachers=("cotracker3_online", "tapir"), at=0),
+            labelled("b.mp4", teachers=("tapir",), at=0),
+            failed("c.mp4", "too few features", stage="queries", at=0),
+            failed("d.mp4", "cannot decode", at=0),
+            filtered("e.mp4", "animation", at=0),
+            filtered("f.mp4", "animation", at=0),
+        ]
+    )
+    catalog.append(
+        [
+            failed("d.mp4", "cannot decode", round_id="r2", at=10),
+            labelled("c.mp4", round_id="r2", shard_id="shards/r2/b-000000.tar", at=10),
+            filtered("g.mp4", "time-lapse", round_id="r2", at=10),
+        ]
+    )
     s = catalog.summary()
     assert s["videos"] == 7 and s["events"] == 9
     assert s["by_status"] == {"labelled": 3, "filtered": 3, "failed": 1}
@@ -288,10 +326,19 @@ def test_summary_counts(store: ObjectStore) -> None:
 
 def test_files_of_other_versions_and_broken_files(tmp_path) -> None:
     catalog = Catalog(str(tmp_path / "ws"))
-    old = pa.table({"event_id": ["old-1"], "video_key": ["o.mp4"], "etag": ["e"], "status": ["failed"],
-                    "reason": ["legacy"], "round_id": ["r0"],
-                    "created_at": pa.array([T0], pa.timestamp("ms", "UTC")),
-                    "num_frames": pa.array([7], pa.int64()), "future_column": [1.5]})
+    old = pa.table(
+        {
+            "event_id": ["old-1"],
+            "video_key": ["o.mp4"],
+            "etag": ["e"],
+            "status": ["failed"],
+            "reason": ["legacy"],
+            "round_id": ["r0"],
+            "created_at": pa.array([T0], pa.timestamp("ms", "UTC")),
+            "num_frames": pa.array([7], pa.int64()),
+            "future_column": [1.5],
+        }
+    )
     sink = io.BytesIO()
     pq.write_table(old, sink)
     catalog.store.write_bytes(f"{EVENTS}00000000T000000000000Z-old.parquet", sink.getvalue())

@@ -44,9 +44,7 @@ def test_help_lists_options_with_defaults(command, expected):
 
 
 def test_round_refuses_bad_input_with_a_clear_message(tmp_path):
-    result = runner.invoke(
-        app, ["round", "--bucket", str(tmp_path / "missing"), "--workspace", str(tmp_path / "w")]
-    )
+    result = runner.invoke(app, ["round", "--bucket", str(tmp_path / "missing"), "--workspace", str(tmp_path / "w")])
     assert result.exit_code == 2
     assert "missing" in result.output and "error" in result.output
     result = runner.invoke(
@@ -58,9 +56,7 @@ def test_round_refuses_bad_input_with_a_clear_message(tmp_path):
 def test_main_command_runs_a_round_on_the_ephemeral_api(tmp_path):
     """The README's main command: demo data, then a round, with no Prefect server started."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="160"
-    )
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="160")
     cli = [sys.executable, "-m", "pseudotrack.flows.cli"]
     bucket, workspace = tmp_path / "bucket", tmp_path / "ws"
     subprocess.run(

@@ -54,11 +54,21 @@ def scene_sample(seed: int, key: str) -> Sample:
     return Sample(key, encode_clip(scene.frames, 12.0), queries, {"lk": label}, {"source_key": key, "fps": 12.0})
 
 
-def labelled_row(video_key: str, sample_key: str, round_id: str, when: datetime, caption: str = "a dog runs",
-                 teacher: str = "lk") -> dict:
-    return {"video_key": video_key, "etag": "e-" + video_key, "size": 1000, "status": "labelled",
-            "sample_key": sample_key, "teachers": [teacher], "round_id": round_id, "batch_id": "b1",
-            "caption": caption, "created_at": when.isoformat()}
+def labelled_row(
+    video_key: str, sample_key: str, round_id: str, when: datetime, caption: str = "a dog runs", teacher: str = "lk"
+) -> dict:
+    return {
+        "video_key": video_key,
+        "etag": "e-" + video_key,
+        "size": 1000,
+        "status": "labelled",
+        "sample_key": sample_key,
+        "teachers": [teacher],
+        "round_id": round_id,
+        "batch_id": "b1",
+        "caption": caption,
+        "created_at": when.isoformat(),
+    }
 
 
 def build_workspace(root: Path) -> dict:
@@ -66,9 +76,11 @@ def build_workspace(root: Path) -> dict:
     store = open_store(str(root))
     catalog = Catalog(store)
     sink = ShardSink(store, "r1", "b1", max_samples=2)
-    previews = [("videos/dog.mp4", "aaaaaaaaaaaa_00", "a dog runs"),
-                (EVIL_KEY, "bbbbbbbbbbbb_00", EVIL_CAPTION),
-                ("videos/cat.mp4", "cccccccccccc_00", "a cat jumps")]
+    previews = [
+        ("videos/dog.mp4", "aaaaaaaaaaaa_00", "a dog runs"),
+        (EVIL_KEY, "bbbbbbbbbbbb_00", EVIL_CAPTION),
+        ("videos/cat.mp4", "cccccccccccc_00", "a cat jumps"),
+    ]
     committed = []
     for i, (video, key, caption) in enumerate(previews):
         row = labelled_row(video, key, "r1", NOW - timedelta(minutes=30 - i), caption)
@@ -77,39 +89,101 @@ def build_workspace(root: Path) -> dict:
     catalog.append([r for c in committed for r in c.rows])
     rows = []
     for i in range(40):  # r1: more labelled videos spread over two hours, from other teachers
-        rows.append(dict(labelled_row(f"videos/r1-{i:03d}.mp4", f"r1x{i:03d}_00", "r1",
-                                      NOW - timedelta(minutes=150 - 3 * i), teacher=("tapir", "cotracker2")[i % 2]),
-                         shard_id="shards/r1/gone-000000.tar"))  # a shard since deleted: no preview
+        rows.append(
+            dict(
+                labelled_row(
+                    f"videos/r1-{i:03d}.mp4",
+                    f"r1x{i:03d}_00",
+                    "r1",
+                    NOW - timedelta(minutes=150 - 3 * i),
+                    teacher=("tapir", "cotracker2")[i % 2],
+                ),
+                shard_id="shards/r1/gone-000000.tar",
+            )
+        )  # a shard since deleted: no preview
     for i in range(5):
-        rows.append({"video_key": f"videos/bad-{i}.mp4", "etag": "x", "status": "failed", "stage": "decode",
-                     "reason": EVIL_REASON if i == 0 else "cannot decode", "round_id": "r1", "batch_id": "b1",
-                     "created_at": NOW - timedelta(minutes=100 - i)})
-    rows.append({"video_key": "videos/nocap.mp4", "etag": "x", "status": "failed", "stage": "caption",
-                 "reason": "no caption", "round_id": "r1", "batch_id": "plan", "created_at": NOW - timedelta(hours=3)})
+        rows.append(
+            {
+                "video_key": f"videos/bad-{i}.mp4",
+                "etag": "x",
+                "status": "failed",
+                "stage": "decode",
+                "reason": EVIL_REASON if i == 0 else "cannot decode",
+                "round_id": "r1",
+                "batch_id": "b1",
+                "created_at": NOW - timedelta(minutes=100 - i),
+            }
+        )
+    rows.append(
+        {
+            "video_key": "videos/nocap.mp4",
+            "etag": "x",
+            "status": "failed",
+            "stage": "caption",
+            "reason": "no caption",
+            "round_id": "r1",
+            "batch_id": "plan",
+            "created_at": NOW - timedelta(hours=3),
+        }
+    )
     for i in range(7):
-        rows.append({"video_key": f"videos/cgi-{i}.mp4", "etag": "x", "status": "filtered",
-                     "filter_rule": "cgi" if i < 4 else "time-lapse", "caption": "a CGI render", "round_id": "r1",
-                     "batch_id": "plan", "created_at": NOW - timedelta(hours=3)})
+        rows.append(
+            {
+                "video_key": f"videos/cgi-{i}.mp4",
+                "etag": "x",
+                "status": "filtered",
+                "filter_rule": "cgi" if i < 4 else "time-lapse",
+                "caption": "a CGI render",
+                "round_id": "r1",
+                "batch_id": "plan",
+                "created_at": NOW - timedelta(hours=3),
+            }
+        )
     for i in range(10):  # r2: 10 planned, 4 of them labelled since
-        rows.append({"video_key": f"videos/r2-{i}.mp4", "etag": "y", "status": "planned", "round_id": "r2",
-                     "batch_id": "plan", "created_at": NOW - timedelta(minutes=20)})
+        rows.append(
+            {
+                "video_key": f"videos/r2-{i}.mp4",
+                "etag": "y",
+                "status": "planned",
+                "round_id": "r2",
+                "batch_id": "plan",
+                "created_at": NOW - timedelta(minutes=20),
+            }
+        )
     for i in range(4):
-        rows.append(dict(labelled_row(f"videos/r2-{i}.mp4", f"r2x{i:03d}_00", "r2", NOW - timedelta(minutes=10 - i)),
-                         shard_id="shards/r2/b1-000000.tar"))
+        rows.append(
+            dict(
+                labelled_row(f"videos/r2-{i}.mp4", f"r2x{i:03d}_00", "r2", NOW - timedelta(minutes=10 - i)),
+                shard_id="shards/r2/b1-000000.tar",
+            )
+        )
     catalog.append(rows)
     summary = {"round_id": "r1", "planned": 48, "recovered": 0, "filtered": 7, "failed": 6, "labelled": 43}
     store.write_bytes("runs/r1/summary.json", json.dumps(summary).encode())
     store.write_bytes("runs/r1/config.json", json.dumps({"videos": 100}).encode())
     store.write_bytes("runs/r2/config.json", json.dumps({"videos": 20}).encode())
-    metrics = [{"step": s, "total_steps": 200, "loss": 10.0 / (1 + s / 20) if s != 50 else math.nan,
-                "lr": 5e-5 * (1 - s / 200), "grad_norm": 1.0, "clips_per_second": 3.5, "time": 0.0}
-               for s in range(10, 130, 10)]
-    store.write_bytes("runs/student-a/metrics.jsonl",
-                      ("\n".join(json.dumps(m) for m in metrics) + "\n{\"step\": 13").encode())
-    report = {"train": {"steps": 120, "first_loss": 9.1, "final_loss": 1.4},
-              "evaluation": {"trained": {"benchmark": "synthetic", "metrics": {"aj": 0.61, "delta_avg": 0.72,
-                                                                                 "oa": math.nan}},
-                             "initial": {"benchmark": "synthetic", "metrics": {"aj": 0.55, "delta_avg": 0.70}}}}
+    metrics = [
+        {
+            "step": s,
+            "total_steps": 200,
+            "loss": 10.0 / (1 + s / 20) if s != 50 else math.nan,
+            "lr": 5e-5 * (1 - s / 200),
+            "grad_norm": 1.0,
+            "clips_per_second": 3.5,
+            "time": 0.0,
+        }
+        for s in range(10, 130, 10)
+    ]
+    store.write_bytes(
+        "runs/student-a/metrics.jsonl", ("\n".join(json.dumps(m) for m in metrics) + '\n{"step": 13').encode()
+    )
+    report = {
+        "train": {"steps": 120, "first_loss": 9.1, "final_loss": 1.4},
+        "evaluation": {
+            "trained": {"benchmark": "synthetic", "metrics": {"aj": 0.61, "delta_avg": 0.72, "oa": math.nan}},
+            "initial": {"benchmark": "synthetic", "metrics": {"aj": 0.55, "delta_avg": 0.70}},
+        },
+    }
     store.write_bytes("reports/student-a.json", json.dumps(report).encode())
     return {"store": store, "shards": committed, "previews": previews, "metrics": metrics}
 
@@ -198,10 +272,19 @@ def assert_same_counts_as_catalog_summary(data: dict, catalog: Catalog) -> None:
     assert data["teachers"] == summary["by_teacher"]
     assert data["reasons"] == summary["by_reason"]
     assert data["filter_rules"] == summary["by_filter_rule"]
-    ours = {r["round_id"]: {"labelled": r["labelled"], "filtered": r["filtered"], "failed": r["failed"],
-                            "planned": r["waiting"]} for r in data["rounds"]}
-    theirs = {name: {s: counts.get(s, 0) for s in ("labelled", "filtered", "failed", "planned")}
-              for name, counts in summary["rounds"].items()}
+    ours = {
+        r["round_id"]: {
+            "labelled": r["labelled"],
+            "filtered": r["filtered"],
+            "failed": r["failed"],
+            "planned": r["waiting"],
+        }
+        for r in data["rounds"]
+    }
+    theirs = {
+        name: {s: counts.get(s, 0) for s in ("labelled", "filtered", "failed", "planned")}
+        for name, counts in summary["rounds"].items()
+    }
     assert ours == theirs
 
 
@@ -215,8 +298,14 @@ def test_counts_agree_with_catalog_summary(workspace):
 def test_empty_workspace_renders(tmp_path):
     board = dash.Dashboard(str(tmp_path))
     page = board.page()
-    for text in ("No rounds in the catalog yet", "no labelling throughput yet", "No labelled samples yet",
-                 "No committed shards yet", "No training runs yet", "No failures"):
+    for text in (
+        "No rounds in the catalog yet",
+        "no labelling throughput yet",
+        "No labelled samples yet",
+        "No committed shards yet",
+        "No training runs yet",
+        "No failures",
+    ):
         assert text in page
     assert board.summary()["totals"] == {"videos": 0, "events": 0, "by_status": {}, "shards": 0}
 
@@ -227,8 +316,18 @@ def test_fingerprint_changes_only_with_data(workspace, tmp_path):
     board = dash.Dashboard(str(root))
     first, again = board.summary(), board.summary()
     assert first["fingerprint"] == again["fingerprint"]
-    Catalog(open_store(str(root))).append([{"video_key": "videos/new.mp4", "etag": "n", "status": "failed",
-                                            "stage": "teacher", "reason": "out of memory", "round_id": "r2"}])
+    Catalog(open_store(str(root))).append(
+        [
+            {
+                "video_key": "videos/new.mp4",
+                "etag": "n",
+                "status": "failed",
+                "stage": "teacher",
+                "reason": "out of memory",
+                "round_id": "r2",
+            }
+        ]
+    )
     after = board.summary()  # the same Dashboard re-reads the catalog on every request
     assert after["fingerprint"] != first["fingerprint"]
     assert after["reasons"]["teacher: out of memory"] == 1
@@ -243,8 +342,10 @@ def test_unreadable_files_are_named_not_fatal(workspace, tmp_path):
     board = dash.Dashboard(str(root))
     for _ in range(2):  # parsed once, still reported on the next refresh
         data = board.summary()
-        assert [e.split(":")[0] for e in data["errors"]] == ["cannot read shards/r1/broken-000000.tar.json",
-                                                           "cannot read runs/r1/summary.json"]
+        assert [e.split(":")[0] for e in data["errors"]] == [
+            "cannot read shards/r1/broken-000000.tar.json",
+            "cannot read runs/r1/summary.json",
+        ]
         assert data["shards"]["count"] == 2 and [s["name"] for s in data["students"]] == ["a"]
         r1 = next(r for r in data["rounds"] if r["round_id"] == "r1")
         assert r1["planned_source"] == "config.json (at most)" and r1["planned"] == 100
@@ -257,8 +358,13 @@ def test_throughput_bucket_width():
     assert dash.bucket_width(30 * 86400) == 12 * 3600 and dash.bucket_width(60 * 86400) == 86400
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     times = [t0 + timedelta(seconds=s) for s in (0, 10, 20, 70, 3000)]
-    table = pa.table({"round_id": ["r"] * 5, "status": ["labelled", "labelled", "failed", "labelled", "labelled"],
-                      "created_at": pa.array(times, pa.timestamp("us", tz="UTC"))})
+    table = pa.table(
+        {
+            "round_id": ["r"] * 5,
+            "status": ["labelled", "labelled", "failed", "labelled", "labelled"],
+            "created_at": pa.array(times, pa.timestamp("us", tz="UTC")),
+        }
+    )
     out = dash.throughput(table)
     assert out["bucket_seconds"] == 60 and out["start"] == int(t0.timestamp())
     assert out["series"]["labelled"][:2] == [120.0, 60.0]  # 2 and 1 videos in a minute
@@ -271,8 +377,7 @@ def test_display_uri_and_redact(monkeypatch):
     assert dash.display_uri("/data/ws") == "/data/ws"
     monkeypatch.setenv("MY_API_TOKEN", SECRET)
     raw = "s3://bob:hunter22@bucket/x?sig=zzz"
-    text = dash.redact(f"failed: {raw} and again s3://bob:hunter22@bucket/y; env {SECRET}; bucket bob:hunter22@b",
-                       raw)
+    text = dash.redact(f"failed: {raw} and again s3://bob:hunter22@bucket/y; env {SECRET}; bucket bob:hunter22@b", raw)
     assert "hunter22" not in text and "zzz" not in text and SECRET not in text
     assert "s3://bucket/x" in text
 
@@ -307,7 +412,7 @@ def test_server_is_read_only_and_local(served):
     assert url.startswith("http://127.0.0.1:")
     before = snapshot(root)
     status, headers, body = request(url)
-    assert status == 200 and headers["Content-Type"].startswith("text/html") and b"id=\"rounds\"" in body
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and b'id="rounds"' in body
     assert "script-src 'self'" in headers["Content-Security-Policy"]
     status, headers, body = request(url, "HEAD")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 1000
@@ -349,7 +454,7 @@ def test_preview_png_draws_tracks_and_is_cached(served):
     lit = (tile[..., 1] >= 120) & (tile[..., 2] >= 150)
     points = sample.labels["lk"].tracks[0][sample.labels["lk"].visibility[0]] * (320 / 256)
     inside = [(round(y), round(x)) for x, y in points if 1 <= x < 319 and 1 <= y < 239]
-    hits = [lit[y - 1: y + 2, x - 1: x + 2].any() for y, x in inside]
+    hits = [lit[y - 1 : y + 2, x - 1 : x + 2].any() for y, x in inside]
     assert len(inside) > 20 and np.mean(hits) > 0.8, np.mean(hits)
     assert lit.mean() < 0.1
     assert request(url + f"preview/{key}.png")[2] == png
@@ -360,9 +465,19 @@ def test_no_credentials_in_page_or_json(s3_uri, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_SESSION_TOKEN", SECRET + "-session")
     uri = s3_uri + "?X-Amz-Signature=SIGSECRET123"  # S3 takes it as part of the prefix; we must not show it
-    Catalog(open_store(uri)).append([{"video_key": "v.mp4", "etag": "e", "status": "failed", "stage": "decode",
-                                      "reason": "cannot decode", "round_id": "r1"}])
-    bad = "s3://someone:hunter2pass@" + s3_uri[len("s3://"):]  # not a bucket name: every request fails
+    Catalog(open_store(uri)).append(
+        [
+            {
+                "video_key": "v.mp4",
+                "etag": "e",
+                "status": "failed",
+                "stage": "decode",
+                "reason": "cannot decode",
+                "round_id": "r1",
+            }
+        ]
+    )
+    bad = "s3://someone:hunter2pass@" + s3_uri[len("s3://") :]  # not a bucket name: every request fails
     for workspace_uri, expect in ((uri, 200), (bad, 503)):
         server, thread, url = dash.start_in_thread(dash.Dashboard(workspace_uri))
         try:
@@ -409,15 +524,19 @@ def write_big_catalog(root: Path, videos: int = 100_000, files: int = 50, repeat
     keys = np.char.add(np.char.add("bucket/folder/video_", ids.astype(str)), ".mp4")
     columns = {
         "event_id": np.char.add("ev", np.arange(n).astype(str)),
-        "video_key": keys, "etag": ids.astype(str), "size": ids * 10,
+        "video_key": keys,
+        "etag": ids.astype(str),
+        "size": ids * 10,
         "caption": np.where(labelled, "a person walks a dog", None),
         "filter_rule": np.where(status == "filtered", np.array(["cgi", "water", "sky"])[ids % 3], None),
         "teachers": [[t] if ok else None for t, ok in zip(teachers.tolist(), labelled.tolist(), strict=True)],
         "shard_id": np.where(labelled, np.char.add("shards/r/b-", (ids // 256).astype(str)), None),
         "sample_key": np.where(labelled, np.char.add(ids.astype(str), "_00"), None),
-        "status": status, "stage": np.where(failed, "queries", None),
+        "status": status,
+        "stage": np.where(failed, "queries", None),
         "reason": np.where(failed, np.array(["too few features", "cannot decode", "timeout"])[ids % 3], None),
-        "round_id": np.array(["round-a", "round-b", "round-c"])[ids % 3], "batch_id": (ids // 500).astype(str),
+        "round_id": np.array(["round-a", "round-b", "round-c"])[ids % 3],
+        "batch_id": (ids // 500).astype(str),
         "created_at": created,
     }
     arrays = []
@@ -443,8 +562,18 @@ def test_catalog_views_at_100k_videos_match_the_catalog(tmp_path):
     cold = board.summary()
     page = board.page()
     # while a round runs each refresh finds a new event file: the catalog reads it and merges again
-    Catalog(str(tmp_path)).append([{"video_key": "bucket/new.mp4", "etag": "n", "status": "failed",
-                                    "stage": "decode", "reason": "cannot decode", "round_id": "round-a"}])
+    Catalog(str(tmp_path)).append(
+        [
+            {
+                "video_key": "bucket/new.mp4",
+                "etag": "n",
+                "status": "failed",
+                "stage": "decode",
+                "reason": "cannot decode",
+                "round_id": "round-a",
+            }
+        ]
+    )
     data = board.summary()
     assert data["totals"]["videos"] == 100_001 and cold["fingerprint"] != data["fingerprint"]
     assert sum(r["labelled"] + r["filtered"] + r["failed"] for r in data["rounds"]) == 100_001
@@ -485,9 +614,13 @@ class DomIndex(HTMLParser):
             element["text"] += data
 
     def find(self, tag: str | None = None, cls: str | None = None, id_: str | None = None) -> list[dict]:
-        return [e for e in self.elements if (tag is None or e["tag"] == tag)
-                and (cls is None or cls in e["attrs"].get("class", "").split())
-                and (id_ is None or e["attrs"].get("id") == id_)]
+        return [
+            e
+            for e in self.elements
+            if (tag is None or e["tag"] == tag)
+            and (cls is None or cls in e["attrs"].get("class", "").split())
+            and (id_ is None or e["attrs"].get("id") == id_)
+        ]
 
 
 def test_page_in_headless_chromium(served, tmp_path):
@@ -523,6 +656,7 @@ def test_page_in_headless_chromium(served, tmp_path):
 
 def test_api_summary_is_strict_json(served):
     _, url, _, _ = served
+
     def refuse(constant: str):
         raise AssertionError(f"{constant} is not JSON")
 

@@ -106,8 +106,10 @@ BAD_FILES = {
     "cut after the index": (videos.truncated(videos.faststart(CLIP), 0.6), r"truncated or corrupt: the 'mdat' box"),
     "one frame": (videos.one_frame_video(), r"too short: only 1 frame; need at least 8"),
     # decord dies with SIGSEGV on an MJPEG AVI whose last frame is cut: the RIFF check must catch it first
-    "avi cut short": (videos.truncated(encode_clip(videos.translating_frames(8, 64, 64, 1, 0), 24.0), 0.7),
-                      r"truncated or corrupt: the 'RIFF' chunk"),
+    "avi cut short": (
+        videos.truncated(encode_clip(videos.translating_frames(8, 64, 64, 1, 0), 24.0), 0.7),
+        r"truncated or corrupt: the 'RIFF' chunk",
+    ),
 }
 
 

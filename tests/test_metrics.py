@@ -46,8 +46,12 @@ def test_reference_cases_match_to_1e6(case: Path | None) -> None:
     assert set(expected) == {"first", "strided"}
     for mode, want in expected.items():
         got = compute_tapvid_metrics(
-            arrays["query_points"], arrays["gt_occluded"], arrays["gt_tracks"],
-            arrays["pred_occluded"], arrays["pred_tracks"], query_mode=mode,
+            arrays["query_points"],
+            arrays["gt_occluded"],
+            arrays["gt_tracks"],
+            arrays["pred_occluded"],
+            arrays["pred_tracks"],
+            query_mode=mode,
         )
         assert set(want) <= set(got), f"{case.name} {mode}: missing {set(want) - set(got)}"
         for name, value in want.items():
@@ -62,8 +66,12 @@ def brute_force_metrics(qp, gt_occ, gt_tracks, pred_occ, pred_tracks, mode):
     b, n, t = gt_occ.shape
     out = {name: np.zeros(b) for name in METRIC_NAMES}
     for v in range(b):
-        scored = [(i, f) for i in range(n) for f in range(t)
-                  if (f > round(qp[v, i, 0]) if mode == "first" else f != round(qp[v, i, 0]))]
+        scored = [
+            (i, f)
+            for i in range(n)
+            for f in range(t)
+            if (f > round(qp[v, i, 0]) if mode == "first" else f != round(qp[v, i, 0]))
+        ]
         out["occlusion_accuracy"][v] = np.mean([gt_occ[v, i, f] == pred_occ[v, i, f] for i, f in scored])
         for d in THRESHOLDS:
             tp = fp = visible = close_visible = 0
@@ -168,8 +176,9 @@ def test_first_queries_take_the_first_visible_frame_and_drop_never_visible_track
     occ = np.array([[True, False, False, True], [True] * 4, [False, True, True, True]])
     q = sample_queries_first(tracks, occ)
     assert q.track_index.tolist() == [0, 2]
-    np.testing.assert_array_equal(q.query_points, [[1, tracks[0, 1, 1], tracks[0, 1, 0]],
-                                                   [0, tracks[2, 0, 1], tracks[2, 0, 0]]])
+    np.testing.assert_array_equal(
+        q.query_points, [[1, tracks[0, 1, 1], tracks[0, 1, 0]], [0, tracks[2, 0, 1], tracks[2, 0, 0]]]
+    )
     np.testing.assert_array_equal(q.occluded, occ[[0, 2]])
 
 

@@ -90,7 +90,8 @@ def test_one_poor_keyframe_fails_the_clip_unless_the_rule_allows_it():
     frames[0] = 127  # every keyframe is used (4 frames, 4 keyframes); the first is flat
     with pytest.raises(SampleError, match=r"too few features: .* at least 4 on each"):
         sample_queries(frames, num_queries=64, num_keyframes=4, rng=np.random.default_rng(0))
-    queries, stats = sample_queries(frames, num_queries=64, num_keyframes=4, rng=np.random.default_rng(0),
-                                    min_per_keyframe=0)
+    queries, stats = sample_queries(
+        frames, num_queries=64, num_keyframes=4, rng=np.random.default_rng(0), min_per_keyframe=0
+    )
     assert stats["found"][0] == 0 and stats["taken"][0] == 0 and sum(stats["taken"]) == 64
     assert not (queries[:, 0] == 0).any() and len(queries) == 64

@@ -29,8 +29,15 @@ def make_sample(i: int, teachers=("lk",), t: int = 6, n: int = 5) -> Sample:
 
 
 def row_for(sample: Sample) -> dict:
-    return {"video_key": sample.meta["source_key"], "etag": "e", "status": "labelled", "sample_key": sample.key,
-            "teachers": sorted(sample.labels), "round_id": "r", "batch_id": "b1"}
+    return {
+        "video_key": sample.meta["source_key"],
+        "etag": "e",
+        "status": "labelled",
+        "sample_key": sample.key,
+        "teachers": sorted(sample.labels),
+        "round_id": "r",
+        "batch_id": "b1",
+    }
 
 
 def test_shards_roll_over_and_read_back_exactly(store):

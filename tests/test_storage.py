@@ -28,13 +28,11 @@ def raw_keys(store: ObjectStore) -> list[str]:
     """Everything physically under the store's root, temporary files included."""
     if isinstance(store, LocalStore):
         return sorted(
-            os.path.relpath(os.path.join(d, f), store.root)
-            for d, _, files in os.walk(store.root)
-            for f in files
+            os.path.relpath(os.path.join(d, f), store.root) for d, _, files in os.walk(store.root) for f in files
         )
     client = boto3.client("s3")
     contents = client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix).get("Contents", [])
-    return sorted(o["Key"][len(store.prefix):] for o in contents)
+    return sorted(o["Key"][len(store.prefix) :] for o in contents)
 
 
 class Unplugged(Exception):

@@ -132,8 +132,9 @@ def test_prepare_clip_gives_up_when_no_point_is_trackable() -> None:
     sample = _sample(teachers=("lk",))
     sample["labels"]["lk"]["visibility"][:] = False
     sample["queries"][:, 0] = 11  # query frame outside the 4 kept frames below
-    clip = prepare_clip(sample, _frames(), ClipSpec(num_frames=4, num_tracks=2, height=H0, width=W0), 4,
-                        np.random.default_rng(0))
+    clip = prepare_clip(
+        sample, _frames(), ClipSpec(num_frames=4, num_tracks=2, height=H0, width=W0), 4, np.random.default_rng(0)
+    )
     assert clip is None or not bool(clip["valid"].any())
 
 

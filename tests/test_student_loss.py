@@ -108,5 +108,10 @@ def test_batch_mean_is_joint_over_samples_and_gradient_reaches_every_iteration()
 
 def test_empty_window_list_is_refused() -> None:
     with pytest.raises(ValueError):
-        track_loss([], torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, dtype=torch.bool),
-                   torch.ones(1, 1, 1, dtype=torch.bool), torch.tensor([True]))
+        track_loss(
+            [],
+            torch.zeros(1, 1, 1, 2),
+            torch.ones(1, 1, 1, dtype=torch.bool),
+            torch.ones(1, 1, 1, dtype=torch.bool),
+            torch.tensor([True]),
+        )

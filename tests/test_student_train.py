@@ -61,9 +61,21 @@ def workspace(tmp_path_factory) -> str:
 
 
 def _config(workspace: str, output: Path, **overrides) -> TrainConfig:
-    values = dict(workspace=workspace, output=str(output), model_size="tiny", steps=2, batch_size=2,
-                  micro_batch_size=1, num_frames=8, num_tracks=8, iters=2, workers=0, checkpoint_every=2,
-                  log_every=1, lr=1e-3)
+    values = dict(
+        workspace=workspace,
+        output=str(output),
+        model_size="tiny",
+        steps=2,
+        batch_size=2,
+        micro_batch_size=1,
+        num_frames=8,
+        num_tracks=8,
+        iters=2,
+        workers=0,
+        checkpoint_every=2,
+        log_every=1,
+        lr=1e-3,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -175,9 +187,13 @@ def test_a_killed_run_resumes_to_the_same_weights(workspace: str, tmp_path: Path
     killed = _config(workspace, tmp_path / "killed", steps=6, batch_size=1, checkpoint_every=2)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(killed.to_dict()))
-    proc = subprocess.Popen([sys.executable, "-m", "pseudotrack.student.train", str(path)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pseudotrack.student.train", str(path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while not checkpoint_paths(tmp_path / "killed") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -221,8 +237,10 @@ def test_exported_student_loads_as_the_next_rounds_teacher(tmp_path: Path) -> No
     labels = teacher.predict(scene.frames, queries)
     assert labels.tracks.shape == (10, 6, 2) and np.isfinite(labels.tracks).all()
     reloaded = build_student("online", checkpoint=str(path))  # and as a student again, same weights
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.net.state_dict().values(),
-                                                 student.net.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(reloaded.net.state_dict().values(), student.net.state_dict().values(), strict=True)
+    )
     with pytest.raises(ConfigError, match="online student"):
         build_student("offline", checkpoint=str(path))
 
@@ -247,9 +265,19 @@ def test_student_learns_from_lk_labels_of_generated_clips(tmp_path: Path) -> Non
     from pseudotrack.student.benchmarks import synthetic_videos
 
     write_demo_bucket(tmp_path / "bucket", videos=48, frames=24, height=H, width=W, broken=0)
-    summary = run_round(RoundConfig(bucket=str(tmp_path / "bucket"), workspace=str(tmp_path / "ws"),
-                                    teachers=["lk"], height=H, width=W, num_frames=24, num_queries=24,
-                                    max_stride=1, min_frames=8))
+    summary = run_round(
+        RoundConfig(
+            bucket=str(tmp_path / "bucket"),
+            workspace=str(tmp_path / "ws"),
+            teachers=["lk"],
+            height=H,
+            width=W,
+            num_frames=24,
+            num_queries=24,
+            max_stride=1,
+            min_frames=8,
+        )
+    )
     assert summary.labelled >= 24 and summary.teachers == {"lk": summary.labelled}
 
     torch.manual_seed(0)
@@ -258,12 +286,28 @@ def test_student_learns_from_lk_labels_of_generated_clips(tmp_path: Path) -> Non
     start_path = export_student(start, tmp_path / "start.pth")
     head = {k: v.clone() for k, v in start.frozen_parameters().items()}
 
-    config = TrainConfig(workspace=str(tmp_path / "ws"), output=str(tmp_path / "out"), init_checkpoint=str(start_path),
-                         model_size="tiny", steps=200, batch_size=1, num_frames=8, num_tracks=24, iters=3,
-                         lr=1e-3, workers=0, checkpoint_every=100, log_every=10)
+    config = TrainConfig(
+        workspace=str(tmp_path / "ws"),
+        output=str(tmp_path / "out"),
+        init_checkpoint=str(start_path),
+        model_size="tiny",
+        steps=200,
+        batch_size=1,
+        num_frames=8,
+        num_tracks=24,
+        iters=3,
+        lr=1e-3,
+        workers=0,
+        checkpoint_every=100,
+        log_every=10,
+    )
     held_out = list(synthetic_videos(6, seed=5000, num_frames=16, height=H, width=W, num_points=24))
-    report = train_student(config, evaluate_on="synthetic", eval_clips=held_out,
-                           eval_options={"resize_to": None, "one_query_at_a_time": False})
+    report = train_student(
+        config,
+        evaluate_on="synthetic",
+        eval_clips=held_out,
+        eval_options={"resize_to": None, "one_query_at_a_time": False},
+    )
 
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
@@ -288,10 +332,20 @@ def test_two_rank_ddp_run_under_torchrun(workspace: str, tmp_path: Path) -> None
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_dict()))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pseudotrack.student.train", str(path)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pseudotrack.student.train",
+        str(path),
+    ]
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -299,7 +353,7 @@ def test_two_rank_ddp_run_under_torchrun(workspace: str, tmp_path: Path) -> None
         proc.communicate()
         raise
     assert proc.returncode == 0, stderr[-3000:]
-    assert json.loads(stdout[stdout.index("{"):])["steps"] == 2
+    assert json.loads(stdout[stdout.index("{") :])["steps"] == 2
     ckpt = load_training_checkpoint(checkpoint_paths(tmp_path / "ddp")[0])
     assert ckpt["world_size"] == 2 and len(ckpt["loader"]) == 2 and len(ckpt["rng"]) == 2
     assert all(state["batches"] == 2 for state in ckpt["loader"])  # one clip per rank per step
@@ -325,8 +379,11 @@ def test_eval_command_prints_a_metrics_table_and_saves_a_report(tmp_path: Path) 
 
     path = export_student(build_student("online", "tiny"), tmp_path / "student.pth")
     report = tmp_path / "eval.json"
-    result = CliRunner().invoke(_cli(), ["eval", "--checkpoint", str(path), "--videos", "1", "--joint",
-                                         "--native-size", "--report", str(report)], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        _cli(),
+        ["eval", "--checkpoint", str(path), "--videos", "1", "--joint", "--native-size", "--report", str(report)],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "average_pts_within_thresh" in result.stdout and "occlusion_accuracy" in result.stdout
     saved = json.loads(report.read_text())
@@ -342,17 +399,61 @@ def test_train_command_runs_the_train_student_flow(prefect_server: str, workspac
     import subprocess
     import sys
 
-    program = ("import typer; from pseudotrack.flows.student_cli import train_command; "
-               "app = typer.Typer(); app.command('train')(train_command); app.command('other')(lambda: None); app()")
-    args = ["train", "--workspace", workspace, "--output", str(tmp_path / "run"), "--model-size", "tiny",
-            "--steps", "2", "--batch-size", "1", "--frames", "8", "--tracks", "8", "--iters", "2", "--workers", "0",
-            "--lr", "1e-3", "--evaluate-on", "none"]
-    done = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    program = (
+        "import typer; from pseudotrack.flows.student_cli import train_command; "
+        "app = typer.Typer(); app.command('train')(train_command); app.command('other')(lambda: None); app()"
+    )
+    args = [
+        "train",
+        "--workspace",
+        workspace,
+        "--output",
+        str(tmp_path / "run"),
+        "--model-size",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--frames",
+        "8",
+        "--tracks",
+        "8",
+        "--iters",
+        "2",
+        "--workers",
+        "0",
+        "--lr",
+        "1e-3",
+        "--evaluate-on",
+        "none",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", program, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loss (last step)" in done.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["train"]["steps"] == 2 and Path(report["train"]["export_path"]).is_file()
-    bad = subprocess.run([sys.executable, "-c", program, "train", "--workspace", workspace, "--output",
-                          str(tmp_path / "x"), "--variant", "sideways"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            program,
+            "train",
+            "--workspace",
+            workspace,
+            "--output",
+            str(tmp_path / "x"),
+            "--variant",
+            "sideways",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "variant" in bad.stderr

@@ -18,7 +18,7 @@ def scenes():
 def bilinear(frame: np.ndarray, xy: np.ndarray) -> np.ndarray:
     x0, y0 = int(np.floor(xy[0])), int(np.floor(xy[1]))
     fx, fy = xy[0] - x0, xy[1] - y0
-    patch = frame[y0:y0 + 2, x0:x0 + 2].astype(np.float64)
+    patch = frame[y0 : y0 + 2, x0 : x0 + 2].astype(np.float64)
     top = patch[0, 0] * (1 - fx) + patch[0, 1] * fx
     bottom = patch[1, 0] * (1 - fx) + patch[1, 1] * fx
     return top * (1 - fy) + bottom * fy
@@ -32,7 +32,7 @@ def interior_samples(scene, i: int):
         if scene.occluded[i, t] or not (1 <= x < w - 2 and 1 <= y < h - 2):
             continue
         xi, yi = int(np.floor(x)), int(np.floor(y))
-        if np.all(scene.layer_map[t, yi - 1:yi + 3, xi - 1:xi + 3] == scene.point_layer[i]):
+        if np.all(scene.layer_map[t, yi - 1 : yi + 3, xi - 1 : xi + 3] == scene.point_layer[i]):
             yield t, bilinear(scene.frames[t], scene.tracks[i, t])
 
 

@@ -257,9 +257,7 @@ def test_chunked_equals_unchunked(tiny_checkpoint):
     frames, queries = _clip(t=12), _queries(12, 40, 60, n=9, seed=5)
     outs = []
     for point_chunk, frame_chunk in ((256, 16), (2, 3)):
-        teacher = CoTracker2Teacher(
-            tiny_checkpoint, config=TINY, point_chunk=point_chunk, frame_chunk=frame_chunk
-        )
+        teacher = CoTracker2Teacher(tiny_checkpoint, config=TINY, point_chunk=point_chunk, frame_chunk=frame_chunk)
         teacher.setup("cpu")
         outs.append(teacher.predict(frames, queries))
     np.testing.assert_allclose(outs[0].tracks, outs[1].tracks, atol=1e-4)

@@ -115,9 +115,7 @@ def test_default_config_is_the_published_model():
 def test_time_embedding_matches_the_shipped_buffer():
     """Our sin-cos buffer equals the one in the published file (same frequencies, same order)."""
     for variant in VARIANTS:
-        shipped = np.load(sorted((REFERENCE / f"cotracker3_{variant}").glob("case_*.npz"))[0])[
-            "buffer/time_emb"
-        ]
+        shipped = np.load(sorted((REFERENCE / f"cotracker3_{variant}").glob("case_*.npz"))[0])["buffer/time_emb"]
         ours = CoTracker3(default_config(variant == "offline")).time_emb.numpy()
         np.testing.assert_allclose(ours, shipped, atol=1e-6)
 
@@ -219,9 +217,7 @@ def test_parity_with_reference(variant, case, tmp_path):
         expected = arrays[f"expected/{name}"]
         assert tuple(ours.shape) == expected.shape, name
         gap = float(np.abs(ours.numpy() - expected).max())
-        assert gap <= tol, (
-            f"{name}: max gap {gap} > {tol} (roundoff probe {meta['roundoff_probe_max_abs_gap']})"
-        )
+        assert gap <= tol, f"{name}: max gap {gap} > {tol} (roundoff probe {meta['roundoff_probe_max_abs_gap']})"
 
 
 # ---------------------------------------------------------------- online state and windows
@@ -386,9 +382,7 @@ def test_coordinates_map_back_to_the_input_frames(ckpt_dir):
         teacher.setup("cpu")
         frames, queries = _clip(9, 50, 70), _queries(9, 50, 70, n=5)
         out = teacher.predict(frames, queries)
-        np.testing.assert_allclose(
-            out.tracks, np.broadcast_to(queries[None, :, 1:], out.tracks.shape), atol=1e-3
-        )
+        np.testing.assert_allclose(out.tracks, np.broadcast_to(queries[None, :, 1:], out.tracks.shape), atol=1e-3)
         rows = np.rint(queries[:, 0]).astype(int)
         assert out.visibility[rows, np.arange(5)].all()
 

@@ -119,15 +119,16 @@ def test_refinement_resolutions_follow_the_authors_schedule():
     assert refinement_resolutions((512, 512), (256, 256)) == [(256, 256), (512, 512)]
     assert refinement_resolutions((384, 512), (256, 256)) == [(256, 256), (384, 512)]
     assert refinement_resolutions((300, 520), (256, 256)) == [(256, 256), (272, 360), (296, 520)]
-    assert refinement_resolutions((1080, 1920), (256, 256)) == [
-        (256, 256), (408, 496), (664, 976), (1080, 1920)
-    ]
+    assert refinement_resolutions((1080, 1920), (256, 256)) == [(256, 256), (408, 496), (664, 976), (1080, 1920)]
 
 
-@pytest.mark.parametrize(("model_cfg", "file_cfg", "hint"), [
-    (TINY_BOOTS, TINY, "has no extra_convs"),
-    (TINY, TINY_BOOTS, "has extra_convs"),
-])
+@pytest.mark.parametrize(
+    ("model_cfg", "file_cfg", "hint"),
+    [
+        (TINY_BOOTS, TINY, "has no extra_convs"),
+        (TINY, TINY_BOOTS, "has extra_convs"),
+    ],
+)
 def test_refuses_file_of_the_other_model(tmp_path, model_cfg, file_cfg, hint):
     path = _save_random(file_cfg, tmp_path / "other.pt")
     with pytest.raises(CheckpointError) as err:
@@ -325,9 +326,7 @@ def test_coordinates_map_to_the_model_and_back(tmp_path):
             hook.remove()
     video, model_queries = seen["inputs"][:2]
     assert video.shape == (1, t, 64, 64, 3) and video.min() >= -1 and video.max() <= 1
-    expected_q = np.stack(
-        [queries[:, 0], (queries[:, 2] + 0.5) * 64 / h, (queries[:, 1] + 0.5) * 64 / w], axis=1
-    )
+    expected_q = np.stack([queries[:, 0], (queries[:, 2] + 0.5) * 64 / h, (queries[:, 1] + 0.5) * 64 / w], axis=1)
     np.testing.assert_allclose(model_queries[0].numpy(), expected_q, rtol=1e-6, atol=1e-5)
     model_tracks = seen["outputs"]["tracks"][0].numpy()  # N T 2 (x, y) in the 64x64 raster
     expected_tracks = model_tracks * [w / 64, h / 64] - 0.5

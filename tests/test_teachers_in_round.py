@@ -45,9 +45,18 @@ def test_teacher_labels_a_real_clip(name, shared_dir, tmp_path):
     shutil.copyfile(shared_dir / "videos" / "cat.mp4", bucket / "cat.mp4")
     (bucket / "cat.txt").write_text("A long-haired cat licks its nose.")
     config = RoundConfig(
-        bucket=str(bucket), workspace=str(tmp_path / "ws"), round_id="teach", teachers=[name],
-        checkpoints=str(checkpoints), num_frames=12, min_frames=8, height=96, width=128, num_queries=24,
-        num_keyframes=4, seed=1,
+        bucket=str(bucket),
+        workspace=str(tmp_path / "ws"),
+        round_id="teach",
+        teachers=[name],
+        checkpoints=str(checkpoints),
+        num_frames=12,
+        min_frames=8,
+        height=96,
+        width=128,
+        num_queries=24,
+        num_keyframes=4,
+        seed=1,
     )
     summary = run_round(config)
     assert summary.labelled == 1, summary

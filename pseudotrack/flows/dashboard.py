@@ -61,8 +61,10 @@ PREVIEW_WIDTH = 960
 PREVIEW_MIN_HEIGHT = 288
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE", re.IGNORECASE)
-CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 BUCKET_WIDTHS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 MAX_BUCKETS = 72
 
@@ -249,16 +251,22 @@ def round_rows(events: pa.Table, per_round: np.ndarray, is_work: np.ndarray, pla
         processed = labelled + failed_labelling  # videos the labelling stage has finished
         planned, source = plan_size(name, c, plans.get(name, {}), processed)
         hours = (hi[r] - lo[r]) / 3.6e9 if hi[r] > lo[r] else 0.0
-        rows.append({
-            "round_id": name, "labelled": labelled, "filtered": c.get("filtered", 0),
-            "failed": failed_labelling + failed_caption,
-            "waiting": c.get("planned", 0), "planned": planned, "planned_source": source,
-            # the bar's whole: what the round will have recorded once done (caption verdicts come at planning)
-            "expected": planned + c.get("filtered", 0) + failed_caption if planned is not None else None,
-            "progress": min(1.0, processed / planned) if planned else None,
-            "videos_per_hour": round(float(processed / hours), 1) if hours > 0 else None,
-            "last_event": _iso(datetime.fromtimestamp(int(last[r]) / 1e6, UTC)),
-        })
+        rows.append(
+            {
+                "round_id": name,
+                "labelled": labelled,
+                "filtered": c.get("filtered", 0),
+                "failed": failed_labelling + failed_caption,
+                "waiting": c.get("planned", 0),
+                "planned": planned,
+                "planned_source": source,
+                # the bar's whole: what the round will have recorded once done (caption verdicts come at planning)
+                "expected": planned + c.get("filtered", 0) + failed_caption if planned is not None else None,
+                "progress": min(1.0, processed / planned) if planned else None,
+                "videos_per_hour": round(float(processed / hours), 1) if hours > 0 else None,
+                "last_event": _iso(datetime.fromtimestamp(int(last[r]) / 1e6, UTC)),
+            }
+        )
     return rows
 
 
@@ -287,16 +295,26 @@ def shard_stats(manifests: list[dict]) -> dict:
         entry["shards"] += 1
         entry["bytes"] += int(m.get("bytes") or 0)
         entry["samples"] += int(m.get("count") or 0)
-    out: dict[str, Any] = {"count": len(manifests), "bytes": int(sizes.sum()), "rounds": per_round,
-                           "edges": [], "histogram": []}
+    out: dict[str, Any] = {
+        "count": len(manifests),
+        "bytes": int(sizes.sum()),
+        "rounds": per_round,
+        "edges": [],
+        "histogram": [],
+    }
     if len(sizes):
         lo, hi = float(sizes.min()), float(sizes.max())
         bins = max(1, min(20, len(sizes)))
         if hi <= lo:
             hi = lo + 1
         counts, edges = np.histogram(sizes, bins=bins, range=(lo, hi))
-        out.update(edges=[float(e) for e in edges], histogram=[int(c) for c in counts],
-                   median=float(np.median(sizes)), min=lo, max=float(sizes.max()))
+        out.update(
+            edges=[float(e) for e in edges],
+            histogram=[int(c) for c in counts],
+            median=float(np.median(sizes)),
+            min=lo,
+            max=float(sizes.max()),
+        )
     return out
 
 
@@ -318,13 +336,16 @@ def training_runs(store: ObjectStore, infos: list[ObjectInfo], cache: FileCache)
         stride = max(1, math.ceil(len(rows) / MAX_CURVE_POINTS))
         picked = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
         last = rows[-1]
-        runs.append({
-            "run": info.key[len(RUNS) + 1: -len(METRICS_FILE) - 1],
-            "steps": [_finite(r["step"]) for r in picked],
-            "loss": [_finite(r.get("loss")) for r in picked],  # a diverged step logs NaN: a gap, not an error
-            "last": {k: _finite(last.get(k)) for k in ("step", "total_steps", "loss", "lr", "clips_per_second",
-                                                       "time")},
-        })
+        runs.append(
+            {
+                "run": info.key[len(RUNS) + 1 : -len(METRICS_FILE) - 1],
+                "steps": [_finite(r["step"]) for r in picked],
+                "loss": [_finite(r.get("loss")) for r in picked],  # a diverged step logs NaN: a gap, not an error
+                "last": {
+                    k: _finite(last.get(k)) for k in ("step", "total_steps", "loss", "lr", "clips_per_second", "time")
+                },
+            }
+        )
     return runs
 
 
@@ -332,7 +353,7 @@ def student_reports(store: ObjectStore, infos: list[ObjectInfo], cache: FileCach
     """Final figures of trained students (reports/student-*.json, written by flows/train_student.py)."""
     out = []
     for info in infos:
-        name = info.key[len(REPORTS) + 1:]
+        name = info.key[len(REPORTS) + 1 :]
         if not (name.startswith("student-") and name.endswith(".json")):
             continue
         report = cache.get(store, info, json.loads)
@@ -344,9 +365,15 @@ def student_reports(store: ObjectStore, infos: list[ObjectInfo], cache: FileCach
         for which, ev in evaluation.items():
             if isinstance(ev, dict) and isinstance(ev.get("metrics"), dict):
                 metrics[which] = {k: _finite(v) for k, v in ev["metrics"].items() if _finite(v) is not None}
-        out.append({"name": name[len("student-"):-len(".json")], "steps": _finite(train.get("steps")),
-                    "first_loss": _finite(train.get("first_loss")), "final_loss": _finite(train.get("final_loss")),
-                    "metrics": metrics})
+        out.append(
+            {
+                "name": name[len("student-") : -len(".json")],
+                "steps": _finite(train.get("steps")),
+                "first_loss": _finite(train.get("first_loss")),
+                "final_loss": _finite(train.get("final_loss")),
+                "metrics": metrics,
+            }
+        )
     return out
 
 
@@ -376,18 +403,36 @@ def catalog_views(events: pa.Table, plans: dict[str, dict], shards: list[str] | 
     Previews come from `shards` only (committed ones) when given, so no preview points at a missing file.
     """
     latest_rows, per_round = latest_indices(events)
-    latest = events.select(["video_key", "status", "teachers", "stage", "reason", "filter_rule", "caption",
-                            "round_id", "created_at", "sample_key", "shard_id"]).take(latest_rows)
+    latest = events.select(
+        [
+            "video_key",
+            "status",
+            "teachers",
+            "stage",
+            "reason",
+            "filter_rule",
+            "caption",
+            "round_id",
+            "created_at",
+            "sample_key",
+            "shard_id",
+        ]
+    ).take(latest_rows)
     status = latest["status"]
     labelled = latest.filter(pc.equal(status, "labelled"))
     failed = latest.filter(pc.equal(status, "failed"))
     filtered = latest.filter(pc.equal(status, "filtered"))
     reasons = pc.coalesce(pc.binary_join_element_wise(failed["stage"], failed["reason"], ": "), failed["reason"])
-    is_work = pc.and_(pc.is_in(events["status"], pa.array(["labelled", "failed"])),
-                      pc.invert(pc.fill_null(pc.equal(events["stage"], "caption"), False)))
+    is_work = pc.and_(
+        pc.is_in(events["status"], pa.array(["labelled", "failed"])),
+        pc.invert(pc.fill_null(pc.equal(events["stage"], "caption"), False)),
+    )
     work = events.filter(is_work).select(["status", "created_at"])
-    viewable = labelled if shards is None else labelled.filter(
-        pc.fill_null(pc.is_in(labelled["shard_id"], pa.array(shards, pa.string())), False))
+    viewable = (
+        labelled
+        if shards is None
+        else labelled.filter(pc.fill_null(pc.is_in(labelled["shard_id"], pa.array(shards, pa.string())), False))
+    )
     return {
         "totals": {"videos": latest.num_rows, "events": events.num_rows, "by_status": count_values(status)},
         "rounds": round_rows(events, per_round, is_work.to_numpy(zero_copy_only=False), plans),
@@ -395,10 +440,13 @@ def catalog_views(events: pa.Table, plans: dict[str, dict], shards: list[str] | 
         "teachers": count_values(pc.list_flatten(labelled["teachers"])),
         "reasons": count_values(reasons),
         "filter_rules": count_values(filtered["filter_rule"]),
-        "previews": _rows(_newest(viewable, PREVIEWS),
-                          ["sample_key", "video_key", "caption", "teachers", "round_id", "shard_id", "created_at"]),
-        "recent_failures": _rows(_newest(failed, RECENT_FAILURES),
-                                 ["video_key", "stage", "reason", "round_id", "created_at"]),
+        "previews": _rows(
+            _newest(viewable, PREVIEWS),
+            ["sample_key", "video_key", "caption", "teachers", "round_id", "shard_id", "created_at"],
+        ),
+        "recent_failures": _rows(
+            _newest(failed, RECENT_FAILURES), ["video_key", "stage", "reason", "round_id", "created_at"]
+        ),
     }
 
 
@@ -419,8 +467,12 @@ def collect(store: ObjectStore, catalog: Catalog, cache: FileCache) -> dict:
 
     data = catalog_views(event_table(catalog), plans, [m["shard"] for m in manifests if m.get("shard")])
     data["totals"]["shards"] = len(manifests)
-    data.update(shards=shard_stats(manifests), training=training_runs(store, run_infos, cache),
-                students=student_reports(store, report_infos, cache), errors=list(cache.errors))
+    data.update(
+        shards=shard_stats(manifests),
+        training=training_runs(store, run_infos, cache),
+        students=student_reports(store, report_infos, cache),
+        errors=list(cache.errors),
+    )
     # the page's script reloads when this changes: a hash of the data, not of the clock
     data["fingerprint"] = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     data["query_ms"] = round(1000 * (time.perf_counter() - started), 1)
@@ -431,8 +483,14 @@ def collect(store: ObjectStore, catalog: Catalog, cache: FileCache) -> dict:
 # --------------------------------------------------------------------------- previews
 
 
-def render_preview(store: ObjectStore, shard_id: str, sample_key: str, teacher: str | None = None,
-                   max_tracks: int = 64, width: int = PREVIEW_WIDTH) -> bytes:
+def render_preview(
+    store: ObjectStore,
+    shard_id: str,
+    sample_key: str,
+    teacher: str | None = None,
+    max_tracks: int = 64,
+    width: int = PREVIEW_WIDTH,
+) -> bytes:
     """A PNG grid of six frames with one teacher's pseudo-tracks drawn over them.
 
     Only the six shown frames are drawn (each with the few frames before it, for the trails).
@@ -463,11 +521,18 @@ def render_preview(store: ObjectStore, shard_id: str, sample_key: str, teacher: 
     frames = (0.45 * frames + 0.25 * gray).astype(np.uint8)
     shown = np.linspace(0, t_len - 1, min(6, t_len)).round().astype(int)
     trail = 8
-    drawn = np.stack([
-        draw_tracks(frames[max(0, t - trail): t + 1], tracks[max(0, t - trail): t + 1],
-                    visibility[max(0, t - trail): t + 1], max_tracks, trail)[-1]
-        for t in shown
-    ])
+    drawn = np.stack(
+        [
+            draw_tracks(
+                frames[max(0, t - trail) : t + 1],
+                tracks[max(0, t - trail) : t + 1],
+                visibility[max(0, t - trail) : t + 1],
+                max_tracks,
+                trail,
+            )[-1]
+            for t in shown
+        ]
+    )
     grid = frame_grid(drawn, count=len(drawn), columns=3)
     if grid.shape[1] > width:
         grid = cv2.resize(grid, (width, round(grid.shape[0] * width / grid.shape[1])), interpolation=cv2.INTER_AREA)
@@ -501,15 +566,23 @@ def _card(label: str, value: str, color: str = charts.INK) -> str:
 def _rounds_table(rounds: list[dict], now: datetime) -> str:
     if not rounds:
         return '<p class="muted">No rounds in the catalog yet.</p>'
-    head = ("<tr><th>round</th><th>progress</th><th>labelled</th><th>filtered</th><th>failed</th>"
-            "<th>planned</th><th>videos/h</th><th>last event</th></tr>")
+    head = (
+        "<tr><th>round</th><th>progress</th><th>labelled</th><th>filtered</th><th>failed</th>"
+        "<th>planned</th><th>videos/h</th><th>last event</th></tr>"
+    )
     body = []
     for r in rounds:
         parts = [("labelled", r["labelled"]), ("failed", r["failed"]), ("filtered", r["filtered"])]
         planned = r["planned"]
         pct = f"{100 * r['progress']:.0f}%" if r["progress"] is not None else ""
-        planned_cell = (f'{planned:,}<span class="muted small" title="from {_e(r["planned_source"])}">'
-                        f'{" ≤" if "most" in r["planned_source"] else ""}</span>') if planned is not None else "–"
+        planned_cell = (
+            (
+                f'{planned:,}<span class="muted small" title="from {_e(r["planned_source"])}">'
+                f"{' ≤' if 'most' in r['planned_source'] else ''}</span>"
+            )
+            if planned is not None
+            else "–"
+        )
         body.append(
             f'<tr class="round"><td class="key">{_e(r["round_id"])}</td>'
             f'<td class="progress">{charts.stacked_bar(parts, r["expected"])} <span class="small">{_e(pct)}</span></td>'
@@ -553,14 +626,18 @@ def _previews(rows: list[dict]) -> str:
 def _training(runs: list[dict], students: list[dict]) -> str:
     parts = []
     if not runs and not students:
-        return ('<p class="muted">No training runs yet (curves appear for every '
-                f'<code>{RUNS}/&lt;run&gt;/{METRICS_FILE}</code> in the workspace).</p>')
+        return (
+            '<p class="muted">No training runs yet (curves appear for every '
+            f"<code>{RUNS}/&lt;run&gt;/{METRICS_FILE}</code> in the workspace).</p>"
+        )
     if runs:
         cells = []
         for run in runs:
             last = run["last"]
-            facts = [f"step {charts.fmt_count(last.get('step') or 0)}"
-                     + (f"/{charts.fmt_count(last['total_steps'])}" if last.get("total_steps") else "")]
+            facts = [
+                f"step {charts.fmt_count(last.get('step') or 0)}"
+                + (f"/{charts.fmt_count(last['total_steps'])}" if last.get("total_steps") else "")
+            ]
             if isinstance(last.get("loss"), int | float):
                 facts.append(f"loss {last['loss']:.4g}")
             if isinstance(last.get("lr"), int | float):
@@ -568,8 +645,10 @@ def _training(runs: list[dict], students: list[dict]) -> str:
             if isinstance(last.get("clips_per_second"), int | float):
                 facts.append(f"{last['clips_per_second']:.2f} clips/s")
             chart = charts.line_chart(run["steps"], run["loss"], f"loss of {run['run']}")
-            cells.append(f'<div class="panel"><h3 class="key">{_e(run["run"])}</h3>{chart}'
-                         f'<div class="muted small">{_e(" · ".join(facts))}</div></div>')
+            cells.append(
+                f'<div class="panel"><h3 class="key">{_e(run["run"])}</h3>{chart}'
+                f'<div class="muted small">{_e(" · ".join(facts))}</div></div>'
+            )
         parts.append(f'<div class="grid2">{"".join(cells)}</div>')
     if students:
         names = sorted({m for s in students for ev in s["metrics"].values() for m in ev})[:6]
@@ -578,15 +657,24 @@ def _training(runs: list[dict], students: list[dict]) -> str:
         for s in students:
             trained = s["metrics"].get("trained", {})
             initial = s["metrics"].get("initial", {})
-            loss = (f"{s['first_loss']:.3g} → {s['final_loss']:.3g}"
-                    if isinstance(s["first_loss"], int | float) and isinstance(s["final_loss"], int | float) else "–")
+            loss = (
+                f"{s['first_loss']:.3g} → {s['final_loss']:.3g}"
+                if isinstance(s["first_loss"], int | float) and isinstance(s["final_loss"], int | float)
+                else "–"
+            )
             cells = "".join(
                 f'<td class="n">{trained[n]:.3f}'
                 + (f' <span class="muted small">(from {initial[n]:.3f})</span>' if n in initial else "")
-                + "</td>" if n in trained else "<td>–</td>" for n in names)
+                + "</td>"
+                if n in trained
+                else "<td>–</td>"
+                for n in names
+            )
             steps = f"{s['steps']:.0f}" if s["steps"] is not None else "–"
-            rows.append(f'<tr><td class="key">{_e(s["name"])}</td><td class="n">{_e(steps)}</td>'
-                        f'<td class="n">{_e(loss)}</td>{cells}</tr>')
+            rows.append(
+                f'<tr><td class="key">{_e(s["name"])}</td><td class="n">{_e(steps)}</td>'
+                f'<td class="n">{_e(loss)}</td>{cells}</tr>'
+            )
         parts.append(f'<table id="students">{head}{"".join(rows)}</table>')
     return "".join(parts)
 
@@ -600,12 +688,16 @@ def _shards(shards: dict) -> str:
         f'<td class="n">{_e(charts.fmt_bytes(v["bytes"]))}</td></tr>'
         for name, v in sorted(shards["rounds"].items())
     )
-    facts = (f'{shards["count"]:,} shards, {charts.fmt_bytes(shards["bytes"])} in all; median '
-             f'{charts.fmt_bytes(shards["median"])} (min {charts.fmt_bytes(shards["min"])}, '
-             f'max {charts.fmt_bytes(shards["max"])})')
-    table = f'<table><tr><th>round</th><th>shards</th><th>samples</th><th>bytes</th></tr>{rows}</table>'
-    return f'<div class="grid2"><div class="panel">{chart}<div class="muted small">{_e(facts)}</div></div>' \
-           f'<div class="panel">{table}</div></div>'
+    facts = (
+        f"{shards['count']:,} shards, {charts.fmt_bytes(shards['bytes'])} in all; median "
+        f"{charts.fmt_bytes(shards['median'])} (min {charts.fmt_bytes(shards['min'])}, "
+        f"max {charts.fmt_bytes(shards['max'])})"
+    )
+    table = f"<table><tr><th>round</th><th>shards</th><th>samples</th><th>bytes</th></tr>{rows}</table>"
+    return (
+        f'<div class="grid2"><div class="panel">{chart}<div class="muted small">{_e(facts)}</div></div>'
+        f'<div class="panel">{table}</div></div>'
+    )
 
 
 STYLE = """
@@ -641,47 +733,56 @@ def render_page(data: dict, workspace: str, refresh_s: float) -> str:
     now = datetime.fromisoformat(data["generated_at"])
     by_status = data["totals"]["by_status"]
     throughput_data = data["throughput"]
-    rate = (charts.rate_chart(throughput_data["start"], throughput_data["bucket_seconds"],
-                              throughput_data["series"], "labelling throughput")
-            if throughput_data["start"] is not None else charts.empty_chart("no labelling throughput yet", 1120))
+    rate = (
+        charts.rate_chart(
+            throughput_data["start"],
+            throughput_data["bucket_seconds"],
+            throughput_data["series"],
+            "labelling throughput",
+        )
+        if throughput_data["start"] is not None
+        else charts.empty_chart("no labelling throughput yet", 1120)
+    )
     width = throughput_data["bucket_seconds"]
     bucket = f", {width // 3600} h buckets" if width >= 3600 else f", {width // 60} min buckets" if width else ""
     refresh = f'<noscript><meta http-equiv="refresh" content="{int(refresh_s)}"></noscript>' if refresh_s > 0 else ""
-    cards = "".join([
-        _card("videos", f"{data['totals']['videos']:,}"),
-        _card("labelled", f"{by_status.get('labelled', 0):,}", charts.GREEN),
-        _card("filtered", f"{by_status.get('filtered', 0):,}", charts.AMBER),
-        _card("failed", f"{by_status.get('failed', 0):,}", charts.RED),
-        _card("shards", f"{data['shards']['count']:,}"),
-        _card("shard bytes", charts.fmt_bytes(data["shards"]["bytes"])),
-    ])
+    cards = "".join(
+        [
+            _card("videos", f"{data['totals']['videos']:,}"),
+            _card("labelled", f"{by_status.get('labelled', 0):,}", charts.GREEN),
+            _card("filtered", f"{by_status.get('filtered', 0):,}", charts.AMBER),
+            _card("failed", f"{by_status.get('failed', 0):,}", charts.RED),
+            _card("shards", f"{data['shards']['count']:,}"),
+            _card("shard bytes", charts.fmt_bytes(data["shards"]["bytes"])),
+        ]
+    )
     errors = "".join(f'<section class="error">{_e(m)}</section>' for m in data.get("errors", []))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>pseudotrack · {_e(workspace)}</title>{refresh}<style>{STYLE}</style>
 <script src="dashboard.js" defer></script></head>
-<body data-refresh="{_e(refresh_s)}" data-fingerprint="{_e(data['fingerprint'])}">
+<body data-refresh="{_e(refresh_s)}" data-fingerprint="{_e(data["fingerprint"])}">
 <header><h1>pseudotrack</h1><span class="where" id="workspace">{_e(workspace)}</span>
-<span class="live" id="live">updated {_e(now.strftime('%Y-%m-%d %H:%M:%S UTC'))}</span></header>
+<span class="live" id="live">updated {_e(now.strftime("%Y-%m-%d %H:%M:%S UTC"))}</span></header>
 <main>{errors}
 <div class="cards">{cards}</div>
-<section><h2>Rounds</h2>{_rounds_table(data['rounds'], now)}</section>
+<section><h2>Rounds</h2>{_rounds_table(data["rounds"], now)}</section>
 <section><h2>Videos per hour <span class="muted small">(labelled and failed by the labelling stage{_e(bucket)})
 </span></h2>{rate}</section>
 <div class="grid2">
 <section><h2>Teacher mix <span class="muted small">(labelled videos)</span></h2>
-{charts.hbar_chart(data['teachers'], 'teachers', charts.BLUE, width=540)}</section>
+{charts.hbar_chart(data["teachers"], "teachers", charts.BLUE, width=540)}</section>
 <section><h2>Caption filter <span class="muted small">(videos dropped, by rule)</span></h2>
-{charts.hbar_chart(data['filter_rules'], 'filtered videos', charts.AMBER, width=540)}</section>
+{charts.hbar_chart(data["filter_rules"], "filtered videos", charts.AMBER, width=540)}</section>
 </div>
 <section><h2>Failure reasons <span class="muted small">(stage: reason)</span></h2>
-{charts.hbar_chart(data['reasons'], 'failures', charts.RED, width=1120, label_chars=80)}</section>
+{charts.hbar_chart(data["reasons"], "failures", charts.RED, width=1120, label_chars=80)}</section>
 <section><h2>Pseudo-track previews <span class="muted small">(newest labelled samples)</span></h2>
-{_previews(data['previews'])}</section>
-<section><h2>Shards</h2>{_shards(data['shards'])}</section>
-<section><h2>Training</h2>{_training(data['training'], data['students'])}</section>
-<section><h2>Recent failures</h2>{_failures_table(data['recent_failures'], now)}</section>
-<footer>read-only · {data['totals']['events']:,} catalog events · queries took {data['query_ms']:.0f} ms</footer>
+{_previews(data["previews"])}</section>
+<section><h2>Shards</h2>{_shards(data["shards"])}</section>
+<section><h2>Training</h2>{_training(data["training"], data["students"])}</section>
+<section><h2>Recent failures</h2>{_failures_table(data["recent_failures"], now)}</section>
+<footer>read-only · {data["totals"]["events"]:,} catalog events · queries took {data["query_ms"]:.0f} ms</footer>
 </main></body></html>"""
 
 
@@ -734,8 +835,11 @@ class Dashboard:
         with self._lock:
             data = collect(self.store, self.catalog, self._files)
             data["errors"] = [self.redact(m) for m in data["errors"]]
-            self._samples = {p["sample_key"]: (p["shard_id"], (p["teachers"] or [None])[0])
-                             for p in data["previews"] if p.get("shard_id")}
+            self._samples = {
+                p["sample_key"]: (p["shard_id"], (p["teachers"] or [None])[0])
+                for p in data["previews"]
+                if p.get("shard_id")
+            }
         data["workspace"] = self.workspace
         data["refresh_seconds"] = self.refresh_s
         return data
@@ -749,8 +853,9 @@ class Dashboard:
             return found
         with self._lock:
             latest = self.catalog.latest()
-            hit = latest.filter(pc.and_(pc.equal(latest["sample_key"], sample_key),
-                                        pc.equal(latest["status"], "labelled")))
+            hit = latest.filter(
+                pc.and_(pc.equal(latest["sample_key"], sample_key), pc.equal(latest["status"], "labelled"))
+            )
         if hit.num_rows == 0 or not hit["shard_id"][0].as_py():
             return None
         teachers = hit["teachers"][0].as_py() or [None]
@@ -803,8 +908,13 @@ class DashboardHandler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self.close_connection = True  # the request's body (if any) is left unread
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed: this dashboard is read-only\n",
-                   "text/plain; charset=utf-8", head=False, extra={"Allow": "GET, HEAD"})
+        self._send(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            b"method not allowed: this dashboard is read-only\n",
+            "text/plain; charset=utf-8",
+            head=False,
+            extra={"Allow": "GET, HEAD"},
+        )
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("%s %s", self.address_string(), format % args)
@@ -829,16 +939,22 @@ class DashboardHandler(BaseHTTPRequestHandler):
                 body = json.dumps(self.dashboard.summary(), default=str, allow_nan=False)
                 self._send_text(HTTPStatus.OK, body, "application/json", head)
             elif path == "/dashboard.js":
-                self._send(HTTPStatus.OK, SCRIPT.encode(), "text/javascript; charset=utf-8", head,
-                           extra={"Cache-Control": "max-age=60"})
+                self._send(
+                    HTTPStatus.OK,
+                    SCRIPT.encode(),
+                    "text/javascript; charset=utf-8",
+                    head,
+                    extra={"Cache-Control": "max-age=60"},
+                )
             elif path.startswith("/preview/") and path.endswith(".png"):
                 try:
-                    png = self.dashboard.preview(path[len("/preview/"):-len(".png")])
+                    png = self.dashboard.preview(path[len("/preview/") : -len(".png")])
                 except (LookupError, FileNotFoundError):  # the catalog names a sample its shard lacks
                     png = None
                 if png is None:
-                    self._send(HTTPStatus.NOT_FOUND, b"no labelled sample with this key\n",
-                               "text/plain; charset=utf-8", head)
+                    self._send(
+                        HTTPStatus.NOT_FOUND, b"no labelled sample with this key\n", "text/plain; charset=utf-8", head
+                    )
                 else:
                     self._send(HTTPStatus.OK, png, "image/png", head, extra={"Cache-Control": "max-age=3600"})
             else:
@@ -848,21 +964,32 @@ class DashboardHandler(BaseHTTPRequestHandler):
         except Exception as exc:  # a workspace that cannot be read: say why, without credentials
             message = self.dashboard.redact(f"{type(exc).__name__}: {exc}")
             log.warning("dashboard request %s failed: %s", path, message)
-            self._send_text(HTTPStatus.SERVICE_UNAVAILABLE, f"the dashboard cannot read the workspace: {message}\n",
-                            "text/plain; charset=utf-8", head)
+            self._send_text(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the dashboard cannot read the workspace: {message}\n",
+                "text/plain; charset=utf-8",
+                head,
+            )
 
     def _send_text(self, status: HTTPStatus, text: str, content_type: str, head: bool) -> None:
         for value in secret_values():  # a last line of defence; data never holds environment values
             text = text.replace(value, "***")
         self._send(status, text.encode("utf-8"), content_type, head)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, head: bool,
-              extra: dict[str, str] | None = None) -> None:
+    def _send(
+        self, status: HTTPStatus, body: bytes, content_type: str, head: bool, extra: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body)),
-                   "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-                   "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-store",
-                   **(extra or {})}
+        headers = {
+            "Content-Type": content_type,
+            "Content-Length": str(len(body)),
+            "Content-Security-Policy": CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY",
+            "Cache-Control": "no-store",
+            **(extra or {}),
+        }
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -873,10 +1000,14 @@ class DashboardHandler(BaseHTTPRequestHandler):
 def make_server(dashboard: Dashboard, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
     """A threaded server bound to host:port (port 0: a free one; read it from server.server_address)."""
     loopback = host in LOOPBACK or host.startswith("127.")
-    handler = type("Handler", (DashboardHandler,), {
-        "dashboard": dashboard,
-        "allowed_hosts": frozenset(LOOPBACK | {host}) if loopback else None,
-    })
+    handler = type(
+        "Handler",
+        (DashboardHandler,),
+        {
+            "dashboard": dashboard,
+            "allowed_hosts": frozenset(LOOPBACK | {host}) if loopback else None,
+        },
+    )
     server_class = ThreadingHTTPServer
     if ":" in host:
         import socket
@@ -887,8 +1018,9 @@ def make_server(dashboard: Dashboard, host: str = "127.0.0.1", port: int = 8765)
     return server
 
 
-def start_in_thread(dashboard: Dashboard, host: str = "127.0.0.1", port: int = 0
-                    ) -> tuple[ThreadingHTTPServer, threading.Thread, str]:
+def start_in_thread(
+    dashboard: Dashboard, host: str = "127.0.0.1", port: int = 0
+) -> tuple[ThreadingHTTPServer, threading.Thread, str]:
     """Serve in a daemon thread (tests, notebooks); returns (server, thread, base URL). Stop with shutdown()."""
     server = make_server(dashboard, host, port)
     thread = threading.Thread(target=server.serve_forever, name="pseudotrack-dashboard", daemon=True)
@@ -900,8 +1032,13 @@ def start_in_thread(dashboard: Dashboard, host: str = "127.0.0.1", port: int = 0
 
 def dashboard_command(
     workspace: Annotated[str, typer.Option(help="The workspace to show (local directory or s3://...).")],
-    host: Annotated[str, typer.Option(help="Address to bind. The page has no login: keep 127.0.0.1 unless the "
-                                           "network is trusted (or use an SSH tunnel).")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to bind. The page has no login: keep 127.0.0.1 unless the "
+            "network is trusted (or use an SSH tunnel)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
     refresh: Annotated[float, typer.Option(help="Seconds between the page's checks for new data (0: never).")] = 10.0,
 ) -> None:
@@ -920,11 +1057,13 @@ def dashboard_command(
         raise typer.Exit(2) from None
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
-    console.print(f"dashboard of {dashboard.workspace} at http://{shown}:{bound_port}/ (Ctrl-C stops it)",
-                  highlight=False)
+    console.print(
+        f"dashboard of {dashboard.workspace} at http://{shown}:{bound_port}/ (Ctrl-C stops it)", highlight=False
+    )
     if not (host in LOOPBACK or host.startswith("127.")):
-        console.print(f"[yellow]warning:[/] bound to {host}: anyone who can reach this port can read the catalog",
-                      highlight=False)
+        console.print(
+            f"[yellow]warning:[/] bound to {host}: anyone who can reach this port can read the catalog", highlight=False
+        )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

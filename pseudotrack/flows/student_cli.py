@@ -34,9 +34,15 @@ def _progress():
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
 
 
 def metrics_table(title: str, reports: dict[str, dict]) -> Table:
@@ -57,8 +63,10 @@ def train_command(
     output: Annotated[Path, typer.Option(help="Local folder for checkpoints, metrics.jsonl, student.pth, report.")],
     init: Annotated[
         str | None,
-        typer.Option(help="Starting weights: an official CoTracker3 file (scaled_online.pth, baseline_*.pth) or "
-                     "a student.pth of ours. Without it the student starts from random weights."),
+        typer.Option(
+            help="Starting weights: an official CoTracker3 file (scaled_online.pth, baseline_*.pth) or "
+            "a student.pth of ours. Without it the student starts from random weights."
+        ),
     ] = None,
     round_id: Annotated[
         list[str] | None, typer.Option("--round", help="Train on this round's shards (repeatable). Default: all.")
@@ -97,10 +105,23 @@ def train_command(
 
     try:
         config = TrainConfig(
-            workspace=workspace, output=str(output), rounds=round_id or None, init_checkpoint=init,
-            variant=variant, model_size=model_size, steps=steps, batch_size=batch_size,
-            micro_batch_size=micro_batch_size, num_frames=frames, num_tracks=tracks, lr=lr, iters=iters,
-            workers=workers, checkpoint_every=checkpoint_every, seed=seed, device=device,
+            workspace=workspace,
+            output=str(output),
+            rounds=round_id or None,
+            init_checkpoint=init,
+            variant=variant,
+            model_size=model_size,
+            steps=steps,
+            batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
+            num_frames=frames,
+            num_tracks=tracks,
+            lr=lr,
+            iters=iters,
+            workers=workers,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            device=device,
         )
     except ConfigError as exc:
         _fail(str(exc))
@@ -112,8 +133,11 @@ def train_command(
     def on_log(row: dict) -> None:
         if task["id"] is None:
             task["id"] = progress.add_task("training", total=row["total_steps"], info="")
-        progress.update(task["id"], completed=row["step"],
-                        info=f"loss {row['loss']:.3f} lr {row['lr']:.1e} {row['clips_per_second']:.2f} clips/s")
+        progress.update(
+            task["id"],
+            completed=row["step"],
+            info=f"loss {row['loss']:.3f} lr {row['lr']:.1e} {row['clips_per_second']:.2f} clips/s",
+        )
 
     remove = add_log_listener(on_log)
     try:
@@ -141,8 +165,11 @@ def _print_train_report(report: dict) -> None:
     table.add_row("exported", train["export_path"] or "(not finished)")
     out.print(table)
     if report.get("evaluation"):
-        out.print(metrics_table(f"evaluation on {next(iter(report['evaluation'].values()))['benchmark']}",
-                                report["evaluation"]))
+        out.print(
+            metrics_table(
+                f"evaluation on {next(iter(report['evaluation'].values()))['benchmark']}", report["evaluation"]
+            )
+        )
     out.print(f"report: {report.get('report_path')}")
 
 
@@ -158,9 +185,11 @@ def eval_command(
     videos: Annotated[int, typer.Option(help="Evaluate at most this many videos.")] = 8,
     one_query_at_a_time: Annotated[
         bool,
-        typer.Option("--one-query-at-a-time/--joint",
-                     help="TAP-Vid protocol: each benchmark query in its own call (default), or all at once "
-                          "(cheaper; a different, joint setting)."),
+        typer.Option(
+            "--one-query-at-a-time/--joint",
+            help="TAP-Vid protocol: each benchmark query in its own call (default), or all at once "
+            "(cheaper; a different, joint setting).",
+        ),
     ] = True,
     resize: Annotated[
         bool, typer.Option("--resize/--native-size", help="Run at 256x256 as TAP-Vid does, or at each video's size.")
@@ -188,13 +217,26 @@ def eval_command(
             progress.update(task, completed=done, total=total or videos)
 
         try:
-            result = evaluate_student(checkpoint, benchmark, query_mode, variant, videos, device=device,
-                                      output=str(path), resize_to=(256, 256) if resize else None,
-                                      one_query_at_a_time=one_query_at_a_time, progress=on_video)
+            result = evaluate_student(
+                checkpoint,
+                benchmark,
+                query_mode,
+                variant,
+                videos,
+                device=device,
+                output=str(path),
+                resize_to=(256, 256) if resize else None,
+                one_query_at_a_time=one_query_at_a_time,
+                progress=on_video,
+            )
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
             return
     protocol = result["info"]["protocol"]
-    out.print(metrics_table(f"{Path(checkpoint).name} on {benchmark} ({query_mode} queries, {protocol}, "
-                            f"{result['videos']} videos)", {"value": result}))
+    out.print(
+        metrics_table(
+            f"{Path(checkpoint).name} on {benchmark} ({query_mode} queries, {protocol}, {result['videos']} videos)",
+            {"value": result},
+        )
+    )
     out.print(f"report: {path}")

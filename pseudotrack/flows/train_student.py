@@ -63,8 +63,11 @@ def benchmark_videos(
     from ..student import benchmarks
 
     if benchmark == "synthetic":
-        return list(benchmarks.synthetic_videos(videos, seed=seed, num_frames=num_frames, height=size[0],
-                                                width=size[1], num_points=num_points))
+        return list(
+            benchmarks.synthetic_videos(
+                videos, seed=seed, num_frames=num_frames, height=size[0], width=size[1], num_points=num_points
+            )
+        )
     return list(benchmarks.read_tapvid(benchmark, limit=videos))
 
 
@@ -103,8 +106,9 @@ def evaluate_student(
     predict = student.predict
     if variant == "online" and query_mode == "strided":
         predict = with_backward_pass(predict)  # an online tracker only looks forward (as the authors evaluate)
-    result = evaluate(predict, clips, query_mode, resize_to=resize_to, one_query_at_a_time=one_query_at_a_time,
-                      progress=progress)
+    result = evaluate(
+        predict, clips, query_mode, resize_to=resize_to, one_query_at_a_time=one_query_at_a_time, progress=progress
+    )
     report = {
         "checkpoint": str(checkpoint),
         "variant": variant,
@@ -122,15 +126,25 @@ def evaluate_student(
         path.write_text(json.dumps(report, indent=2, sort_keys=True))
         report["report_path"] = str(path)
     if _in_flow():
-        create_markdown_artifact(metrics_markdown(report), key=artifact_key("student-eval", Path(benchmark).stem),
-                                 description=f"metrics of {checkpoint}")
+        create_markdown_artifact(
+            metrics_markdown(report),
+            key=artifact_key("student-eval", Path(benchmark).stem),
+            description=f"metrics of {checkpoint}",
+        )
     return report
 
 
 def metrics_markdown(report: dict) -> str:
     rows = [f"| {k} | {v:.4f} |" for k, v in report["metrics"].items()]
-    return "\n".join([f"# {report['benchmark']} ({report['query_mode']} queries, {report['videos']} videos)",
-                      "", "| metric | value |", "|---|---|", *rows])
+    return "\n".join(
+        [
+            f"# {report['benchmark']} ({report['query_mode']} queries, {report['videos']} videos)",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *rows,
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- training
@@ -153,8 +167,11 @@ def train_student(
 
     progress_id = None
     if _in_flow():
-        progress_id = create_progress_artifact(0.0, key=artifact_key("student-progress", Path(config.output).name),
-                                               description=f"training progress of {config.output}")
+        progress_id = create_progress_artifact(
+            0.0,
+            key=artifact_key("student-progress", Path(config.output).name),
+            description=f"training progress of {config.output}",
+        )
     history: list[dict] = []
 
     def log_row(row: dict) -> None:
@@ -167,8 +184,7 @@ def train_student(
     result: TrainResult = run_training(config, on_log=log_row)
     if not init_distributed(config.device).is_main:
         return result.to_dict()
-    report: dict = {"train": {k: v for k, v in result.to_dict().items() if k != "history"},
-                    "config": config.to_dict()}
+    report: dict = {"train": {k: v for k, v in result.to_dict().items() if k != "history"}, "config": config.to_dict()}
     if evaluate_on and result.export_path:
         clips = eval_clips if eval_clips is not None else benchmark_videos(evaluate_on, eval_videos)
         options = dict(variant=config.variant, device=config.device, clips=clips, **(eval_options or {}))
@@ -181,9 +197,11 @@ def train_student(
     report["report_path"] = str(path)
     _publish_report(config, report)
     if _in_flow():
-        create_markdown_artifact(training_markdown(report, history),
-                                 key=artifact_key("student-report", Path(config.output).name),
-                                 description="student training summary")
+        create_markdown_artifact(
+            training_markdown(report, history),
+            key=artifact_key("student-report", Path(config.output).name),
+            description="student training summary",
+        )
     return report
 
 
@@ -202,13 +220,19 @@ def _publish_report(config: TrainConfig, report: dict) -> None:
 
 def training_markdown(report: dict, history: list[dict]) -> str:
     train = report["train"]
-    lines = [f"# Student training: {train['steps']} steps", "",
-             f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}, "
-             f"{train['clips_per_second']:.2f} clips/s, {train['seconds']:.0f} s", "",
-             "| step | loss | lr | clips/s |", "|---|---|---|---|"]
+    lines = [
+        f"# Student training: {train['steps']} steps",
+        "",
+        f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}, "
+        f"{train['clips_per_second']:.2f} clips/s, {train['seconds']:.0f} s",
+        "",
+        "| step | loss | lr | clips/s |",
+        "|---|---|---|---|",
+    ]
     stride = max(1, len(history) // 20)
-    lines += [f"| {r['step']} | {r['loss']:.4f} | {r['lr']:.2e} | {r['clips_per_second']:.2f} |"
-              for r in history[::stride]]
+    lines += [
+        f"| {r['step']} | {r['loss']:.4f} | {r['lr']:.2e} | {r['clips_per_second']:.2f} |" for r in history[::stride]
+    ]
     for name, ev in report.get("evaluation", {}).items():
         lines += ["", f"## {name}: {ev['benchmark']}", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in ev["metrics"].items() if isinstance(v, float)]
@@ -222,7 +246,13 @@ def train_student_flow(config: TrainConfig, evaluate_on: str | None = "synthetic
 
 
 @flow(name="evaluate-student", log_prints=True)
-def evaluate_student_flow(checkpoint: str, benchmark: str = "synthetic", query_mode: str = "first",
-                          variant: str | None = None, videos: int = 8, output: str | None = None) -> dict:
+def evaluate_student_flow(
+    checkpoint: str,
+    benchmark: str = "synthetic",
+    query_mode: str = "first",
+    variant: str | None = None,
+    videos: int = 8,
+    output: str | None = None,
+) -> dict:
     """TAP-Vid metrics of a student checkpoint on a benchmark."""
     return evaluate_student(checkpoint, benchmark, query_mode, variant, videos, output=output)

@@ -84,8 +84,18 @@ REQUIRED_BY_STATUS = {
     "failed": ("reason",),
     "planned": (),
 }
-SUMMARY_COLUMNS = ("event_id", "video_key", "round_id", "created_at", "status", "teachers", "stage", "reason",
-                   "filter_rule", "shard_id")
+SUMMARY_COLUMNS = (
+    "event_id",
+    "video_key",
+    "round_id",
+    "created_at",
+    "status",
+    "teachers",
+    "stage",
+    "reason",
+    "filter_rule",
+    "shard_id",
+)
 READ_THREADS = 8
 MAX_RELISTS = 20
 
@@ -194,8 +204,10 @@ class Catalog:
         if per_round.num_rows:
             grouped = per_round.group_by(["round_id", "status"]).aggregate([("video_key", "count")])
             for name, state, count in zip(
-                grouped["round_id"].to_pylist(), grouped["status"].to_pylist(),
-                grouped["video_key_count"].to_pylist(), strict=True,
+                grouped["round_id"].to_pylist(),
+                grouped["status"].to_pylist(),
+                grouped["video_key_count"].to_pylist(),
+                strict=True,
             ):
                 rounds.setdefault(name or "(none)", {})[state] = count
         return {
@@ -224,8 +236,11 @@ class Catalog:
     def _list(self) -> list[str]:
         # One listing of catalog/: events/ sorts before snapshots/, so a snapshot written before
         # an event file vanished from a later page is still seen.
-        return [info.key for info in self.store.list(f"{CATALOG}/", suffixes=(SUFFIX,))
-                if info.key.startswith((EVENTS, SNAPSHOTS))]
+        return [
+            info.key
+            for info in self.store.list(f"{CATALOG}/", suffixes=(SUFFIX,))
+            if info.key.startswith((EVENTS, SNAPSHOTS))
+        ]
 
     def _read_one(self, key: str) -> pa.Table | None:
         cached = self._cache.get(key)
@@ -323,8 +338,7 @@ def rows_to_table(rows: list[Mapping[str, Any]], stem: str, now: datetime) -> pa
         try:
             arrays.append(pa.array(columns[field.name], type=field.type, from_pandas=True))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-            raise ValueError(f"catalog column {field.name!r} ({field.type}): a row has a bad value: {exc}") \
-                from None
+            raise ValueError(f"catalog column {field.name!r} ({field.type}): a row has a bad value: {exc}") from None
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 

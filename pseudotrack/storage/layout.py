@@ -34,17 +34,13 @@ _SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 def validate_round_id(round_id: str) -> str:
     """Round ids become folder names and artifact keys; refuse what would break either."""
     if not isinstance(round_id, str) or not _NAME.fullmatch(round_id):
-        raise ValueError(
-            f"round id {round_id!r} is not valid: use 1-96 characters of letters, digits, '_' and '-'"
-        )
+        raise ValueError(f"round id {round_id!r} is not valid: use 1-96 characters of letters, digits, '_' and '-'")
     return round_id
 
 
 def validate_batch_id(batch_id: str) -> str:
     if not isinstance(batch_id, str) or not _NAME.fullmatch(batch_id):
-        raise ValueError(
-            f"batch id {batch_id!r} is not valid: use 1-96 characters of letters, digits, '_' and '-'"
-        )
+        raise ValueError(f"batch id {batch_id!r} is not valid: use 1-96 characters of letters, digits, '_' and '-'")
     return batch_id
 
 

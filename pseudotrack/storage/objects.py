@@ -351,9 +351,17 @@ def _copy_atomically(copy, dest: Path) -> None:
 _CLIENTS: dict[tuple, BaseClient] = {}
 _CLIENTS_LOCK = threading.Lock()
 _ENV_KEYS = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION",
-    "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
-    "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_RETRY_MODE",
+    "AWS_MAX_ATTEMPTS",
 )
 
 
@@ -552,8 +560,15 @@ class S3Store(ObjectStore):
                 f"{uri}: bucket {self.bucket!r} does not exist at {endpoint}; create it "
                 f"(aws s3 mb s3://{self.bucket}) or fix the bucket name or AWS_ENDPOINT_URL"
             )
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-                    "InvalidToken", "ExpiredToken"):
+        if code in (
+            "AccessDenied",
+            "403",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AllAccessDisabled",
+            "InvalidToken",
+            "ExpiredToken",
+        ):
             return ConfigError(
                 f"{uri}: cannot {action} ({code}); check the credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID) "
                 "and the bucket policy"
@@ -633,9 +648,7 @@ class _S3Reader(io.RawIOBase):
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:
     """webdataset opener for s3:// URLs through boto3 (9x faster than `pipe:aws s3 cp`, DESIGN.md)."""
     if mode != "rb":
-        raise ValueError(
-            f"{url}: webdataset reads s3:// URLs only; write shards locally and upload them with put_file"
-        )
+        raise ValueError(f"{url}: webdataset reads s3:// URLs only; write shards locally and upload them with put_file")
     bucket, key = split_s3_uri(url)
     try:
         body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]

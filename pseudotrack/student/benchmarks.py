@@ -131,9 +131,7 @@ def _decode_frames(video: object, where: str) -> np.ndarray:
         encoded = []
     if not encoded or not all(isinstance(item, bytes | bytearray) for item in encoded):
         got = f"{type(video).__name__} {getattr(video, 'dtype', '')} {getattr(video, 'shape', '')}".strip()
-        raise BenchmarkFormatError(
-            f"{where}: 'video' must be uint8 [T, H, W, 3] or a list of JPEG bytes, got {got}"
-        )
+        raise BenchmarkFormatError(f"{where}: 'video' must be uint8 [T, H, W, 3] or a list of JPEG bytes, got {got}")
     frames = []
     for i, data in enumerate(encoded):
         image = cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_COLOR)
@@ -146,9 +144,7 @@ def _decode_frames(video: object, where: str) -> np.ndarray:
     return np.stack(frames)
 
 
-def entry_to_video(
-    name: str, entry: object, where: str, resize_to: tuple[int, int] | None = None
-) -> BenchmarkVideo:
+def entry_to_video(name: str, entry: object, where: str, resize_to: tuple[int, int] | None = None) -> BenchmarkVideo:
     """One published entry -> a `BenchmarkVideo` (pixels of the frames, resized when asked)."""
     if not isinstance(entry, Mapping) or not {"video", "points", "occluded"} <= set(entry):
         keys = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
@@ -161,9 +157,7 @@ def entry_to_video(
             f"{where}: need 'points' [N, T, 2] and 'occluded' [N, T], got {points.shape} and {occluded.shape}"
         )
     if points.shape[1] != len(frames):
-        raise BenchmarkFormatError(
-            f"{where}: 'points' cover {points.shape[1]} frames, 'video' has {len(frames)}"
-        )
+        raise BenchmarkFormatError(f"{where}: 'points' cover {points.shape[1]} frames, 'video' has {len(frames)}")
     if resize_to is not None:
         frames = resize_frames(frames, resize_to)
     h, w = frames.shape[1:3]
@@ -181,8 +175,7 @@ def _entries(data: object, path: Path, want: type | None) -> Iterable[tuple[str,
         return ((f"{path.stem}_{i:04d}", v) for i, v in enumerate(data))
     expected = "a dict of video name -> entry" if want is dict else "a list of entries"
     raise BenchmarkFormatError(
-        f"{path} holds {type(data).__name__}, but this layout is {expected}; "
-        "try read_tapvid, which detects the layout"
+        f"{path} holds {type(data).__name__}, but this layout is {expected}; try read_tapvid, which detects the layout"
     )
 
 
@@ -303,6 +296,7 @@ def synthetic_videos(
     from ..synthetic import render_scene
 
     for i in range(count):
-        scene = render_scene(seed + i, num_frames=num_frames, height=height, width=width,
-                             num_objects=num_objects, num_points=num_points)
+        scene = render_scene(
+            seed + i, num_frames=num_frames, height=height, width=width, num_objects=num_objects, num_points=num_points
+        )
         yield BenchmarkVideo(f"synthetic_{seed + i:06d}", scene.frames, scene.tracks, scene.occluded)

@@ -187,9 +187,7 @@ def rebase_queries(
     return out, valid
 
 
-def choose_tracks(
-    valid: np.ndarray, num_tracks: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def choose_tracks(valid: np.ndarray, num_tracks: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A fixed number of track indices: a random subset, or all plus masked repeats.
 
     Repeats keep the model's input realistic (real queries) while their
@@ -369,8 +367,9 @@ def stream_batches(
             raw = reader.read(draw)
             try:
                 sample = decode_sample(raw)
-                clip = prepare_clip(sample, decode_frames(sample["mp4"]), spec, length,
-                                    sample_rng(seed, stream, draw.index))
+                clip = prepare_clip(
+                    sample, decode_frames(sample["mp4"]), spec, length, sample_rng(seed, stream, draw.index)
+                )
                 last_error = "no point of the clip can be queried in the chosen frames"
             except Exception as exc:  # a bad sample must not stop training; it is reported
                 log.warning("skipping sample %s of %s: %s", raw.get("__key__"), shards[draw.shard].url, exc)
@@ -378,8 +377,10 @@ def stream_batches(
             if clip is None:
                 failures += 1
                 if failures >= give_up:  # every sample failing is a broken data set, not bad luck
-                    raise RuntimeError(f"{failures} samples in a row could not be used for training "
-                                       f"(last: {last_error}); check the shards with `pseudotrack show`")
+                    raise RuntimeError(
+                        f"{failures} samples in a row could not be used for training "
+                        f"(last: {last_error}); check the shards with `pseudotrack show`"
+                    )
                 continue
             failures = 0
             clips.append(clip)

@@ -62,9 +62,7 @@ class SupportConfig:
     on_query_frame: bool = True
 
 
-def grid_points(
-    size: int, extent: tuple[float, float], centre: tuple[float, float] | None = None
-) -> np.ndarray:
+def grid_points(size: int, extent: tuple[float, float], centre: tuple[float, float] | None = None) -> np.ndarray:
     """[size*size, 2] (x, y), row-major: a size x size grid over an (h, w) extent around centre (y, x).
 
     The points keep a margin of w/64 from the extent's border; centre defaults
@@ -190,9 +188,7 @@ def evaluate_video(
         return {}, 0, 0
     qp = queries.query_points  # (t, y, x)
     xy_queries = np.stack([qp[:, 0], qp[:, 2], qp[:, 1]], axis=-1).astype(np.float32)
-    tracks, visible, calls = predict_queries(
-        predict_fn, video.frames, xy_queries, one_query_at_a_time, config
-    )
+    tracks, visible, calls = predict_queries(predict_fn, video.frames, xy_queries, one_query_at_a_time, config)
     h, w = video.size
     to_256 = np.array([BENCHMARK_SIZE[1] / w, BENCHMARK_SIZE[0] / h])
     metrics = compute_tapvid_metrics(

@@ -69,9 +69,7 @@ def _check_inputs(query_points, gt_occluded, gt_tracks, pred_occluded, pred_trac
             )
     frames = np.rint(np.asarray(query_points)[..., 0])
     if frames.size and (frames.min() < 0 or frames.max() >= t):
-        raise ValueError(
-            f"query_points frame indices must lie in [0, {t - 1}], got {frames.min()}..{frames.max()}"
-        )
+        raise ValueError(f"query_points frame indices must lie in [0, {t - 1}], got {frames.min()}..{frames.max()}")
 
 
 def compute_tapvid_metrics(
@@ -167,9 +165,7 @@ def _check_tracks(tracks: np.ndarray, occluded: np.ndarray) -> tuple[np.ndarray,
     tracks = np.asarray(tracks)
     occluded = np.asarray(occluded, bool)
     if tracks.ndim != 3 or tracks.shape[-1] != 2 or occluded.shape != tracks.shape[:2]:
-        raise ValueError(
-            f"need tracks [N, T, 2] (x, y) and occluded [N, T], got {tracks.shape} and {occluded.shape}"
-        )
+        raise ValueError(f"need tracks [N, T, 2] (x, y) and occluded [N, T], got {tracks.shape} and {occluded.shape}")
     return tracks, occluded
 
 
@@ -201,9 +197,7 @@ def sample_queries_strided(tracks: np.ndarray, occluded: np.ndarray, query_strid
     return _query_set(tracks, occluded, track_grid, query_frames[frame_grid])
 
 
-def sample_queries(
-    tracks: np.ndarray, occluded: np.ndarray, query_mode: str, query_stride: int = 5
-) -> QuerySet:
+def sample_queries(tracks: np.ndarray, occluded: np.ndarray, query_mode: str, query_stride: int = 5) -> QuerySet:
     """The benchmark's queries for ``query_mode`` ('first' or 'strided')."""
     if check_query_mode(query_mode) == "first":
         return sample_queries_first(tracks, occluded)

@@ -79,8 +79,9 @@ class Student(nn.Module):
         frames: uint8 [T, H, W, 3]; queries: float [M, 3] (t, x, y) pixels of `frames`
         returns tracks float32 [T, M, 2] in the same pixels and visible bool [T, M]
         """
-        teacher = ct3.predictor_from_model(self.net, offline=self.variant == "offline", iters=iters,
-                                           support_grid=0, support_sift=0, support_uniform=0)
+        teacher = ct3.predictor_from_model(
+            self.net, offline=self.variant == "offline", iters=iters, support_grid=0, support_sift=0, support_uniform=0
+        )
         out = teacher.predict(frames, queries)
         return out.tracks, out.visibility
 
@@ -112,8 +113,10 @@ def build_student(variant: str, size: str = "full", checkpoint: str | Path | Non
     if meta is not None:
         saved = meta["model"]["variant"]
         if saved != variant:
-            raise ConfigError(f"{checkpoint} is an {saved} student: train an {saved} student from it "
-                              f"(variant={saved}) or start the {variant} one from an {variant} file")
+            raise ConfigError(
+                f"{checkpoint} is an {saved} student: train an {saved} student from it "
+                f"(variant={saved}) or start the {variant} one from an {variant} file"
+            )
         cfg = ct3.config_from_dict(meta["model"]["config"])
     else:
         cfg = model_config(variant, size)

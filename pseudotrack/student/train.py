@@ -118,15 +118,25 @@ class TrainConfig:
             problems.append(f"variant={self.variant!r}: choose online or offline")
         if self.model_size not in ("full", "tiny"):
             problems.append(f"model_size={self.model_size!r}: choose full or tiny")
-        for name in ("batch_size", "micro_batch_size", "num_frames", "num_tracks", "max_stride", "iters",
-                     "checkpoint_every", "log_every", "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "micro_batch_size",
+            "num_frames",
+            "num_tracks",
+            "max_stride",
+            "iters",
+            "checkpoint_every",
+            "log_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.steps is not None and self.steps < 1:
             problems.append(f"steps={self.steps} must be at least 1 (or unset: one step per video)")
         if self.batch_size % self.micro_batch_size:
-            problems.append(f"batch_size={self.batch_size} must be a multiple of micro_batch_size="
-                            f"{self.micro_batch_size}")
+            problems.append(
+                f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"
+            )
         if self.min_frames is not None and not 2 <= self.min_frames <= self.num_frames:
             problems.append(f"min_frames={self.min_frames} must be between 2 and num_frames={self.num_frames}")
         if self.lr <= 0:
@@ -221,8 +231,13 @@ def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": {"version": int(version), "internal": list(internal), "gauss": gauss},
     }
     if torch.cuda.is_available():
@@ -281,8 +296,16 @@ def compute_loss(model: torch.nn.Module, batch: dict, config: TrainConfig) -> to
         supervised = online_supervision_mask(batch["queries"][..., 0], num_frames, batch["valid"])
     else:
         supervised = offline_supervision_mask(batch["valid"], num_frames)
-    return track_loss(windows, batch["tracks"], batch["visible"], supervised, batch["occluded_supervised"],
-                      config.huber_delta, config.gamma, config.occluded_weight)
+    return track_loss(
+        windows,
+        batch["tracks"],
+        batch["visible"],
+        supervised,
+        batch["occluded_supervised"],
+        config.huber_delta,
+        config.gamma,
+        config.occluded_weight,
+    )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -308,8 +331,9 @@ def run_training(
     output.mkdir(parents=True, exist_ok=True)
     shards = shards if shards is not None else _shard_snapshot(config, output, ddp)
     if not shards:
-        raise ConfigError(f"no committed shards in {config.workspace} (rounds {config.rounds or 'all'}): "
-                          "run a labelling round first")
+        raise ConfigError(
+            f"no committed shards in {config.workspace} (rounds {config.rounds or 'all'}): run a labelling round first"
+        )
     total_steps = config.steps or default_steps(sum(s.count for s in shards), config.batch_size)
     accumulation = _accumulation(config, ddp)
     if ddp.is_main:  # what `torchrun -m pseudotrack.student.train <output>/config.json` reads
@@ -322,9 +346,16 @@ def run_training(
             run.student, device_ids=[device.index] if device.type == "cuda" else None
         )
     height, width = run.student.resolution
-    loader = make_loader(shards, config.clip_spec(height, width), config.micro_batch_size, config.seed,
-                         rank=ddp.rank, num_workers=config.workers, state=run.loader_state,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(
+        shards,
+        config.clip_spec(height, width),
+        config.micro_batch_size,
+        config.seed,
+        rank=ddp.rank,
+        num_workers=config.workers,
+        state=run.loader_state,
+        pin_memory=device.type == "cuda",
+    )
     batches: Iterator[dict] = iter(loader)
     metrics_file = output / METRICS_NAME
     stop_requested = {"flag": False}
@@ -344,10 +375,15 @@ def run_training(
                 if ddp.world_size > 1:
                     dist.all_reduce(window_loss, op=dist.ReduceOp.AVG)
                 seconds = time.perf_counter() - window_start
-                row = {"step": run.step, "total_steps": total_steps, "loss": float(window_loss) / window_steps,
-                       "lr": run.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                       "clips_per_second": window_steps * config.batch_size / max(seconds, 1e-9),
-                       "time": time.time()}
+                row = {
+                    "step": run.step,
+                    "total_steps": total_steps,
+                    "loss": float(window_loss) / window_steps,
+                    "lr": run.optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "clips_per_second": window_steps * config.batch_size / max(seconds, 1e-9),
+                    "time": time.time(),
+                }
                 history.append(row)
                 if ddp.is_main:
                     with open(metrics_file, "a") as fh:
@@ -431,8 +467,10 @@ class _Run:
 def _accumulation(config: TrainConfig, ddp: Dist) -> int:
     per_rank = config.batch_size // ddp.world_size
     if config.batch_size % ddp.world_size or per_rank % config.micro_batch_size:
-        raise ConfigError(f"batch_size={config.batch_size} must split evenly over {ddp.world_size} ranks "
-                          f"into micro-batches of {config.micro_batch_size}")
+        raise ConfigError(
+            f"batch_size={config.batch_size} must split evenly over {ddp.world_size} ranks "
+            f"into micro-batches of {config.micro_batch_size}"
+        )
     return per_rank // config.micro_batch_size
 
 
@@ -448,14 +486,17 @@ def _start(config: TrainConfig, ddp: Dist, device: torch.device, output: Path, t
     student = build_student(config.variant, config.model_size, config.init_checkpoint).to(device)
     frozen = {name: p.detach().clone() for name, p in student.frozen_parameters().items()}
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total_steps))
     run = _Run(student, trainable, optimizer, scheduler, LoaderState(), frozen)
     latest = checkpoint_paths(output)
     if latest and not config.resume:
-        raise ConfigError(f"{output} holds checkpoints of an earlier run (newest {latest[0].name}) and resume is "
-                          "off: use another output folder, or resume")
+        raise ConfigError(
+            f"{output} holds checkpoints of an earlier run (newest {latest[0].name}) and resume is "
+            "off: use another output folder, or resume"
+        )
     if latest:
         ckpt = load_training_checkpoint(latest[0])
         _check_resumable(ckpt, config, ddp, total_steps)
@@ -471,24 +512,32 @@ def _start(config: TrainConfig, ddp: Dist, device: torch.device, output: Path, t
     return run
 
 
-def _train_step(model: torch.nn.Module, batches: Iterator[dict], run: _Run, config: TrainConfig,
-                accumulation: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_step(
+    model: torch.nn.Module,
+    batches: Iterator[dict],
+    run: _Run,
+    config: TrainConfig,
+    accumulation: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step over `accumulation` micro-batches; returns (mean unscaled loss, grad norm) on device.
 
     DDP synchronises gradients on the last micro-batch only. The loss is scaled
     (authors' 0.05) before backward so that clipping at `grad_clip` acts as in
     their runs; the logged loss is unscaled.
     """
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and device.type == "cuda"
-                else nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and device.type == "cuda" else nullcontext()
     step_loss = torch.zeros((), device=device)
     for micro in range(accumulation):
         batch = next(batches)
         run.loader_state.update(batch)
         batch = move_batch(batch, device)
         last = micro == accumulation - 1
-        no_sync = model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last \
+        no_sync = (
+            model.no_sync()
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last
             else nullcontext()
+        )
         with no_sync:
             with autocast:
                 loss = compute_loss(model, batch, config)
@@ -502,8 +551,11 @@ def _train_step(model: torch.nn.Module, batches: Iterator[dict], run: _Run, conf
 
 
 def _check_frozen(run: _Run) -> None:
-    changed = [n for n, p in run.student.frozen_parameters().items()
-               if not torch.equal(p.detach().cpu(), run.frozen_at_start[n].cpu())]
+    changed = [
+        n
+        for n, p in run.student.frozen_parameters().items()
+        if not torch.equal(p.detach().cpu(), run.frozen_at_start[n].cpu())
+    ]
     if changed:
         raise RuntimeError(f"frozen visibility/confidence parameters changed during training: {changed}")
 
@@ -538,20 +590,23 @@ def _save_checkpoint(output: Path, run: _Run, config: TrainConfig, ddp: Dist, to
     rngs = _gather(rng_state(), ddp)
     path = output / CHECKPOINT_DIR / f"step-{run.step:08d}.pt"
     if ddp.is_main:
-        save_atomic({
-            "model": run.student.net.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "step": run.step,
-            "total_steps": total_steps,
-            "world_size": ddp.world_size,
-            "workers": config.workers,
-            "loader": loaders,
-            "rng": rngs,
-            "config": config.to_dict(),
-            "model_config": run.student.config_dict(),
-        }, path)
-        for old in checkpoint_paths(output)[config.keep_checkpoints:]:
+        save_atomic(
+            {
+                "model": run.student.net.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "step": run.step,
+                "total_steps": total_steps,
+                "world_size": ddp.world_size,
+                "workers": config.workers,
+                "loader": loaders,
+                "rng": rngs,
+                "config": config.to_dict(),
+                "model_config": run.student.config_dict(),
+            },
+            path,
+        )
+        for old in checkpoint_paths(output)[config.keep_checkpoints :]:
             old.unlink(missing_ok=True)
     if ddp.world_size > 1:
         dist.barrier()
@@ -568,13 +623,15 @@ def _check_resumable(ckpt: dict, config: TrainConfig, ddp: Dist, total_steps: in
     if int(ckpt["total_steps"]) != total_steps:
         problems.append(f"its schedule has {ckpt['total_steps']} steps, this run {total_steps}")
     saved = ckpt["config"]
-    for key in ("variant", "model_size", "batch_size", "micro_batch_size", "num_frames", "num_tracks", "seed",
-                "lr"):
+    for key in ("variant", "model_size", "batch_size", "micro_batch_size", "num_frames", "num_tracks", "seed", "lr"):
         if saved.get(key) != getattr(config, key):
             problems.append(f"{key} was {saved.get(key)!r}, now {getattr(config, key)!r}")
     if problems:
-        raise ConfigError("cannot resume from the checkpoint in this output folder: " + "; ".join(problems)
-                          + " (use another output folder to start over)")
+        raise ConfigError(
+            "cannot resume from the checkpoint in this output folder: "
+            + "; ".join(problems)
+            + " (use another output folder to start over)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

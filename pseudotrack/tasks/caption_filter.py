@@ -52,9 +52,7 @@ def _phrase_pattern(words: Iterable[str]) -> re.Pattern:
             alternatives.append(r"[\s\-_]*".join(parts) + r"(?:s|es)?")
     if not alternatives:
         raise ValueError("a rule needs at least one word")
-    return re.compile(
-        r"(?<![a-z0-9])(?:" + "|".join(sorted(alternatives, key=len, reverse=True)) + r")(?![a-z0-9])"
-    )
+    return re.compile(r"(?<![a-z0-9])(?:" + "|".join(sorted(alternatives, key=len, reverse=True)) + r")(?![a-z0-9])")
 
 
 @dataclass(frozen=True)
@@ -71,9 +69,7 @@ class CaptionRules:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(
-                f"caption rules file {path} does not exist (copy {DEFAULT_RULES} and edit it)"
-            ) from None
+            raise ConfigError(f"caption rules file {path} does not exist (copy {DEFAULT_RULES} and edit it)") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"caption rules file {path} is not valid TOML: {exc}") from None
 
@@ -91,9 +87,7 @@ class CaptionRules:
 
         missing = data.get("missing_caption", "keep")
         if missing not in ("keep", "drop", "fail"):
-            raise ConfigError(
-                f"caption rules file {path}: missing_caption must be keep, drop or fail, not {missing!r}"
-            )
+            raise ConfigError(f"caption rules file {path}: missing_caption must be keep, drop or fail, not {missing!r}")
         return cls(
             drop=rules("drop"),
             keep=rules("keep"),
@@ -130,9 +124,7 @@ def _decode_caption(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"caption in {where} is not valid UTF-8 (byte {exc.start}): re-save it as UTF-8"
-        ) from None
+        raise ValueError(f"caption in {where} is not valid UTF-8 (byte {exc.start}): re-save it as UTF-8") from None
 
 
 def _caption_from_record(record: Mapping) -> str | None:
@@ -161,9 +153,7 @@ def parse_manifest(data: bytes, name: str) -> dict[str, str]:
 
             records = pq.read_table(io.BytesIO(data)).to_pylist()
         else:
-            raise ConfigError(
-                f"caption manifest {name}: unknown format {suffix!r}; use .jsonl, .csv or .parquet"
-            )
+            raise ConfigError(f"caption manifest {name}: unknown format {suffix!r}; use .jsonl, .csv or .parquet")
     except ConfigError:
         raise
     except Exception as exc:
@@ -186,9 +176,7 @@ def parse_manifest(data: bytes, name: str) -> dict[str, str]:
 class CaptionIndex:
     """Finds each video's caption: manifest entries first, then sidecar files."""
 
-    def __init__(
-        self, manifest: Mapping[str, str], sidecars: Mapping[str, str], read_bytes, manifest_name: str = ""
-    ):
+    def __init__(self, manifest: Mapping[str, str], sidecars: Mapping[str, str], read_bytes, manifest_name: str = ""):
         self._manifest = dict(manifest)
         self._by_basename: dict[str, str | None] = {}
         for key in self._manifest:
@@ -231,9 +219,7 @@ class CaptionIndex:
         text = self._manifest_text(key)
         if text is not None:
             if len(text.encode("utf-8", "replace")) > MAX_CAPTION_BYTES:
-                return Caption(
-                    None, self._manifest_name, f"caption in {self._manifest_name} is over the limit"
-                )
+                return Caption(None, self._manifest_name, f"caption in {self._manifest_name} is over the limit")
             return Caption(text, self._manifest_name)
         sidecar = self._sidecars.get(str(PurePosixPath(key).with_suffix("")))
         if sidecar is None:
@@ -263,12 +249,7 @@ class CaptionIndex:
 def _read_manifest_uri(bucket_store, uri: str) -> tuple[bytes, str]:
     from ..storage.objects import open_store
 
-    if (
-        "://" not in uri
-        and not Path(uri).is_absolute()
-        and not Path(uri).exists()
-        and bucket_store.exists(uri)
-    ):
+    if "://" not in uri and not Path(uri).is_absolute() and not Path(uri).exists() and bucket_store.exists(uri):
         return bucket_store.read_bytes(uri), bucket_store.uri(uri)
     parent, _, name = uri.rstrip("/").rpartition("/")
     store = open_store(parent or ".")
@@ -302,15 +283,11 @@ def filter_captions(
                 results.append(FilterResult(key, False, None, "no-caption"))
             else:
                 results.append(
-                    FilterResult(
-                        key, False, None, None, failure="no caption found (add a sidecar or manifest entry)"
-                    )
+                    FilterResult(key, False, None, None, failure="no caption found (add a sidecar or manifest entry)")
                 )
         else:
             verdict = rules.judge(caption.text)
-            results.append(
-                FilterResult(key, verdict.keep, caption.text, None if verdict.keep else verdict.rule)
-            )
+            results.append(FilterResult(key, verdict.keep, caption.text, None if verdict.keep else verdict.rule))
     return results
 
 

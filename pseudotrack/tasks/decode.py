@@ -298,16 +298,16 @@ def choose_frames(
     if length < min_frames:
         raise SampleError(
             "decode",
-            f"too short: {num_source} frames give a {length}-frame clip at stride {stride}; "
-            f"need at least {min_frames}",
+            f"too short: {num_source} frames give a {length}-frame clip at stride {stride}; need at least {min_frames}",
         )
     span = (length - 1) * stride + 1
     start = int(rng.integers(0, num_source - span + 1))
     return start + stride * np.arange(length, dtype=np.int64)
 
 
-def _check_clip_args(height: int, width: int, num_frames: int, stride: int | None, max_stride: int,
-                     min_frames: int) -> None:
+def _check_clip_args(
+    height: int, width: int, num_frames: int, stride: int | None, max_stride: int, min_frames: int
+) -> None:
     if height < 2 or width < 2 or height % 2 or width % 2:
         raise ValueError(
             f"label resolution {height}x{width} must be even (odd sizes come back a pixel smaller "
@@ -387,8 +387,9 @@ def _jpegs(frames: np.ndarray, quality: int) -> list[np.ndarray]:
 def _worst_psnr(frames: np.ndarray, jpegs: list[np.ndarray]) -> float:
     """The lowest PSNR over a few evenly spaced frames decoded back (about 10 ms a frame at 384x512)."""
     picks = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), _PSNR_CHECK_FRAMES)).round().astype(int))
-    return min(psnr(cv2.cvtColor(cv2.imdecode(jpegs[i], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), frames[i])
-               for i in picks)
+    return min(
+        psnr(cv2.cvtColor(cv2.imdecode(jpegs[i], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), frames[i]) for i in picks
+    )
 
 
 def encode_clip(frames: np.ndarray, fps: float, min_psnr: float | None = MIN_PSNR) -> bytes:
@@ -431,7 +432,23 @@ def mjpeg_avi(jpegs: list[bytes], width: int, height: int, fps: float) -> bytes:
     )
     strh = struct.pack(
         "<4s4sIHHIIIIIIIIhhhh",
-        b"vids", b"MJPG", 0, 0, 0, 0, 1000, rate, 0, len(jpegs), largest, 0xFFFFFFFF, 0, 0, 0, width, height,
+        b"vids",
+        b"MJPG",
+        0,
+        0,
+        0,
+        0,
+        1000,
+        rate,
+        0,
+        len(jpegs),
+        largest,
+        0xFFFFFFFF,
+        0,
+        0,
+        0,
+        width,
+        height,
     )
     strf = struct.pack("<IiiHH4sIiiII", 40, width, height, 1, 24, b"MJPG", width * height * 3, 0, 0, 0, 0)
     header = _list(b"hdrl", _chunk(b"avih", avih) + _list(b"strl", _chunk(b"strh", strh) + _chunk(b"strf", strf)))

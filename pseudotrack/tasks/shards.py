@@ -117,9 +117,7 @@ class ShardSink:
         assert self._writer is not None
         record = sample.to_record()
         self._writer.write(record)
-        self._bytes += sum(
-            len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values()
-        )
+        self._bytes += sum(len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values())
         self._samples.append(sample.key)
         self._teachers.update(list(sample.labels))
         self._rows.append(row)

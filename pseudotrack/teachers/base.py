@@ -111,9 +111,7 @@ def teacher_spec(name: str) -> TeacherSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown teacher {name!r}; known teachers: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise ValueError(f"unknown teacher {name!r}; known teachers: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def create_teacher(name: str, checkpoint: str | Path | None = None, **kwargs) -> Teacher:

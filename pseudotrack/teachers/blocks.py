@@ -41,9 +41,7 @@ def bilinear_sample(values: torch.Tensor, coords: torch.Tensor, padding_mode: st
     if len(sizes) not in (2, 3):
         raise ValueError(f"bilinear_sample needs values of 4 or 5 dims, got shape {tuple(values.shape)}")
     if coords.shape[-1] != len(sizes):
-        raise ValueError(
-            f"coords {tuple(coords.shape)} must end in {len(sizes)} components for values of {sizes}"
-        )
+        raise ValueError(f"coords {tuple(coords.shape)} must end in {len(sizes)} components for values of {sizes}")
     if len(sizes) == 3:
         coords = coords[..., [1, 2, 0]]  # (t, x, y) -> grid_sample's (x, y, t)
     scale = torch.tensor([2.0 / max(s - 1, 1) for s in reversed(sizes)], device=coords.device)
@@ -314,9 +312,7 @@ class CrossAttnBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, N1, D], context [B, N2, D], mask [B, M] bool over the real tracks (or None) -> [B, N1, D].
 
         The original decides which side a mask applies to by its length: the
@@ -336,9 +332,7 @@ class CrossAttnBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def by_rows(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_tokens: int | None
-) -> torch.Tensor:
+def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
     """Apply a row-independent `fn` to x [M, L, ...] a few rows at a time, at most `max_tokens` rows x L.
 
     None (or a budget above M x L) runs all rows at once; at least one row always goes through.
@@ -389,9 +383,7 @@ class UpdateTransformer(nn.Module):
         self.vis_conf_head = nn.Linear(d, vis_conf_dim) if vis_conf_dim else None
         self.virual_tracks = nn.Parameter(torch.randn(1, num_virtual_tracks, 1, d))
         self.time_blocks = nn.ModuleList(AttnBlock(d, num_heads, mlp_ratio) for _ in range(time_depth))
-        self.space_virtual_blocks = nn.ModuleList(
-            AttnBlock(d, num_heads, mlp_ratio) for _ in range(space_depth)
-        )
+        self.space_virtual_blocks = nn.ModuleList(AttnBlock(d, num_heads, mlp_ratio) for _ in range(space_depth))
         self.space_point2virtual_blocks = nn.ModuleList(
             CrossAttnBlock(d, num_heads, mlp_ratio) for _ in range(space_depth)
         )
@@ -448,8 +440,6 @@ class UpdateTransformer(nn.Module):
             out = torch.cat([out, self.vis_conf_head(tokens)], dim=-1)
         return out
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, max_tokens: int | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, max_tokens: int | None = None) -> torch.Tensor:
         # x: [B, N, T, input_dim], mask: [B * T, N] bool or None -> [B, N, T, flow_dim + vis_conf_dim]
         return self.heads(self.mix(self.embed(x), mask, max_tokens))

@@ -24,9 +24,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file to a flat name -> tensor dict on the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist (download the official file and pass its path)"
-        )
+        raise CheckpointError(f"checkpoint {path} does not exist (download the official file and pass its path)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): download it again")
     try:
@@ -87,8 +85,6 @@ def load_into(
         if tuple(state[k].shape) != tuple(v.shape)
     ]
     if bad:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit{label}: shape mismatch: {'; '.join(bad[:_MAX_LISTED])}"
-        )
+        raise CheckpointError(f"checkpoint {path} does not fit{label}: shape mismatch: {'; '.join(bad[:_MAX_LISTED])}")
     model.load_state_dict(state, strict=True)
     return state

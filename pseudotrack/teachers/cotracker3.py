@@ -122,18 +122,12 @@ class CoTracker3Config:
         if self.input_dim % 2:
             problems.append(f"input_dim={self.input_dim} must be even (sin-cos time embedding)")
         if self.space_depth and self.time_depth % self.space_depth:
-            problems.append(
-                f"time_depth={self.time_depth} must be a multiple of space_depth={self.space_depth}"
-            )
+            problems.append(f"time_depth={self.time_depth} must be a multiple of space_depth={self.space_depth}")
         if self.corr_levels < 1 or self.corr_radius < 0:
-            problems.append(
-                f"corr_levels={self.corr_levels} and corr_radius={self.corr_radius} must be >= 1, >= 0"
-            )
+            problems.append(f"corr_levels={self.corr_levels} and corr_radius={self.corr_radius} must be >= 1, >= 0")
         h, w = self.model_resolution
         if h % self.stride or w % self.stride:
-            problems.append(
-                f"model_resolution={self.model_resolution} must be divisible by stride {self.stride}"
-            )
+            problems.append(f"model_resolution={self.model_resolution} must be divisible by stride {self.stride}")
         if problems:
             raise ConfigError("invalid CoTracker3Config: " + "; ".join(problems))
 
@@ -536,9 +530,7 @@ class CoTracker3(nn.Module):
         ind = state.start
         seen = state.frames_seen
         if ind > seen:
-            raise ValueError(
-                f"online window at frame {ind} but only {seen} frames were seen: feed chunks in order"
-            )
+            raise ValueError(f"online window at frame {ind} but only {seen} frames were seen: feed chunks in order")
         queries = state.queries
         b, n = queries.shape[:2]
         device = queries.device
@@ -615,9 +607,7 @@ def train_forward(
     -> [(first frame of the window, K tensors [B, S, N, 2] pixels)], S the frames the window covers.
     Use `net.forward_windowed` / `net.forward_offline` directly for visibility and confidence too.
     """
-    out = (
-        net.forward_windowed(video, queries, iters) if online else net.forward_offline(video, queries, iters)
-    )
+    out = net.forward_windowed(video, queries, iters) if online else net.forward_offline(video, queries, iters)
     return [(w.start, w.tracks) for w in out.windows]
 
 
@@ -636,12 +626,7 @@ def load_cotracker3(
 
     def check_variant(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         emb = state.get("time_emb")
-        if (
-            emb is not None
-            and emb.ndim == 3
-            and emb.shape[2] == cfg.input_dim
-            and emb.shape[1] != cfg.window_len
-        ):
+        if emb is not None and emb.ndim == 3 and emb.shape[2] == cfg.input_dim and emb.shape[1] != cfg.window_len:
             variant = "offline" if cfg.offline else "online"
             other = "online" if cfg.offline else "offline"
             raise CheckpointError(
@@ -668,17 +653,13 @@ def student_config(path: str | Path) -> CoTracker3Config | None:
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"student sidecar {sidecar} cannot be read ({exc}): export the student again"
-        ) from exc
+        raise CheckpointError(f"student sidecar {sidecar} cannot be read ({exc}): export the student again") from exc
     if not str(meta.get("format", "")).startswith(STUDENT_FORMAT_PREFIX):
         return None
     try:
         return config_from_dict(meta["model"]["config"])
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"student sidecar {sidecar} has no model config: export the student again"
-        ) from exc
+        raise CheckpointError(f"student sidecar {sidecar} has no model config: export the student again") from exc
 
 
 # ---------------------------------------------------------------- teachers
@@ -744,9 +725,7 @@ class CoTracker3Teacher:
     def setup(self, device: str = "cpu") -> None:
         if self.checkpoint is None:
             files = " or ".join(OFFLINE_FILES if self.offline else ONLINE_FILES)
-            raise CheckpointError(
-                f"teacher {self.name!r} needs a checkpoint: pass {files} (or a student export)"
-            )
+            raise CheckpointError(f"teacher {self.name!r} needs a checkpoint: pass {files} (or a student export)")
         self.device = torch.device(device)
         self.model = load_cotracker3(self.checkpoint, self.resolve_config(), self.device)
         self.checkpoint_sha256 = sha256_file(self.checkpoint)
@@ -764,9 +743,7 @@ class CoTracker3Teacher:
             tracks, vis, conf = self._run(frames, queries)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
-            raise SampleError(
-                "teacher", f"{self.name} ran out of GPU memory on {t} frames and {n} queries"
-            ) from exc
+            raise SampleError("teacher", f"{self.name} ran out of GPU memory on {t} frames and {n} queries") from exc
         visible = vis * conf > self.visibility_threshold
         rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(n)
         tracks[rows, cols] = queries[:, 1:]
@@ -821,9 +798,7 @@ def predictor_from_model(net: CoTracker3, offline: bool | None = None, **options
 # ---------------------------------------------------------------- predictor helpers
 
 
-def resize_clip(
-    frames: np.ndarray, size: tuple[int, int], device: torch.device, chunk: int = 16
-) -> torch.Tensor:
+def resize_clip(frames: np.ndarray, size: tuple[int, int], device: torch.device, chunk: int = 16) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [1, T, 3, size] on `device`, 0..255, bilinear with corners aligned."""
     out = []
     for i in range(0, len(frames), chunk):

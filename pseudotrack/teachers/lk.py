@@ -82,8 +82,15 @@ def lk_step(
     return moved, ok, np.where(finite, error, np.inf)
 
 
-def _sweep(params: LKParams, grays: list[np.ndarray], query_t: np.ndarray, order: range,
-           tracks: np.ndarray, visible: np.ndarray, confidence: np.ndarray) -> None:
+def _sweep(
+    params: LKParams,
+    grays: list[np.ndarray],
+    query_t: np.ndarray,
+    order: range,
+    tracks: np.ndarray,
+    visible: np.ndarray,
+    confidence: np.ndarray,
+) -> None:
     """Carry every point through the frames in `order` (forward or backward) from its query frame on."""
     started = np.zeros(len(query_t), bool)
     alive = np.zeros(len(query_t), bool)

@@ -44,8 +44,11 @@ def sample_at_queries(grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     sizes = torch.tensor(grid.shape[1:4], device=pos.device)
     pos = torch.flip(2 * (pos / sizes) - 1, dims=(-1,))
     out = F.grid_sample(
-        grid.permute(0, 4, 1, 2, 3), pos[:, :, None, None, :], mode="bilinear",
-        align_corners=False, padding_mode="border",
+        grid.permute(0, 4, 1, 2, 3),
+        pos[:, :, None, None, :],
+        mode="bilinear",
+        align_corners=False,
+        padding_mode="border",
     )  # B C N 1 1
     return out.squeeze(4).squeeze(3).permute(0, 2, 1)
 
@@ -123,9 +126,7 @@ class ResidualBlock(nn.Module):
 
 
 class BlockGroup(nn.Module):
-    def __init__(
-        self, channels_in: int, channels_out: int, num_blocks: int, stride: int, use_projection: bool
-    ):
+    def __init__(self, channels_in: int, channels_out: int, num_blocks: int, stride: int, use_projection: bool):
         super().__init__()
         self.blocks = nn.ModuleList(
             ResidualBlock(
