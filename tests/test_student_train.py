@@ -159,6 +159,34 @@ def test_stop_and_resume_gives_the_same_weights_as_an_uninterrupted_run(workspac
     assert rows[0]["lr"] == pytest.approx(1e-3 * cosine_factor(1, 2))
 
 
+def _tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_curves_match_the_metrics_log_and_show_each_step_once_after_a_kill(
+    workspace: str, tmp_path: Path
+) -> None:
+    output = tmp_path / "tb"
+    cfg = _config(workspace, output, steps=4, batch_size=1, checkpoint_every=2)
+    run_training(cfg, stop_at=3)  # checkpoints at steps 2 and 3, metrics logged for 1..3
+    newest = checkpoint_paths(output)[0]
+    assert load_training_checkpoint(newest)["step"] == 3
+    newest.unlink()  # as if killed after logging step 3 but before its checkpoint landed
+    result = run_training(cfg)
+    assert result.resumed_from == 2 and result.steps == 4
+
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for name in ("loss", "lr", "grad_norm", "clips_per_second"):
+        scalars = _tensorboard_scalars(output / "tensorboard", f"train/{name}")
+        assert [step for step, _ in scalars] == [1, 2, 3, 4], name
+        assert [v for _, v in scalars] == pytest.approx([r[name] for r in rows], rel=1e-6), name
+
+
 def test_resume_with_loader_workers_is_exact(workspace: str, tmp_path: Path) -> None:
     straight = run_training(_config(workspace, tmp_path / "a", workers=2, steps=3, batch_size=1))
     cfg = _config(workspace, tmp_path / "b", workers=2, steps=3, batch_size=1)

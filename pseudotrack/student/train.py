@@ -13,9 +13,11 @@ killed after a checkpoint and started again with the same configuration ends
 with the same weights as a run that was never interrupted; SIGTERM (a
 scheduler's pre-emption) writes a checkpoint at the next step boundary first.
 
-Metrics go to `metrics.jsonl` in the output folder (TensorBoard's writer needs
-the `tensorboard` package, which this project does not depend on), and to an
+Metrics go to TensorBoard event files under `<output>/tensorboard`, to
+`metrics.jsonl` beside them (easy to read without TensorBoard), and to an
 `on_log` hook that the Prefect flow and the CLI use for artifacts and progress.
+After a resume both drop what was logged past the checkpoint, so the curves
+show each step once.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_NAME = "student.pth"
 METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+SCALARS = ("loss", "lr", "grad_norm", "clips_per_second")
 CONFIG_NAME = "config.json"
 SHARDS_NAME = "shards.json"
 
@@ -358,6 +362,7 @@ def run_training(
     )
     batches: Iterator[dict] = iter(loader)
     metrics_file = output / METRICS_NAME
+    writer = _open_metric_writers(output, run.resumed_from) if ddp.is_main else None
     stop_requested = {"flag": False}
     previous_handler = _install_sigterm(stop_requested)
     history: list[dict] = []
@@ -388,6 +393,9 @@ def run_training(
                 if ddp.is_main:
                     with open(metrics_file, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
+                    for name in SCALARS:
+                        writer.add_scalar(f"train/{name}", row[name], run.step, walltime=row["time"])
+                    writer.flush()
                     if on_log is not None:
                         on_log(row)
                 window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
@@ -398,6 +406,8 @@ def run_training(
                 log.warning("stopped by SIGTERM at step %d; run again to resume", run.step)
                 break
     finally:
+        if writer is not None:
+            writer.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     _check_frozen(run)
@@ -419,6 +429,25 @@ def run_training(
         clips_per_second=clips / max(seconds, 1e-9),
         history=history,
     )
+
+
+def _open_metric_writers(output: Path, resumed_from: int):
+    """The TensorBoard writer, with rows logged after the resumed checkpoint dropped from both logs.
+
+    A killed run logged steps that the resumed run will log again; `purge_step`
+    makes TensorBoard discard the old ones, and metrics.jsonl is cut to match.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics_file = output / METRICS_NAME
+    if metrics_file.exists():
+        kept = [
+            line
+            for line in metrics_file.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= resumed_from
+        ]
+        save_text_atomic(metrics_file, "".join(line + "\n" for line in kept))
+    return SummaryWriter(str(output / TENSORBOARD_DIR), purge_step=resumed_from + 1 if resumed_from else None)
 
 
 def _shard_snapshot(config: TrainConfig, output: Path, ddp: Dist) -> list[ShardRef]:
