@@ -60,7 +60,9 @@ def metrics_table(title: str, reports: dict[str, dict]) -> Table:
 
 def train_command(
     workspace: Annotated[str, typer.Option(help="Workspace holding the labelled shards (local dir or s3://).")],
-    output: Annotated[Path, typer.Option(help="Local folder for checkpoints, TensorBoard files, metrics.jsonl, student.pth, report.")],
+    output: Annotated[
+        Path, typer.Option(help="Local folder for checkpoints, TensorBoard logs, metrics, student.pth, report.")
+    ],
     init: Annotated[
         str | None,
         typer.Option(
