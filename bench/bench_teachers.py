@@ -3,7 +3,7 @@
 Usage:
   python bench/bench_teachers.py [--teachers cotracker3_online cotracker3_offline] [--frames 64]
       [--height 384] [--width 512] [--queries 384] [--device cpu|cuda] [--dtype float32|bfloat16]
-      [--iters K] [--repeat 1] [--sweep [--sweep-n 64 256 1024 4096] [--sweep-t 24 48 80 128]]
+      [--iters K] [--repeat 1] [--batch 1] [--sweep [--sweep-n 64 256 1024 4096] [--sweep-t 24 48 80 128]]
 
 Any registered teacher works: it is built through `create_teacher`. A teacher
 that needs a checkpoint gets one made by the reference weight rule from
@@ -17,6 +17,11 @@ cost: the work per clip is fixed by the sizes.
 Memory: on CUDA the peak of allocated tensors; on the CPU the process's peak
 resident set (VmHWM, reset before each run where Linux allows it) and its
 growth over the resident set before the run.
+
+`--batch K` runs K copies of the clip through one `predict_batch` call (one
+forward of K clips, as labelling does with `teacher_batch`) and reports the
+time per clip and the peak of the whole call: on a GPU that is the figure that
+says whether batching pays.
 
 `--sweep` times the offline CoTracker3 teacher over query counts x clip
 lengths (its 100 support points included), the table that sizes GPU workers.
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 
 from pseudotrack.errors import SampleError
-from pseudotrack.teachers.base import Teacher, create_teacher, teacher_names, teacher_spec
+from pseudotrack.teachers.base import Teacher, create_teacher, predict_batch, teacher_names, teacher_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,8 +140,12 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(teacher: Teacher, clip: np.ndarray, queries: np.ndarray, device: str, dtype: str, repeat: int) -> dict:
-    """Best wall time over `repeat` runs and the peak memory of one run (MiB)."""
+def measure(
+    teacher: Teacher, clip: np.ndarray, queries: np.ndarray, device: str, dtype: str, repeat: int, batch: int = 1
+) -> dict:
+    """Best wall time per clip over `repeat` runs and the peak memory of one run (MiB).
+
+    batch > 1: `batch` copies of the clip in one `predict_batch` call; seconds are per clip."""
     cpu_bf16 = device == "cpu" and dtype == "bfloat16"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else nullcontext()
     times = []
@@ -151,7 +160,7 @@ def measure(teacher: Teacher, clip: np.ndarray, queries: np.ndarray, device: str
             base = _rss_kib("VmRSS") * 1024
         start = time.perf_counter()
         with autocast:
-            out = teacher.predict(clip, queries)
+            out = predict_batch(teacher, [(clip, queries)] * batch)[0]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**20
@@ -159,7 +168,7 @@ def measure(teacher: Teacher, clip: np.ndarray, queries: np.ndarray, device: str
         else:
             peak = _rss_kib("VmHWM") / 1024
             growth = peak - base / 2**20
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / batch)
     assert out.tracks.shape == (len(clip), len(queries), 2)
     return {"seconds": min(times), "peak_mib": peak, "growth_mib": growth}
 
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--iters", type=int, default=None, help="refinement steps (default: the teacher's own)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per setting (best is reported)")
+    parser.add_argument("--batch", type=int, default=1, help="clips per forward (predict_batch); s/clip reported")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sweep", action="store_true", help="also sweep the offline CoTracker3 over N x T")
@@ -207,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         clip = load_clip(args.frames, args.height, args.width)
         queries = make_queries(clip, args.queries)
-        print(f"# clip {clip.shape[0]} frames {clip.shape[2]}x{clip.shape[1]}, {len(queries)} queries")
+        print(
+            f"# clip {clip.shape[0]} frames {clip.shape[2]}x{clip.shape[1]}, {len(queries)} queries, "
+            f"{args.batch} clip(s) per forward"
+        )
         print(f"{'teacher':<22}{'s/clip':>9}{'peak MiB':>10}{'growth MiB':>12}")
         for name in args.teachers:
             teacher = build_teacher(name, folder, args.device, args.dtype, args.iters)
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for _ in range(warmup):
                 teacher.predict(clip, queries)
-            r = measure(teacher, clip, queries, args.device, args.dtype, args.repeat)
+            r = measure(teacher, clip, queries, args.device, args.dtype, args.repeat, args.batch)
             print(f"{name:<22}{r['seconds']:>9.2f}{r['peak_mib']:>10.0f}{r['growth_mib']:>12.0f}", flush=True)
             del teacher
 

@@ -9,6 +9,7 @@ Defaults follow the CoTracker3 recipe (DESIGN.md, "The recipe's defaults").
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -16,6 +17,19 @@ from .errors import ConfigError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg")
 MISSING_CAPTION_POLICIES = ("keep", "drop", "fail")
+
+
+def has_userinfo(uri: str | None) -> bool:
+    """Whether a URI carries credentials before its host: scheme://user:password@host/...
+
+    AWS secret keys hold '/' and '+', and people paste them unencoded, so a ':' anywhere before the
+    first '@' counts too (a bucket or prefix with both is refused: the message says why).
+    """
+    match = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://(.*)$", str(uri or ""), re.DOTALL)
+    if not match or "@" not in match.group(1):
+        return False
+    before = match.group(1).partition("@")[0]
+    return ":" in before or "/" not in before
 
 
 def dataclass_from_dict(cls, data: dict, what: str):
@@ -47,6 +61,7 @@ class RoundConfig:
     batch_size: int = 32
     workers: int = 1
     device: str = "auto"
+    teacher_batch: int | None = None  # clips per teacher forward; None: 4 on a GPU, 1 on the CPU
     # clips (§3.1): 384x512, 64 frames for an online student, random stride 1..4
     height: int = 384
     width: int = 512
@@ -56,6 +71,10 @@ class RoundConfig:
     # queries (App. A): SIFT on 8 keyframes biased to the start, 384 tracks per clip
     num_queries: int = 384
     num_keyframes: int = 8
+    # keyframe t is drawn with weight exp(-bias * t / T): early queries give longer tracks; 0 is uniform
+    query_start_bias: float = 3.0
+    # a keyframe with fewer SIFT points fails the clip; None: a quarter of its share, 0: only the total counts
+    query_min_per_keyframe: int | None = None
     # caption filter
     rules: str | None = None
     captions: str | None = None
@@ -64,6 +83,8 @@ class RoundConfig:
     shard_max_bytes: int = 512 * 1024 * 1024
     shard_max_samples: int = 256
     retry_failed: bool = False
+    # a batch's claims on its videos (storage/claims.py) last this long unless renewed (every quarter lease)
+    claim_lease_seconds: float = 600.0
     # orchestration: "local" runs batches in this process; "pool" sends each to the label-batch deployment
     executor: str = "local"
     deployment: str | None = None  # default "label-batch/label-batch"
@@ -79,6 +100,12 @@ class RoundConfig:
             problems.append("bucket is empty: give a local directory or s3://bucket/prefix")
         if not self.workspace:
             problems.append("workspace is empty: give a local directory or s3://bucket/prefix")
+        for name in ("bucket", "workspace", "captions"):
+            if has_userinfo(getattr(self, name)):  # the config is saved and sent to Prefect: no secrets in it
+                problems.append(
+                    f"the {name} URI carries credentials (user:password@): remove them and give credentials "
+                    "through AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or another standard AWS setting"
+                )
         if not self.teachers:
             problems.append("no teachers configured: pass at least one, e.g. --teacher lk")
         if self.teachers_per_clip < 1 or self.teachers_per_clip > max(1, len(self.teachers)):
@@ -86,11 +113,19 @@ class RoundConfig:
                 f"teachers_per_clip={self.teachers_per_clip} must be between 1 and the number of "
                 f"teachers ({len(self.teachers)})"
             )
+        if self.teacher_batch is not None and self.teacher_batch < 1:
+            problems.append(f"teacher_batch={self.teacher_batch} must be at least 1 (or unset for the default)")
+        if not self.claim_lease_seconds > 0:
+            problems.append(f"claim_lease_seconds={self.claim_lease_seconds} must be a positive number of seconds")
         if self.videos is not None and self.videos < 1:
             problems.append(f"videos={self.videos} must be a positive number (or unset for all)")
         for name in ("batch_size", "workers", "num_frames", "num_queries", "num_keyframes", "max_stride"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if self.query_min_per_keyframe is not None and self.query_min_per_keyframe < 0:
+            problems.append(f"query_min_per_keyframe={self.query_min_per_keyframe} must be 0 or more (or unset)")
+        if self.query_start_bias < 0:
+            problems.append(f"query_start_bias={self.query_start_bias} must be 0 (uniform keyframes) or more")
         if self.height % 2 or self.width % 2 or self.height < 16 or self.width < 16:
             problems.append(f"label resolution {self.height}x{self.width} must be even and at least 16x16")
         if not 1 <= self.min_frames <= self.num_frames:

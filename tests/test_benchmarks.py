@@ -183,3 +183,28 @@ def test_benchmark_video_checks_its_arrays() -> None:
         BenchmarkVideo("v", frames, np.zeros((1, 2, 2)), np.zeros((1, 2)))
     video = BenchmarkVideo("v", frames, np.zeros((1, 3, 2), np.float64), np.zeros((1, 3), np.int64))
     assert video.tracks.dtype == np.float32 and video.occluded.dtype == bool and video.size == (8, 8)
+
+
+class _Payload:
+    """A pickle that would create a file when loaded, as a booby-trapped download could."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_benchmark_pickles_load_arrays_only_and_never_run_code(tmp_path: Path, protocol: int) -> None:
+    published = tmp_path / f"davis_p{protocol}.pkl"  # protocol 2 spells numpy's rebuilders by their old names
+    published.write_bytes(pickle.dumps({"clip": entry(0)}, protocol=protocol))
+    (video,) = list(read_tapvid_davis(published))
+    np.testing.assert_array_equal(video.occluded, entry(0)["occluded"])
+
+    fired = tmp_path / f"fired{protocol}"
+    trap = tmp_path / f"trap{protocol}.pkl"
+    trap.write_bytes(pickle.dumps({"clip": dict(entry(0), extra=_Payload(fired))}, protocol=protocol))
+    with pytest.raises(BenchmarkFormatError, match=r"asks for .*which a benchmark file never needs"):
+        list(read_tapvid_davis(trap))
+    assert not fired.exists()

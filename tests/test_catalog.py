@@ -93,6 +93,9 @@ class HookedStore(ObjectStore):
         self._maybe("write", key)
         return self.inner.write_bytes(key, data)
 
+    def create_exclusive(self, key, data):
+        return self.inner.create_exclusive(key, data)
+
     def put_file(self, local_path, key):
         return self.inner.put_file(local_path, key)
 

@@ -26,6 +26,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from pseudotrack.errors import ConfigError
 from pseudotrack.flows import dashboard as dash
 from pseudotrack.flows import dashboard_charts as charts
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SUFFIX, Catalog
@@ -477,8 +478,12 @@ def test_no_credentials_in_page_or_json(s3_uri, monkeypatch):
             }
         ]
     )
-    bad = "s3://someone:hunter2pass@" + s3_uri[len("s3://") :]  # not a bucket name: every request fails
-    for workspace_uri, expect in ((uri, 200), (bad, 503)):
+    bad = "s3://someone:hunter2pass@" + s3_uri[len("s3://") :]
+    with pytest.raises(ConfigError) as refused:  # credentials in a URI are refused, without repeating them
+        dash.Dashboard(bad)
+    assert "hunter2pass" not in str(refused.value) and "someone" not in str(refused.value)
+    missing = s3_uri.replace("s3://pt-", "s3://pt-missing-") + "?X-Amz-Signature=SIGSECRET123"  # every request fails
+    for workspace_uri, expect in ((uri, 200), (missing, 503)):
         server, thread, url = dash.start_in_thread(dash.Dashboard(workspace_uri))
         try:
             for path in ("", "api/summary"):

@@ -190,3 +190,17 @@ def test_stored_clip_that_is_not_a_whole_clip_fails_cleanly():
 def test_stored_clip_reads_back_at_widths_decord_rejects():
     frames = videos.translating_frames(3, 32, 48, 1, 0)  # decord fails on 48-pixel-wide MJPEG
     assert psnr(decode_clip_bytes(encode_clip(frames, 24.0)), frames) >= 40.0
+
+
+@pytest.mark.parametrize("width", [16, 48])
+def test_sizes_the_decoders_scaler_gets_wrong_still_decode(shared_dir, width):
+    """decord returns 64-px-wide frames when asked for 48 from this clip; those sizes are resized by OpenCV."""
+    data = (shared_dir / "videos" / "cat.mp4").read_bytes()
+    clip = decode_clip(data, "cat.mp4", height=32, width=width, num_frames=8, stride=2, rng=np.random.default_rng(0))
+    assert clip.frames.shape == (8, 32, width, 3) and clip.frames.dtype == np.uint8
+    reference = decode_clip(
+        data, "cat.mp4", height=480, width=368, num_frames=8, stride=2, rng=np.random.default_rng(0)
+    )
+    np.testing.assert_array_equal(clip.frame_indices, reference.frame_indices)
+    small = np.stack([cv2.resize(f, (width, 32), interpolation=cv2.INTER_AREA) for f in reference.frames])
+    assert np.abs(clip.frames.astype(int) - small.astype(int)).mean() < 3.0

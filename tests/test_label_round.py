@@ -198,3 +198,40 @@ def test_round_on_s3_through_prefect(local_bucket, s3_uri, prefect_server):
     assert set(by_key) == {"label-progress-s3-round", "label-summary-s3-round"}
     assert float(by_key["label-progress-s3-round"].data) == 100.0
     assert f"| labelled | {summary['labelled']} |" in by_key["label-summary-s3-round"].data
+
+
+def test_query_sampling_settings_reach_the_sampler(tmp_path):
+    """The round's SIFT settings are the ones used: a strong start bias pulls keyframes early, a high floor fails."""
+    bucket = tmp_path / "bucket"
+    write_demo_bucket(bucket, videos=4, frames=24, height=96, width=128, seed=5, broken=0)
+    small = dict(SMALL, num_frames=24, num_keyframes=4)
+
+    def query_frames(name: str, **settings) -> list[float]:
+        workspace = str(tmp_path / name)
+        run_round(RoundConfig(bucket=str(bucket), workspace=workspace, round_id=name, **small, **settings))
+        store = open_store(workspace)
+        return [
+            float(s["queries"][:, 0].mean())
+            for m in committed_shards(store, name)
+            for s in read_shard(shard_url(store, m["shard"]))
+        ]
+
+    early, uniform = query_frames("early", query_start_bias=50.0), query_frames("uniform", query_start_bias=0.0)
+    assert len(early) == len(uniform) >= 2
+    assert max(early) < 3 < min(uniform), (early, uniform)  # weight exp(-50 t/24) leaves only the first frames
+
+    run_round(
+        RoundConfig(
+            bucket=str(bucket),
+            workspace=str(tmp_path / "floor"),
+            round_id="floor",
+            **small,
+            query_min_per_keyframe=10_000,
+        )
+    )
+    rows = latest_by_key(str(tmp_path / "floor"))
+    failed = [r for r in rows.values() if r["status"] != "filtered"]
+    assert len(failed) == len(early) and {r["status"] for r in failed} == {"failed"}
+    assert all(r["stage"] == "queries" and "at least 10000 on each" in r["reason"] for r in failed)
+    with pytest.raises(ConfigError, match="query_start_bias"):
+        RoundConfig(bucket="b", workspace="w", query_start_bias=-1)

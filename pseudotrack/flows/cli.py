@@ -150,7 +150,8 @@ def round_command(
         raise typer.Exit(1)
 
 
-def _run_with_progress(config) -> dict:
+def _run_with_progress(config, run=None) -> dict:
+    """`run(config)` (default: the label-round flow) with a progress bar fed by the round's listeners."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -195,7 +196,7 @@ def _run_with_progress(config) -> dict:
     try:
         console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
         with progress:
-            return run_label_round_flow(config)
+            return (run or run_label_round_flow)(config)
     finally:
         remove()
 
@@ -313,8 +314,12 @@ def show(
 def _register_other_commands() -> None:
     """Commands that live beside the flows they drive (training, evaluation, the dashboard)."""
     from .dashboard import dashboard_command
+    from .scaling_cli import scaling_study_command
     from .student_cli import eval_command, train_command
+    from .watch_cli import watch_command
 
+    app.command("watch")(watch_command)
+    app.command("scaling-study")(scaling_study_command)
     app.command("train")(train_command)
     app.command("eval")(eval_command)
     app.command("dashboard")(dashboard_command)

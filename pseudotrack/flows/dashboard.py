@@ -67,6 +67,7 @@ CSP = (
 )
 BUCKET_WIDTHS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 MAX_BUCKETS = 72
+PLANNING_STAGES = pa.array(["discover", "caption"])  # failures recorded when a round is planned, not labelled
 
 
 # --------------------------------------------------------------------------- hiding credentials
@@ -225,8 +226,8 @@ def round_rows(events: pa.Table, per_round: np.ndarray, is_work: np.ndarray, pla
         return []
     rounds, names = _codes(events["round_id"])
     states, state_names = _codes(events["status"])
-    caption = pc.fill_null(pc.equal(events["stage"], "caption"), False).to_numpy(zero_copy_only=False)
-    # a failure at the caption stage is a planning verdict, not a video the labelling stage finished
+    caption = pc.fill_null(pc.is_in(events["stage"], PLANNING_STAGES), False).to_numpy(zero_copy_only=False)
+    # a failure at discovery or the caption stage is a planning verdict, not a video the labelling stage finished
     failed_code = state_names.index("failed") if "failed" in state_names else -1
     kind = np.where(caption & (states == failed_code), len(state_names), states)
     width = len(state_names) + 1
@@ -425,7 +426,7 @@ def catalog_views(events: pa.Table, plans: dict[str, dict], shards: list[str] | 
     reasons = pc.coalesce(pc.binary_join_element_wise(failed["stage"], failed["reason"], ": "), failed["reason"])
     is_work = pc.and_(
         pc.is_in(events["status"], pa.array(["labelled", "failed"])),
-        pc.invert(pc.fill_null(pc.equal(events["stage"], "caption"), False)),
+        pc.invert(pc.fill_null(pc.is_in(events["stage"], PLANNING_STAGES), False)),
     )
     work = events.filter(is_work).select(["status", "created_at"])
     viewable = (

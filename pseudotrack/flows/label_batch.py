@@ -1,33 +1,63 @@
-"""The `label-batch` flow: one batch of a round, run by a worker of the `gpu` pool.
+"""The `label-batch` flow, and the driver that fans a round's batches out to it on the `gpu` pool.
 
 `pseudotrack round --executor pool` sends each batch here as a flow run of the
 `label-batch` deployment, so throughput grows with the number of GPU workers
-and the pool's concurrency limit caps simultaneous GPU batches. The worker
-opens the stores itself (only URIs travel in the parameters, never clients or
-credentials) and writes its shards and catalog events directly.
+and the pool's (and the deployment's) concurrency limit caps simultaneous GPU
+batches. The worker opens the stores itself (only URIs travel in the
+parameters, never clients or credentials), writes its shards and catalog
+events directly, and leaves its tally in `runs/<round>/batches/<batch>.json`
+for the round to sum up, since flow results are not persisted.
+
+Re-running a round never duplicates a batch run: each run carries the
+idempotency key `<round>-<batch>`, so the server hands back the run it already
+has. A run still in flight from an earlier attempt is waited for; a finished
+one whose videos are still unrecorded (it failed, crashed or was cancelled) is
+run again in place, with this attempt's parameters. Runs of the round under
+other batch ids (an earlier attempt planned differently) are waited for before
+anything is sent, and their videos taken out of the plan, so no video is ever
+labelled by two runs at once.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from ..config import RoundConfig
 from ..storage.catalog import Catalog
-from ..tasks.labelling import PlannedVideo, label_batch
+from ..storage.layout import runs_prefix
+from ..storage.objects import open_store
+from ..tasks.labelling import BatchResult, PlannedVideo, batch_id_for, label_batch
 
 DEPLOYMENT = "label-batch/label-batch"
+READ_CHUNK = 200  # flow runs per read: the API's default page size
+CATALOG_POLL_SECONDS = 10.0
+
+
+def round_tag(round_id: str) -> str:
+    """The tag every batch run of a round carries, to find them again (also in the UI's filter)."""
+    return f"pseudotrack-round:{round_id}"
+
+
+def batch_result_key(round_id: str, batch_id: str) -> str:
+    return f"{runs_prefix(round_id)}batches/{batch_id}.json"
 
 
 def run_batch(config: RoundConfig, videos: list[PlannedVideo], checkpoints: dict[str, str | None]) -> dict:
     from .label_round import open_workspace
 
     bucket, workspace = open_workspace(config)
-    result = label_batch(videos, config, checkpoints, bucket, workspace, Catalog(workspace))
-    return asdict(result)
+    result = asdict(label_batch(videos, config, checkpoints, bucket, workspace, Catalog(workspace)))
+    workspace.write_bytes(
+        batch_result_key(config.round_id or "", result["batch_id"]), json.dumps(result, sort_keys=True).encode()
+    )
+    return result
 
 
 @flow(name="label-batch", log_prints=True)
@@ -47,3 +77,250 @@ def label_batch_flow(config: RoundConfig, videos: list[PlannedVideo], checkpoint
         rows = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(result["reasons"].items()))
         create_markdown_artifact(f"| failure | videos |\n|---|---|\n{rows}", description="failures of this batch")
     return result
+
+
+# --------------------------------------------------------------------------- the round's side
+
+
+def batch_parameters(config: RoundConfig, videos: list[PlannedVideo], checkpoints: dict[str, str | None]) -> dict:
+    """Flow-run parameters a worker elsewhere can act on: absolute store URIs and checkpoint paths.
+
+    A worker runs in its own directory (the process worker's is a temporary
+    one), so a relative path given on the command line would point nowhere there.
+    """
+    data = asdict(config)
+    data["bucket"] = open_store(config.bucket).uri()
+    data["workspace"] = open_store(config.workspace).uri()
+    data["teachers"] = [_absolute_teacher(entry) for entry in config.teachers]
+    for name in ("checkpoints", "rules", "captions"):
+        if data[name] and "://" not in data[name]:
+            data[name] = str(Path(data[name]).expanduser().resolve())
+    paths = {name: str(Path(path).expanduser().resolve()) if path else None for name, path in checkpoints.items()}
+    return {"config": data, "videos": [asdict(v) for v in videos], "checkpoints": paths}
+
+
+def _absolute_teacher(entry: str) -> str:
+    name, sep, path = entry.partition("=")
+    return f"{name}={Path(path.strip()).expanduser().resolve()}" if sep and path.strip() else entry
+
+
+def run_batches_on_pool(
+    config: RoundConfig,
+    work: list[list[PlannedVideo]],
+    checkpoints: dict[str, str | None],
+    catalog: Catalog,
+    notify: Callable[[str, dict], None] = lambda event, payload: None,
+    on_progress: Callable[[float], None] | None = None,
+    poll_seconds: float = 1.0,
+) -> tuple[list[BatchResult], list[dict]]:
+    """Each batch as a flow run of the `label-batch` deployment; returns (results, failed batches).
+
+    A child that does not complete is a failed batch (with its run's name, state
+    and message), never a silent gap: the round's summary lists it and the
+    round raises. Progress per video comes from the catalog, which the
+    children write.
+    """
+    from prefect.client.orchestration import get_client
+
+    assert config.round_id, "the round id is fixed before batches are sent"
+    deployment = config.deployment or DEPLOYMENT
+    log = _logger()
+    with get_client(sync_client=True) as client:
+        deployment_id = _check_deployment(client, deployment)
+        work = _settle_earlier_runs(client, config, work, catalog, poll_seconds, log)
+        runs, refused = _submit(client, config, deployment_id, work, checkpoints, log)
+        states = _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log)
+    results, failures = _collect(config, runs, states, catalog)
+    return results, refused + failures
+
+
+def _check_deployment(client, deployment: str):
+    """The deployment's id; a round sent to a server without it stops before any batch, saying what to do."""
+    from prefect.exceptions import ObjectNotFound
+
+    from ..errors import ConfigError
+
+    try:
+        return client.read_deployment_by_name(deployment).id
+    except ObjectNotFound:
+        raise ConfigError(
+            f"deployment {deployment!r} does not exist on the Prefect API at {client.api_url}: run "
+            "`prefect deploy --all` from the repository root (with PREFECT_API_URL set), or use --executor local"
+        ) from None
+
+
+def _logger():
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is not None:
+        return get_run_logger()
+    import logging
+
+    return logging.getLogger(__name__)
+
+
+def _read_runs(client, flow_run_filter) -> list:
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    found, offset = [], 0
+    while True:
+        page = client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=FlowRunSort.ID_DESC, limit=READ_CHUNK, offset=offset
+        )
+        found += page
+        if len(page) < READ_CHUNK:
+            return found
+        offset += READ_CHUNK
+
+
+def _settle_earlier_runs(client, config, work, catalog, poll_seconds, log) -> list[list[PlannedVideo]]:
+    """Wait for runs of this round still in flight under batch ids not in this plan; re-plan what they did."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import TERMINAL_STATES
+
+    planned = {f"{config.round_id}-{batch_id_for(config.round_id, [v.key for v in b])}" for b in work}
+    in_flight = _read_runs(
+        client,
+        FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[round_tag(config.round_id)]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=list(TERMINAL_STATES))),
+        ),
+    )
+    stale = [run.id for run in in_flight if run.name not in planned]
+    if not stale:
+        return work
+    log.warning(
+        "round %s: waiting for %d batch run(s) of an earlier attempt before sending new ones",
+        config.round_id,
+        len(stale),
+    )
+    while stale:
+        time.sleep(poll_seconds)
+        still = _read_runs(client, FlowRunFilter(id=FlowRunFilterId(any_=stale)))
+        stale = [run.id for run in still if not (run.state and run.state.is_final())]
+    recorded = {
+        (key, etag)
+        for key, etag, status in zip(
+            *(catalog.latest(config.round_id)[c].to_pylist() for c in ("video_key", "etag", "status")), strict=True
+        )
+        if status in ("labelled", "failed")
+    }
+    left = [v for batch in work for v in batch if (v.key, v.etag) not in recorded]
+    return [left[i : i + config.batch_size] for i in range(0, len(left), config.batch_size)]
+
+
+def _submit(client, config, deployment_id, work, checkpoints, log) -> tuple[dict, list[dict]]:
+    """One run per batch, idempotent on `<round>-<batch>`; a finished run handed back is run again in place.
+
+    Returns ({run id: (name, batch id, videos)}, batches whose earlier run refused to run again).
+    One request per batch on the round's client: `run_deployment` costs a new client, a deployment read
+    and a placeholder task run per call (1-2 s a batch measured here), more than a batch's orchestration
+    budget. A round's runs are found by their tag instead of as subflows in the UI.
+    """
+    from prefect.states import AwaitingRetry, Scheduled
+
+    runs, refused = {}, []
+    started = time.perf_counter()
+    for batch in work:
+        batch_id = batch_id_for(config.round_id, [v.key for v in batch])
+        name = f"{config.round_id}-{batch_id}"
+        parameters = batch_parameters(config, batch, checkpoints)
+        flow_run = client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters=parameters,
+            state=Scheduled(),
+            name=name,
+            tags=[round_tag(config.round_id)],
+            idempotency_key=name,
+        )
+        if flow_run.state is not None and flow_run.state.is_final():
+            # an earlier attempt's run of the same videos, which are still unrecorded: run it again, same run
+            client.update_flow_run(flow_run.id, parameters=parameters)
+            result = client.set_flow_run_state(
+                flow_run.id, AwaitingRetry(message=f"resumed by a new attempt at round {config.round_id}")
+            )
+            if result.status.value != "ACCEPT":
+                reason = getattr(result.details, "reason", None) or result.status.value
+                error = (
+                    f"flow run {name} ({flow_run.id}) ended {flow_run.state.name} and refused to run again: {reason}"
+                )
+                refused.append(
+                    {"batch_id": batch_id, "videos": len(batch), "error": error, "flow_run_id": str(flow_run.id)}
+                )
+                continue
+            log.info("batch %s: running flow run %s again (it was %s)", batch_id, name, flow_run.state.name)
+        runs[flow_run.id] = (name, batch_id, batch)
+    log.info("round %s: sent %d batch runs in %.2f s", config.round_id, len(runs), time.perf_counter() - started)
+    return runs, refused
+
+
+def _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log) -> dict:
+    """Poll the children's states (one request per 200 runs) until all are final.
+
+    Per-video progress comes from the catalog, read when a child finished or every
+    CATALOG_POLL_SECONDS: the catalog grows with the round, the states do not.
+    """
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    keys = {v.key for _, _, batch in runs.values() for v in batch}
+    seen: set[str] = set()
+    states: dict = {}
+    finals_read = -1
+    catalog_read = time.monotonic()
+    warned_late = False
+    while True:
+        open_ids = [run_id for run_id in runs if run_id not in states or not states[run_id].is_final()]
+        for start in range(0, len(open_ids), READ_CHUNK):
+            ids = open_ids[start : start + READ_CHUNK]
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))):
+                if run.state is not None:
+                    states[run.id] = run.state
+        finals = sum(1 for run_id in runs if run_id in states and states[run_id].is_final())
+        if finals != finals_read or time.monotonic() - catalog_read > CATALOG_POLL_SECONDS:
+            latest = catalog.latest(config.round_id)
+            for key, status in zip(latest["video_key"].to_pylist(), latest["status"].to_pylist(), strict=True):
+                if key in keys and key not in seen and status in ("labelled", "failed"):
+                    seen.add(key)
+                    notify(status, {"video_key": key})
+            finals_read, catalog_read = finals, time.monotonic()
+        if on_progress:
+            on_progress(finals / max(1, len(runs)))
+        if finals == len(runs):
+            return states
+        late = sum(1 for state in states.values() if state.name == "Late")
+        if late and not warned_late:
+            log.warning(
+                "round %s: %d batch run(s) late: all slots of %s's pool and queue are busy, or no worker polls them",
+                config.round_id,
+                late,
+                config.deployment or DEPLOYMENT,
+            )
+            warned_late = True
+        time.sleep(poll_seconds)
+
+
+def _collect(config, runs, states, catalog) -> tuple[list[BatchResult], list[dict]]:
+    workspace = catalog.store
+    results, failures = [], []
+    for run_id, (name, batch_id, batch) in runs.items():
+        state = states[run_id]
+        if not state.is_completed():
+            message = f": {state.message}" if state.message else ""
+            error = f"flow run {name} ({run_id}) ended {state.name}{message}"
+            failures.append({"batch_id": batch_id, "videos": len(batch), "error": error, "flow_run_id": str(run_id)})
+            continue
+        try:
+            tally = json.loads(workspace.read_bytes(batch_result_key(config.round_id, batch_id)))
+        except FileNotFoundError:
+            error = f"flow run {name} ({run_id}) completed but left no {batch_result_key(config.round_id, batch_id)}"
+            failures.append({"batch_id": batch_id, "videos": len(batch), "error": error, "flow_run_id": str(run_id)})
+            continue
+        known = {f.name for f in fields(BatchResult)}  # a worker of another version may report more or less
+        results.append(BatchResult(**{k: v for k, v in tally.items() if k in known}))
+    return results, failures

@@ -23,13 +23,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..config import RoundConfig
 from ..errors import ConfigError
+from ..faults import checkpoint
 from ..storage.catalog import Catalog
 from ..storage.layout import new_round_id
 from ..storage.objects import open_store
 from ..tasks.caption_filter import CaptionIndex, CaptionRules, filter_captions
-from ..tasks.discover import VideoItem, batches, discover_task, pending
+from ..tasks.discover import Discovery, VideoItem, batches, discover_task, pending
 from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resolve_checkpoints
-from ..tasks.shards import committed_shards
+from ..tasks.shards import recover_committed as _recover_committed
 
 ProgressListener = Callable[[str, dict], None]
 _listeners: list[ProgressListener] = []
@@ -62,6 +63,7 @@ class RoundSummary:
     filter_rules: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     failed_batches: list[dict] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # planned videos left to another round, by why
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -86,23 +88,9 @@ def open_workspace(config: RoundConfig):
     return bucket, workspace
 
 
-def recover_committed(workspace, catalog: Catalog, round_id: str) -> int:
-    """Catalogue the samples of shards whose manifest exists but whose catalog events were lost in a crash."""
-    latest = catalog.latest()
-    known = set()
-    if latest.num_rows:
-        for shard, status in zip(
-            latest.column("shard_id").to_pylist(), latest.column("status").to_pylist(), strict=True
-        ):
-            if status == "labelled" and shard:
-                known.add(shard)
-    rows = []
-    for manifest in committed_shards(workspace, round_id):
-        if manifest["shard"] not in known:
-            rows.extend(manifest.get("rows", []))
-    if rows:
-        catalog.append(rows)
-    return len(rows)
+def recover_committed(workspace, catalog: Catalog) -> int:
+    """Catalogue the samples of shards (of any round) whose manifest exists but whose events a crash lost."""
+    return _recover_committed(workspace, catalog)
 
 
 def plan_round(
@@ -122,7 +110,8 @@ def plan_round(
     rows: list[dict] = []
     eligible = reused = 0
     limit = config.videos
-    chunk = max(256, 2 * (limit or 0))
+    # captions are read a chunk at a time, so a small round reads few sidecars; without a limit, big chunks
+    chunk = max(256, 2 * limit) if limit else 8192
     for start in range(0, len(videos), chunk):
         part = videos[start : start + chunk]
         verdicts = filter_captions([v.key for v in part], index, rules, config.missing_caption)
@@ -130,6 +119,10 @@ def plan_round(
             if limit is not None and eligible >= limit:
                 return planned, rows, reused
             is_new = video.key in todo_keys
+            if video.problem:  # a key that cannot be read safely: a failed row, never a silent skip
+                if is_new:
+                    rows.append(_row(video, "failed", caption=None, stage="discover", reason=video.problem))
+                continue
             if verdict.failure:
                 if is_new:
                     rows.append(_row(video, "failed", caption=None, stage="caption", reason=verdict.failure))
@@ -168,6 +161,7 @@ def _summary_markdown(summary: RoundSummary) -> str:
         ("teacher", summary.teachers),
         ("failure reason", summary.failure_reasons),
         ("filter rule", summary.filter_rules),
+        ("left to another run", summary.skipped),
     ):
         if counts:
             lines += ["", f"| {title} | videos |", "|---|---|"]
@@ -179,8 +173,12 @@ def _md_escape(text: str) -> str:
     return re.sub(r"([|\\`*_<>\[\]])", r"\\\1", text)
 
 
-def run_round(config: RoundConfig) -> RoundSummary:
-    """The whole round; inside a Prefect flow run, batches become task runs and progress artifacts."""
+def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundSummary:
+    """The whole round; inside a Prefect flow run, batches become task runs and progress artifacts.
+
+    discovery: the videos to consider, when the caller listed the bucket already (the bucket watcher
+    passes only the new and changed ones); None lists the bucket.
+    """
     started = time.perf_counter()
     bucket, workspace = open_workspace(config)
     checkpoints = resolve_checkpoints(config)
@@ -192,8 +190,11 @@ def run_round(config: RoundConfig) -> RoundSummary:
     catalog = Catalog(workspace)
     log = get_run_logger() if _in_flow() else None
 
-    summary.recovered = recover_committed(workspace, catalog, round_id)
-    discovery = discover_task(bucket) if _in_flow() else discover_task.fn(bucket)
+    summary.recovered = recover_committed(workspace, catalog)
+    checkpoint("round.recovered")
+    if discovery is None:
+        discovery = discover_task(bucket) if _in_flow() else discover_task.fn(bucket)
+    checkpoint("round.discovered")
     summary.discovered = len(discovery.videos)
     if not discovery.videos and log:
         log.warning("no videos found in %s", config.bucket)
@@ -201,13 +202,14 @@ def run_round(config: RoundConfig) -> RoundSummary:
     planned, rows, summary.reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done)
     if rows:
         catalog.append([dict(r, round_id=round_id, batch_id="plan") for r in rows])
+    checkpoint("round.planned")
     for row in rows:
         if row["status"] == "filtered":
             summary.filtered += 1
             summary.filter_rules[row["filter_rule"]] = summary.filter_rules.get(row["filter_rule"], 0) + 1
         else:
             summary.failed += 1
-            key = f"caption: {row['reason']}"
+            key = f"{row['stage']}: {row['reason']}"
             summary.failure_reasons[key] = summary.failure_reasons.get(key, 0) + 1
     summary.planned = len(planned)
     # written now so the dashboard knows the round's size while it runs, and again at the end
@@ -245,8 +247,10 @@ def run_round(config: RoundConfig) -> RoundSummary:
         summary.failure_reasons = dict(Counter(summary.failure_reasons) + Counter(result.reasons))
         for stage, seconds in result.stage_seconds.items():
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
+        summary.skipped = dict(Counter(summary.skipped) + Counter(result.skipped))
     summary.failed_batches = failures
     summary.seconds = time.perf_counter() - started
+    checkpoint("round.summary")
     workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
     if _in_flow():
         if progress_id:
@@ -256,6 +260,9 @@ def run_round(config: RoundConfig) -> RoundSummary:
             key=artifact_key("label-summary", round_id),
             description=f"summary of labelling round {round_id}",
         )
+        from .events import emit_round_finished
+
+        emit_round_finished(summary, workspace.uri())  # starts training through train-student's trigger
     _notify("done", summary.to_dict())
     if failures:
         raise BatchesFailed(summary)
@@ -307,70 +314,15 @@ def _batch_failure(config: RoundConfig, batch: list[PlannedVideo], exc: BaseExce
     }
 
 
-def _run_pool(config, work, checkpoints, catalog, progress_id, poll_seconds: float = 2.0):
-    """Each batch as a flow run of the `label-batch` deployment; idempotent on re-run of the round."""
-    from dataclasses import asdict as to_dict
+def _run_pool(config, work, checkpoints, catalog, progress_id):
+    """Each batch as a flow run of the `label-batch` deployment (flows/label_batch.py: idempotent, resumable)."""
+    from .label_batch import run_batches_on_pool
 
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
+    def on_progress(fraction: float) -> None:
+        if progress_id:
+            update_progress_artifact(progress_id, 100.0 * fraction)
 
-    from ..tasks.labelling import batch_id_for
-    from .label_batch import DEPLOYMENT
-
-    runs = {}
-    for batch in work:
-        batch_id = batch_id_for(config.round_id or "", [v.key for v in batch])
-        flow_run = run_deployment(
-            config.deployment or DEPLOYMENT,
-            parameters={"config": to_dict(config), "videos": [to_dict(v) for v in batch], "checkpoints": checkpoints},
-            timeout=0,
-            idempotency_key=f"{config.round_id}-{batch_id}",
-            flow_run_name=f"{config.round_id}-{batch_id}",
-        )
-        runs[flow_run.id] = (batch_id, batch)
-    keys = {v.key for batch in work for v in batch}
-    seen: dict[str, str] = {}
-    states: dict = {}
-    with get_client(sync_client=True) as client:
-        while True:
-            for run_id in runs:
-                if run_id not in states or not states[run_id].is_final():
-                    states[run_id] = client.read_flow_run(run_id).state
-            latest = catalog.latest(config.round_id)
-            for key, status in zip(latest["video_key"].to_pylist(), latest["status"].to_pylist(), strict=True):
-                if key in keys and key not in seen and status in ("labelled", "failed"):
-                    seen[key] = status
-                    _notify(status, {"video_key": key})
-            finals = sum(1 for s in states.values() if s is not None and s.is_final())
-            if progress_id:
-                update_progress_artifact(progress_id, 100.0 * finals / max(1, len(runs)))
-            if finals == len(runs):
-                break
-            time.sleep(poll_seconds)
-    results, failures = [], []
-    latest = {r["video_key"]: r for r in catalog.latest(config.round_id).to_pylist()}
-    for run_id, (batch_id, batch) in runs.items():
-        state = states[run_id]
-        if not state.is_completed():
-            failures.append({"batch_id": batch_id, "videos": len(batch), "error": f"flow run {run_id} {state.name}"})
-            continue
-        result = BatchResult(batch_id)
-        for video in batch:
-            row = latest.get(video.key)
-            if row is None:
-                continue
-            if row["status"] == "labelled":
-                result.labelled += 1
-                if row["shard_id"] not in result.shards:
-                    result.shards.append(row["shard_id"])
-                for name in row["teachers"] or []:
-                    result.teachers[name] = result.teachers.get(name, 0) + 1
-            elif row["status"] == "failed":
-                result.failed += 1
-                reason = f"{row['stage']}: {row['reason']}"
-                result.reasons[reason] = result.reasons.get(reason, 0) + 1
-        results.append(result)
-    return results, failures
+    return run_batches_on_pool(config, work, checkpoints, catalog, _notify, on_progress)
 
 
 def _json(obj) -> bytes:

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..faults import checkpoint
 from .layout import CATALOG, validate_round_id
 from .objects import ObjectStore, open_store
 
@@ -134,7 +135,10 @@ class Catalog:
         stem = f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:16]}"
         table = rows_to_table(rows, stem, now)
         key = f"{EVENTS}{stem}{SUFFIX}"
-        self.store.write_bytes(key, _to_parquet(table))
+        data = _to_parquet(table)
+        checkpoint("catalog.before_write")
+        self.store.write_bytes(key, data)
+        checkpoint("catalog.written")
         self._cache[key] = table
         return key
 
@@ -163,6 +167,11 @@ class Catalog:
         return len(present)
 
     # ----------------------------------------------------------------- reading
+
+    def shard_ids(self) -> set[str]:
+        """Every shard any event names: shards the catalog knows (crash recovery reads only the others)."""
+        shards = self._load()["shard_id"].drop_null()
+        return set(pc.unique(shards).to_pylist()) if len(shards) else set()
 
     def events(self, round_id: str | None = None) -> pa.Table:
         """Every event once, oldest first (by created_at, then event_id)."""

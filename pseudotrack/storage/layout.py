@@ -7,6 +7,7 @@ Workspace layout (DESIGN.md "Layout"):
     shards/<round>/<batch>-000000.tar        WebDataset shards, one pattern per writer
     shards/<round>/<batch>-000000.tar.json   the shard's manifest, its commit marker
     runs/<round>/                            config and summary of a round
+    claims/<hash>/<generation>.json          per-video claims of running batches (storage/claims.py)
     reports/                                 evaluation and scaling reports
 
 Names end up inside object keys, WebDataset sample keys and Prefect artifact

@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import os
+import random
 import re
 import shutil
 import stat
@@ -24,18 +25,21 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.request import url2pathname
 
+from ..config import has_userinfo
 from ..errors import ConfigError
+from ..faults import checkpoint
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Temporary files carry this marker so that listings can skip them (a crashed writer may leave one).
 TMP_MARK = ".pt-tmp-"
@@ -56,7 +60,7 @@ class ObjectInfo:
 def check_key(key: str, *, allow_empty: bool = False) -> str:
     """Refuse keys that would leave the store's root or that no filesystem can hold.
 
-    Spaces, dots, unicode are fine; '..' segments, absolute keys and NUL are not.
+    Spaces, dots, unicode are fine; '..' segments, absolute keys, NUL and names that are not UTF-8 are not.
     """
     if not isinstance(key, str):
         raise TypeError(f"object key must be a str, got {type(key).__name__}: {key!r}")
@@ -70,7 +74,29 @@ def check_key(key: str, *, allow_empty: bool = False) -> str:
         raise ValueError(f"object key {key!r} contains a NUL character")
     if any(part == ".." for part in key.split("/")):
         raise ValueError(f"object key {key!r} escapes the store's root ('..' is not allowed)")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a local file name in another encoding; S3 cannot hold it either
+        raise ValueError(f"object key '{printable_key(key)}' is not valid UTF-8 (a name in another encoding)") from None
     return key
+
+
+def printable_key(key: str) -> str:
+    """A key as valid UTF-8 text: the bytes of a local name in another encoding become \\xNN."""
+    try:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates no file name decodes to
+        return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _usable(key: str, store: ObjectStore) -> bool:
+    """Whether a listed key passes `check_key`; a skipped one is logged (discovery lists it and records why)."""
+    try:
+        check_key(key)
+        return True
+    except ValueError as exc:
+        log.warning("skipping an object of %s: %s", store.uri(), exc)
+        return False
 
 
 def _matches(key: str, suffixes: tuple[str, ...] | None) -> bool:
@@ -82,8 +108,15 @@ class ObjectStore(ABC):
     """The operations the pipeline needs, identical on local disks and S3."""
 
     @abstractmethod
-    def list(self, prefix: str = "", suffixes: tuple[str, ...] | None = None) -> Iterator[ObjectInfo]:
-        """Every object under `prefix` (a plain string prefix, as on S3), recursively, in sorted key order."""
+    def list(
+        self, prefix: str = "", suffixes: tuple[str, ...] | None = None, *, include_unsafe: bool = False
+    ) -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (a plain string prefix, as on S3), recursively, in sorted key order.
+
+        Objects whose keys `check_key` refuses (S3 allows '../x'; a disk allows names that are not UTF-8)
+        are skipped with a warning, or listed with `include_unsafe` so that discovery can record them as
+        failed rather than lose them; they cannot be read.
+        """
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
@@ -101,6 +134,8 @@ class ObjectStore(ABC):
 
         Two writers racing on one key: exactly one gets True. Claims, leases and locks are built on this
         (local: an O_EXCL hard link of a complete temporary file; S3: PutObject with If-None-Match: *).
+        `data` must be unique to the writer (carry a random token): on S3 a retried request whose first
+        try landed finds the key taken, and the call tells its own object by reading the bytes back.
         """
 
     @abstractmethod
@@ -182,7 +217,9 @@ class LocalStore(ObjectStore):
         # not affordable, and inode numbers would change on a plain copy of the bucket.
         return ObjectInfo(key, st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}", st.st_mtime)
 
-    def list(self, prefix: str = "", suffixes: tuple[str, ...] | None = None) -> Iterator[ObjectInfo]:
+    def list(
+        self, prefix: str = "", suffixes: tuple[str, ...] | None = None, *, include_unsafe: bool = False
+    ) -> Iterator[ObjectInfo]:
         check_key(prefix, allow_empty=True)
         base_rel = prefix.rpartition("/")[0]
         base = self.root / base_rel if base_rel else self.root
@@ -207,7 +244,12 @@ class LocalStore(ObjectStore):
                     if entry.is_dir():  # symlinked folders too: a bucket may be assembled from links
                         if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
                             stack.append((Path(entry.path), key + "/"))
-                    elif entry.is_file() and key.startswith(prefix) and _matches(key, suffixes):
+                    elif (
+                        entry.is_file()
+                        and key.startswith(prefix)
+                        and _matches(key, suffixes)
+                        and (include_unsafe or _usable(key, self))
+                    ):
                         found.append(self._info(key, entry.stat()))
                 except FileNotFoundError:
                     continue
@@ -249,6 +291,7 @@ class LocalStore(ObjectStore):
                     shutil.copyfileobj(data, fh, 1 << 20)
                 fh.flush()
                 os.fsync(fh.fileno())
+            checkpoint("store.tmp_written")  # crash tests: the bytes are down, not yet under their name
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -362,7 +405,19 @@ _ENV_KEYS = (
     "AWS_CONFIG_FILE",
     "AWS_RETRY_MODE",
     "AWS_MAX_ATTEMPTS",
+    "PSEUDOTRACK_S3_CONNECT_TIMEOUT",
+    "PSEUDOTRACK_S3_READ_TIMEOUT",
 )
+# Retries, in two layers (measured behind a fault-injecting proxy, tests/test_storage_faults.py):
+# - botocore's "standard" mode retries 500/502/503/504, throttling and dropped or refused connections,
+#   with jittered exponential backoff; for non-throttling faults it starts at 50 ms, so its
+#   MAX_ATTEMPTS tries are spent within a few seconds and it shares a retry quota per client, which
+#   an outage drains quickly. That absorbs blips, not a server restart.
+# - `S3Store` therefore retries a whole operation that still failed, with backoff from 0.5 s to 8 s,
+#   until PSEUDOTRACK_S3_OUTAGE_SECONDS have passed; then it raises `StorageUnavailable`, which fails
+#   the batch (its videos stay unrecorded, and a rerun of the round labels them).
+MAX_ATTEMPTS = 5
+OUTAGE_SECONDS = 60.0
 
 
 def s3_client() -> BaseClient:
@@ -383,18 +438,75 @@ def s3_client() -> BaseClient:
             from botocore.config import Config
 
             options: dict[str, Any] = {
-                "connect_timeout": 10,
-                "read_timeout": 120,
+                "connect_timeout": _env_seconds("PSEUDOTRACK_S3_CONNECT_TIMEOUT", 10.0),
+                "read_timeout": _env_seconds("PSEUDOTRACK_S3_READ_TIMEOUT", 120.0),
                 "max_pool_connections": 32,
                 "tcp_keepalive": True,
             }
-            # Respect a retry policy the user set in the environment or profile; otherwise adaptive
-            # mode backs off on throttling (503 SlowDown) as well as on network faults.
+            # Respect a retry policy the user set in the environment or profile. Otherwise standard mode:
+            # adaptive mode adds a client-side rate limiter that AWS documents as experimental, and our
+            # own outage retries (S3Store._retrying) already back off for as long as a restart takes.
             if not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
-                options["retries"] = {"mode": "adaptive", "max_attempts": 8}
+                options["retries"] = {"mode": "standard", "max_attempts": MAX_ATTEMPTS}
             client = boto3.session.Session().client("s3", config=Config(**options))
             _CLIENTS[key] = client
     return client
+
+
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={text!r} must be a positive number of seconds")
+    return value
+
+
+class StorageUnavailable(ConnectionError):
+    """The object store kept failing past every retry. Nothing half-written is visible; run again to resume.
+
+    A ConnectionError (so an OSError): Prefect's batch retry condition and callers that
+    handle I/O errors treat it as the storage fault it is.
+    """
+
+
+_THROTTLING = frozenset(
+    ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException")
+)
+_TRANSIENT_CODES = _THROTTLING | {"InternalError", "ServiceUnavailable", "RequestTimeout", "OperationAborted"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault worth retrying: a dropped, refused, timed-out or cut-off connection, a 5xx, throttling.
+
+    s3transfer wraps the client's error in its own (S3UploadFailedError), so the cause chain is searched.
+    """
+    from botocore.exceptions import (
+        ClientError,
+        HTTPClientError,
+        IncompleteReadError,
+        ResponseStreamingError,
+    )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from s3transfer.exceptions import RetriesExceededError
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(
+            exc,
+            HTTPClientError | BotoConnectionError | ResponseStreamingError | IncompleteReadError | RetriesExceededError,
+        ):
+            return True
+        if isinstance(exc, ClientError):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return status >= 500 or status == 429 or _error_code(exc) in _TRANSIENT_CODES
+        exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
+        seen += 1
+    return False
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -402,9 +514,21 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"{uri!r} is not an s3:// URI")
     bucket, _, key = uri[len("s3://") :].partition("/")
+    if has_userinfo(uri):  # the message must not repeat what came before the '@'
+        raise ConfigError(
+            f"s3://{uri.rpartition('@')[2]}: S3 URIs cannot carry credentials (user:password@); remove them "
+            "and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or another standard AWS setting"
+        )
     if not bucket:
         raise ConfigError(f"{uri!r} names no bucket; write s3://<bucket>/<prefix>")
     return bucket, key
+
+
+def _seekable(stream) -> bool:
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _error_code(exc: Exception) -> str:
@@ -449,23 +573,61 @@ class S3Store(ObjectStore):
     def child(self, prefix: str) -> S3Store:
         return S3Store(self.bucket, self.prefix + check_key(prefix.strip("/"), allow_empty=True))
 
-    def list(self, prefix: str = "", suffixes: tuple[str, ...] | None = None) -> Iterator[ObjectInfo]:
+    def _retrying(self, what: str, key: str, call: Callable[[], T]) -> T:
+        """`call()`, tried again while it fails with a transient fault, for up to PSEUDOTRACK_S3_OUTAGE_SECONDS.
+
+        Each try already includes botocore's own quick retries; this outer loop is what rides out
+        a server restart or a network outage of tens of seconds (see MAX_ATTEMPTS above).
+        """
+        started = time.monotonic()
+        budget = _env_seconds("PSEUDOTRACK_S3_OUTAGE_SECONDS", OUTAGE_SECONDS)
+        delay, tries = 0.5, 0
+        while True:
+            tries += 1
+            try:
+                return call()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                waited = time.monotonic() - started
+                if waited >= budget:
+                    raise StorageUnavailable(
+                        f"{self.uri(key)}: {what} kept failing for {waited:.1f} s ({tries} attempt(s), each with "
+                        f"the S3 client's own retries; PSEUDOTRACK_S3_OUTAGE_SECONDS={budget:g}): "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                pause = min(delay * (0.5 + random.random()), budget - waited)
+                log.warning(
+                    "%s: %s failed (%s: %s); trying again in %.1f s",
+                    self.uri(key),
+                    what,
+                    type(exc).__name__,
+                    exc,
+                    pause,
+                )
+                time.sleep(max(pause, 0.0))
+                delay = min(delay * 2, 8.0)
+
+    def list(
+        self, prefix: str = "", suffixes: tuple[str, ...] | None = None, *, include_unsafe: bool = False
+    ) -> Iterator[ObjectInfo]:
         check_key(prefix, allow_empty=True)
-        paginator = self.client.get_paginator("list_objects_v2")
         cut = len(self.prefix)
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        while True:  # page by page, so a fault costs one page again, not the whole listing
+            page = self._retrying("listing", prefix, lambda: self.client.list_objects_v2(**request))
             for obj in page.get("Contents", ()):
                 key = obj["Key"][cut:]
                 if not key or key.endswith("/") or TMP_MARK in key.rpartition("/")[2]:
                     continue  # folder markers and probes
-                try:
-                    check_key(key)
-                except ValueError:
-                    log.warning("skipping %s: its key cannot be used safely", self.uri(key))
+                if not include_unsafe and not _usable(key, self):
                     continue
                 if _matches(key, suffixes):
                     mtime = obj["LastModified"].timestamp()
                     yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'), mtime)
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
 
     def _get(self, key: str, **kw) -> dict:
         try:
@@ -476,23 +638,36 @@ class S3Store(ObjectStore):
             raise
 
     def read_bytes(self, key: str) -> bytes:
-        return self._get(key)["Body"].read()
+        # the body is read inside the retried call: a connection cut mid-body is retried too
+        return self._retrying("read", key, lambda: self._get(key)["Body"].read())
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
             raise ValueError(f"bad range start={start} length={length} for {self.uri(key)}")
         if length == 0:
             return b""
-        try:
-            return self._get(key, Range=f"bytes={start}-{start + length - 1}")["Body"].read()
-        except Exception as exc:
-            if _error_code(exc) == "InvalidRange":  # past the end, like a local read
-                return b""
-            raise
+
+        def read() -> bytes:
+            try:
+                return self._get(key, Range=f"bytes={start}-{start + length - 1}")["Body"].read()
+            except Exception as exc:
+                if _error_code(exc) == "InvalidRange":  # past the end, like a local read
+                    return b""
+                raise
+
+        return self._retrying("ranged read", key, read)
 
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview | BinaryIO) -> ObjectInfo:
         body = bytes(data) if isinstance(data, bytearray | memoryview) else data
-        response = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body)
+        start = None if isinstance(body, bytes) or not _seekable(body) else body.tell()
+
+        def put() -> dict:
+            if start is not None:
+                body.seek(start)  # a stream is sent again from where it began
+            return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body)
+
+        # a stream that cannot be rewound is sent once (botocore cannot retry it either)
+        response = self._retrying("write", key, put) if isinstance(body, bytes) or start is not None else put()
         size = len(body) if isinstance(body, bytes) else None
         if size is None:
             info = self.info(key)
@@ -501,14 +676,26 @@ class S3Store(ObjectStore):
         return ObjectInfo(key, size, response["ETag"].strip('"'), time.time())
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=bytes(data), IfNoneMatch="*")
+        body = bytes(data)
+
+        def put_if_absent() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*")
+                return True
+            except Exception as exc:
+                # 412: the key exists. 409: another conditional write to the key is in flight; it will win.
+                if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+
+        if self._retrying("exclusive create", key, put_if_absent):
             return True
-        except Exception as exc:
-            # 412: the key exists. 409: another conditional write to the key is in flight; it will win.
-            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            raise
+        # A try whose response was lost may have created the object, and its retry then finds it there:
+        # the object is ours exactly when it holds our (caller-unique) bytes.
+        try:
+            return self.read_bytes(key) == body
+        except FileNotFoundError:
+            return False
 
     def put_file(self, local_path: str | os.PathLike, key: str) -> ObjectInfo:
         from boto3.s3.transfer import TransferConfig
@@ -516,10 +703,16 @@ class S3Store(ObjectStore):
         src = Path(local_path)
         if not src.is_file():
             raise FileNotFoundError(f"cannot upload {src} to {self.uri(key)}: no such file")
-        config = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK, max_concurrency=4
-        )
-        self.client.upload_file(str(src), self.bucket, self._key(key), Config=config)
+        if src.stat().st_size < MULTIPART_THRESHOLD:
+            with open(src, "rb") as fh:
+                self.write_bytes(key, fh)
+        else:
+            config = TransferConfig(
+                multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK, max_concurrency=4
+            )
+            self._retrying(
+                "upload", key, lambda: self.client.upload_file(str(src), self.bucket, self._key(key), Config=config)
+            )
         info = self.info(key)
         if info is None:
             raise FileNotFoundError(f"{self.uri(key)} is missing right after its upload; retry")
@@ -534,20 +727,25 @@ class S3Store(ObjectStore):
                     raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
                 raise
 
-        _copy_atomically(download, Path(local_path))
+        self._retrying("download", key, lambda: _copy_atomically(download, Path(local_path)))
 
     def info(self, key: str) -> ObjectInfo | None:
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            if _is_missing(exc):
-                return None
-            raise
-        mtime = head["LastModified"].timestamp()
-        return ObjectInfo(key, head["ContentLength"], head["ETag"].strip('"'), mtime)
+        def head() -> dict | None:
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except Exception as exc:
+                if _is_missing(exc):
+                    return None
+                raise
+
+        found = self._retrying("metadata read", key, head)
+        if found is None:
+            return None
+        mtime = found["LastModified"].timestamp()
+        return ObjectInfo(key, found["ContentLength"], found["ETag"].strip('"'), mtime)
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self._retrying("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def _config_error(self, exc: Exception, action: str) -> ConfigError:
         from botocore.exceptions import EndpointConnectionError, NoCredentialsError

@@ -108,12 +108,35 @@ def resize_video(video: BenchmarkVideo, size: tuple[int, int] = BENCHMARK_SIZE) 
 # --------------------------------------------------------------------------- reading
 
 
+# What a TAP-Vid pickle needs to rebuild its dicts, lists, bytes and numpy arrays (under numpy 1 and 2 names).
+_NUMPY_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """The published benchmarks are pickles; a pickle can run any code, so only numpy's rebuilders may load."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a benchmark file never needs")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path) -> object:
     if not path.is_file():
         raise BenchmarkFormatError(f"benchmark file {path} does not exist; pass the downloaded .pkl")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return _ArraysOnly(f).load()
     except Exception as exc:  # any unpickling failure means the same thing to the user
         raise BenchmarkFormatError(
             f"{path} is not a readable TAP-Vid pickle ({type(exc).__name__}: {exc}); "

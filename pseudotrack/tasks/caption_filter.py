@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,8 +121,8 @@ class Caption:
 
 
 def _decode_caption(raw: bytes, where: str) -> str:
-    if len(raw) > MAX_CAPTION_BYTES:
-        raise ValueError(f"caption in {where} is {len(raw)} bytes, over the {MAX_CAPTION_BYTES}-byte limit")
+    if len(raw) > MAX_CAPTION_BYTES:  # sidecars are read only this far: the size may be larger
+        raise ValueError(f"caption in {where} is over the {MAX_CAPTION_BYTES}-byte limit: shorten it")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -138,16 +140,54 @@ def _caption_from_record(record: Mapping) -> str | None:
     return " | ".join(texts) if texts else None
 
 
-def parse_manifest(data: bytes, name: str) -> dict[str, str]:
-    """Key -> caption text from a JSONL, CSV or Parquet manifest."""
+def _jsonl_records(data: bytes) -> tuple[list, dict[int, str]]:
+    """Records of a JSONL manifest, and the records whose line is not valid UTF-8 (index -> why).
+
+    Split on newline bytes, not str.splitlines (which also splits inside strings at U+2028 and the like),
+    and decoded line by line, so that one badly encoded caption fails one video, not the whole round.
+    """
+    records, bad = [], {}
+    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = line.decode("utf-8", "replace")
+            bad[len(records)] = f"line {number} is not valid UTF-8 (byte {exc.start} of the line)"
+        records.append(json.loads(text))
+    return records, bad
+
+
+def _csv_records(data: bytes) -> tuple[list, dict[int, str]]:
+    """Records of a CSV manifest, and the rows holding bytes that are not UTF-8 (index -> why)."""
+    text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+    records, bad = [], {}
+    for i, row in enumerate(csv.DictReader(io.StringIO(text))):
+        if any(isinstance(v, str) and _SURROGATE.search(v) for v in row.values()):
+            bad[i] = f"row {i + 2} is not valid UTF-8"
+            row = {k: _SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v for k, v in row.items()}
+        records.append(row)
+    return records, bad
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def read_manifest(data: bytes, name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(key -> caption text, key -> why its caption is unusable) from a JSONL, CSV or Parquet manifest.
+
+    A manifest that cannot be parsed at all is a ConfigError (the round cannot judge any video); a record
+    whose caption is not valid UTF-8 or is over MAX_CAPTION_BYTES fails only its own video.
+    """
     suffix = PurePosixPath(name).suffix.lower()
     records: list[Mapping]
+    bad: dict[int, str] = {}
     try:
         if suffix in (".jsonl", ".json"):
-            text = data.decode("utf-8-sig")
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            records, bad = _jsonl_records(data)
         elif suffix == ".csv":
-            records = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+            records, bad = _csv_records(data)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -159,6 +199,7 @@ def parse_manifest(data: bytes, name: str) -> dict[str, str]:
     except Exception as exc:
         raise ConfigError(f"caption manifest {name} cannot be read: {type(exc).__name__}: {exc}") from None
     captions: dict[str, str] = {}
+    errors: dict[str, str] = {}
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
             raise ConfigError(f"caption manifest {name}: record {i + 1} is not an object")
@@ -168,21 +209,43 @@ def parse_manifest(data: bytes, name: str) -> dict[str, str]:
                 f"caption manifest {name}: record {i + 1} has no key column (one of {', '.join(KEY_COLUMNS)})"
             )
         text = _caption_from_record(record)
-        if text is not None:
+        if i in bad:
+            errors[str(key)] = f"caption in {name} is unreadable: {bad[i]}; re-save the manifest as UTF-8"
+        elif text is not None and len(text.encode("utf-8")) > MAX_CAPTION_BYTES:
+            size = len(text.encode("utf-8"))
+            errors[str(key)] = f"caption in {name} is {size} bytes, over the {MAX_CAPTION_BYTES}-byte limit: shorten it"
+        elif text is not None:
             captions[str(key)] = text
-    return captions
+    return captions, errors
+
+
+def parse_manifest(data: bytes, name: str) -> dict[str, str]:
+    """Key -> caption text from a JSONL, CSV or Parquet manifest (unusable captions left out: `read_manifest`)."""
+    return read_manifest(data, name)[0]
 
 
 class CaptionIndex:
     """Finds each video's caption: manifest entries first, then sidecar files."""
 
-    def __init__(self, manifest: Mapping[str, str], sidecars: Mapping[str, str], read_bytes, manifest_name: str = ""):
+    def __init__(
+        self,
+        manifest: Mapping[str, str],
+        sidecars: Mapping[str, str],
+        read_bytes,
+        manifest_name: str = "",
+        manifest_errors: Mapping[str, str] | None = None,
+    ):
         self._manifest = dict(manifest)
+        self._errors = dict(manifest_errors or {})
         self._by_basename: dict[str, str | None] = {}
-        for key in self._manifest:
-            base = PurePosixPath(key).name
+        self._by_nfc: dict[str, str | None] = {}
+        for key in [*self._manifest, *self._errors]:
+            base = posixpath.basename(key)
             self._by_basename[base] = None if base in self._by_basename else key  # None marks ambiguity
+            nfc = unicodedata.normalize("NFC", key)
+            self._by_nfc[nfc] = None if nfc in self._by_nfc else key
         self._sidecars = sidecars
+        self._sidecars_nfc = {unicodedata.normalize("NFC", stem): key for stem, key in sidecars.items()}
         self._read_bytes = read_bytes
         self._manifest_name = manifest_name
 
@@ -192,36 +255,44 @@ class CaptionIndex:
         keys = set(all_keys)
         manifest: dict[str, str] = {}
         name = ""
+        errors: dict[str, str] = {}
         if manifest_uri:
             data, name = _read_manifest_uri(store, manifest_uri)
-            manifest = parse_manifest(data, name)
+            manifest, errors = read_manifest(data, name)
         else:
             for candidate in MANIFEST_NAMES:
                 if candidate in keys:
                     name = store.uri(candidate)
-                    manifest = parse_manifest(store.read_bytes(candidate), candidate)
+                    manifest, errors = read_manifest(store.read_bytes(candidate), candidate)
                     break
         sidecars: dict[str, str] = {}
         for key in keys:
-            path = PurePosixPath(key)
-            if path.suffix.lower() in SIDECAR_SUFFIXES and path.name not in MANIFEST_NAMES:
-                stem = str(path.with_suffix(""))
+            stem, suffix = posixpath.splitext(key)  # string ops: PurePosixPath costs seconds at 100k keys
+            if suffix.lower() in SIDECAR_SUFFIXES and posixpath.basename(key) not in MANIFEST_NAMES:
                 sidecars.setdefault(stem, key)
-        return cls(manifest, sidecars, store.read_bytes, name)
+        # sidecars are read no further than the limit: a multi-gigabyte "caption" must not fill memory
+        return cls(manifest, sidecars, lambda key: store.read_range(key, 0, MAX_CAPTION_BYTES + 1), name, errors)
+
+    def _manifest_key(self, key: str) -> str | None:
+        """The manifest entry of a video: the same key, the same key in NFC (a name typed on another system
+        may arrive in NFD, or the other way round), or the only entry with the same file name."""
+        if key in self._manifest or key in self._errors:
+            return key
+        match = self._by_nfc.get(unicodedata.normalize("NFC", key))
+        return match or self._by_basename.get(posixpath.basename(key))
 
     def _manifest_text(self, key: str) -> str | None:
-        if key in self._manifest:
-            return self._manifest[key]
-        match = self._by_basename.get(PurePosixPath(key).name)
+        match = self._manifest_key(key)
         return self._manifest.get(match) if match else None
 
     def lookup(self, key: str) -> Caption:
-        text = self._manifest_text(key)
+        match = self._manifest_key(key)
+        if match in self._errors:
+            return Caption(None, self._manifest_name, self._errors[match])
+        text = self._manifest.get(match) if match else None
         if text is not None:
-            if len(text.encode("utf-8", "replace")) > MAX_CAPTION_BYTES:
-                return Caption(None, self._manifest_name, f"caption in {self._manifest_name} is over the limit")
             return Caption(text, self._manifest_name)
-        sidecar = self._sidecars.get(str(PurePosixPath(key).with_suffix("")))
+        sidecar = self._sidecar_of(key)
         if sidecar is None:
             return Caption(None)
         try:
@@ -238,12 +309,24 @@ class CaptionIndex:
         except ValueError as exc:
             return Caption(None, sidecar, str(exc))
 
+    def _sidecar_of(self, key: str) -> str | None:
+        if not self._sidecars:
+            return None
+        stem = posixpath.splitext(key)[0]
+        return self._sidecars.get(stem) or self._sidecars_nfc.get(unicodedata.normalize("NFC", stem))
+
     def lookup_many(self, keys: list[str], threads: int = 16) -> list[Caption]:
-        """Sidecar reads are one request each on S3, so they go in parallel."""
-        if len(keys) < 32 or not self._sidecars:
+        """Sidecar reads are one request each on S3, so they go in parallel; manifest hits need no thread.
+
+        (Sending every key through a pool cost 10 s per 100k videos in thread hand-offs alone,
+        bench/bench_planning.py.)
+        """
+        reads = [i for i, k in enumerate(keys) if self._manifest_text(k) is None and self._sidecar_of(k)]
+        if len(reads) < 2:
             return [self.lookup(k) for k in keys]
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(self.lookup, keys))
+        with ThreadPoolExecutor(min(threads, len(reads))) as pool:
+            found = dict(zip(reads, pool.map(lambda i: self.lookup(keys[i]), reads), strict=True))
+        return [found[i] if i in found else self.lookup(k) for i, k in enumerate(keys)]
 
 
 def _read_manifest_uri(bucket_store, uri: str) -> tuple[bytes, str]:

@@ -2,10 +2,25 @@
 
 Every failure on a bad file is a `SampleError("decode", reason)` whose reason
 starts with a stable category ("empty file", "not a video", "truncated or
-corrupt", "cannot decode", "too short", "too large") followed by details, so
-failure tables can group by the category while a person still sees what was
-wrong. No other exception escapes for a bad file (checked on files cut and
-damaged at 16 places each in seven container/codec pairs).
+corrupt", "cannot decode", "too short", "too large", "too long") followed by
+details, so failure tables can group by the category while a person still sees
+what was wrong. No other exception escapes for a bad file (checked on files cut
+and damaged at 16 places each in seven container/codec pairs, and on the
+hostile corpus of tests/test_hostile_input.py).
+
+Time and memory stay bounded whatever a file declares: a file over
+MAX_SOURCE_BYTES is refused from its listed size, unread; MP4/MOV and AVI
+headers are read before decoding, and a file with no video track, frames over
+MAX_SOURCE_PIXELS, more than MAX_SOURCE_FRAMES frames or a sample index the
+file cannot hold is refused before FFmpeg allocates for it; and a clip decodes
+only its own frames (from the keyframe before the first), so a 100,000-frame
+video costs about what a short one does.
+
+Valid files that need care decode as a player shows them: a rotation in the
+MP4 display matrix (phones' portrait videos) is applied by decord before the
+resize, so frames are upright and `VideoFacts` gives the displayed size; a
+variable-frame-rate video is read by frame index (every decoded frame once, in
+order) and its `fps` is the average rate.
 
 decord (FFmpeg) decodes, and it is the decoder that resizes to the label
 resolution, which is much cheaper than decoding full frames and resizing after.
@@ -48,6 +63,8 @@ log = logging.getLogger(__name__)
 DEFAULT_FPS = 30.0  # assumed when a container gives no usable frame rate (VideoFacts.fps_assumed)
 MIN_FRAMES = 8
 MAX_SOURCE_PIXELS = 8192 * 8192  # larger frames are refused rather than exhausting a worker's memory
+MAX_SOURCE_FRAMES = 1_000_000  # 9 hours at 30 fps; decord indexes every frame (~20 us, ~700 bytes each)
+MAX_SOURCE_BYTES = 4 * 1024**3  # a worker reads the whole file into memory; larger files are refused unread
 CLIP_QUALITY = 95  # JPEG quality of stored frames; raised to 100 when a clip would fall below MIN_PSNR
 MIN_PSNR = 40.0
 _PSNR_CHECK_FRAMES = 8  # frames decoded back to check a stored clip's quality
@@ -196,8 +213,159 @@ def _riff_problem(data: bytes, start: int = 0, end: int | None = None, depth: in
     return None
 
 
+@dataclass(frozen=True)
+class _Track:
+    """What the header of one track declares, read before any decoder allocates for it."""
+
+    kind: str  # "video", "audio", or the container's own word for other tracks
+    width: int = 0  # coded frame size (0: not declared)
+    height: int = 0
+    frames: int | None = None  # declared frame (sample) count; None: not declared
+
+
+_ISO_HANDLERS = {b"vide": "video", b"soun": "audio", b"text": "text", b"sbtl": "subtitle", b"subt": "subtitle"}
+
+
+def _iso_children(data: bytes, start: int, end: int):
+    """(kind, payload start, box end) of the boxes in data[start:end]; stops at the first box that does not fit."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        header = 8
+        if size == 1 and pos + 16 <= end:
+            size, header = struct.unpack(">Q", data[pos + 8 : pos + 16])[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < header or pos + size > end:
+            return
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+def _iso_child(data: bytes, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    return next(((s, e) for k, s, e in _iso_children(data, start, end) if k == kind), None)
+
+
+def _iso_track(data: bytes, start: int, end: int) -> tuple[_Track, str | None]:
+    """One `trak` box: its kind, coded size and sample count, and why its sample table cannot be right (or None)."""
+    mdia = _iso_child(data, start, end, b"mdia")
+    hdlr = mdia and _iso_child(data, *mdia, b"hdlr")
+    handler = data[hdlr[0] + 8 : hdlr[0] + 12] if hdlr and hdlr[1] - hdlr[0] >= 12 else b""
+    kind = _ISO_HANDLERS.get(handler, handler.decode("latin-1").strip() or "unknown")
+    minf = mdia and _iso_child(data, *mdia, b"minf")
+    stbl = minf and _iso_child(data, *minf, b"stbl")
+    if not stbl:
+        return _Track(kind), None
+    width = height = 0
+    stsd = _iso_child(data, *stbl, b"stsd")
+    if kind == "video" and stsd and stsd[1] - stsd[0] >= 8 + 36:
+        # the first VisualSampleEntry: size, format, 6 reserved, data ref (2), 16 bytes, then width and height
+        width, height = struct.unpack(">HH", data[stsd[0] + 8 + 32 : stsd[0] + 8 + 36])
+    frames, problem = None, None
+    stsz = _iso_child(data, *stbl, b"stsz")
+    stz2 = _iso_child(data, *stbl, b"stz2")
+    if stsz and stsz[1] - stsz[0] >= 12:
+        sample_size, frames = struct.unpack(">II", data[stsz[0] + 4 : stsz[0] + 12])
+        table = 0 if sample_size else 4 * frames
+        # (audio is left out: old QuickTime audio counts samples with a nominal size of 1 byte)
+        if sample_size and kind == "video" and sample_size * frames > len(data):
+            problem = f"its index claims {frames} samples of {sample_size} bytes but the file has {len(data)} bytes"
+        elif 12 + table > stsz[1] - stsz[0]:
+            problem = f"its index claims {frames} samples but lists only {(stsz[1] - stsz[0] - 12) // 4}"
+    elif stz2 and stz2[1] - stz2[0] >= 12:
+        field = data[stz2[0] + 7]
+        frames = struct.unpack(">I", data[stz2[0] + 8 : stz2[0] + 12])[0]
+        if 12 + (frames * max(field, 4) + 7) // 8 > stz2[1] - stz2[0]:
+            problem = f"its index claims {frames} samples but lists fewer"
+    return _Track(kind, width, height, frames), problem
+
+
+def _iso_tracks(data: bytes) -> tuple[list[_Track], str | None] | None:
+    """The tracks the `moov` box declares, and the first impossible sample table; None without a readable moov."""
+    moov = _iso_child(data, 0, len(data), b"moov")
+    if moov is None:
+        return None
+    tracks, problem = [], None
+    for kind, start, end in _iso_children(data, *moov):
+        if kind == b"trak":
+            track, why = _iso_track(data, start, end)
+            tracks.append(track)
+            if why and problem is None:
+                problem = f"{track.kind} track {len(tracks)}: {why}"
+    return tracks, problem
+
+
+def _avi_tracks(data: bytes) -> list[_Track] | None:
+    """The streams of an AVI's `hdrl` list (kind, frame size and count from strh/strf), or None without one."""
+    hdrl = next(
+        (
+            (s + 4, e)
+            for k, s, e in _riff_children(data, 12, min(len(data), 8 + struct.unpack("<I", data[4:8])[0]))
+            if k == b"LIST" and data[s : s + 4] == b"hdrl"
+        ),
+        None,
+    )
+    if hdrl is None:
+        return None
+    tracks = []
+    for kind, start, end in _riff_children(data, *hdrl):
+        if kind != b"LIST" or data[start : start + 4] != b"strl":
+            continue
+        chunks = {k: (s, e) for k, s, e in _riff_children(data, start + 4, end)}
+        strh, strf = chunks.get(b"strh"), chunks.get(b"strf")
+        if strh is None or strh[1] - strh[0] < 36:
+            continue
+        fcc = data[strh[0] : strh[0] + 4]
+        frames = struct.unpack("<I", data[strh[0] + 32 : strh[0] + 36])[0]
+        if fcc == b"vids":
+            width = height = 0
+            if strf and strf[1] - strf[0] >= 12:
+                width, height = (abs(v) for v in struct.unpack("<ii", data[strf[0] + 4 : strf[0] + 12]))
+            tracks.append(_Track("video", width, height, frames))
+        else:
+            tracks.append(_Track({b"auds": "audio", b"txts": "text"}.get(fcc, fcc.decode("latin-1")), frames=frames))
+    return tracks
+
+
+def _riff_children(data: bytes, start: int, end: int):
+    pos = start
+    while pos + 8 <= end:
+        size = struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        if pos + 8 + size > end:
+            return
+        yield data[pos : pos + 4], pos + 8, pos + 8 + size
+        pos += 8 + size + (size & 1)
+
+
+def _header_problem(tracks: list[_Track], name: str) -> str | None:
+    """Why the declared tracks cannot give a clip (no video, frames too large, too many frames), or None.
+
+    Checked before the decoder sees the file: FFmpeg allocates frame buffers and
+    its frame index from these declarations, so a few hundred bytes of header
+    could otherwise claim gigabytes of memory.
+    """
+    video = [t for t in tracks if t.kind == "video"]
+    if not video:
+        kinds = " and ".join(sorted({t.kind for t in tracks}))
+        return f"not a video: {name} holds only {kinds} tracks and no video track"
+    track = video[0]
+    if track.width * track.height > MAX_SOURCE_PIXELS:
+        return (
+            f"too large: its header declares frames of {track.width}x{track.height}, over {MAX_SOURCE_PIXELS} "
+            "pixels; downscale the video"
+        )
+    if track.frames is not None and track.frames > MAX_SOURCE_FRAMES:
+        return f"too long: its header declares {track.frames} frames, over {MAX_SOURCE_FRAMES}; cut the video"
+    return None
+
+
 def check_container(data: bytes, name: str) -> str:
-    """The container family of `data`; SampleError for anything that is not a whole video file."""
+    """The container family of `data`; SampleError for anything that is not a whole video file.
+
+    MP4/MOV and AVI headers are also read for what they declare: a file with no
+    video track, frames over MAX_SOURCE_PIXELS, more than MAX_SOURCE_FRAMES
+    frames, or a sample index the file cannot hold is refused before decoding.
+    """
     if not data:
         raise SampleError("decode", "empty file: 0 bytes; re-upload the video")
     head = data[:1024]
@@ -209,7 +377,27 @@ def check_container(data: bytes, name: str) -> str:
     problem = _iso_boxes_problem(data) if kind == "mp4" else _riff_problem(data) if kind == "avi" else None
     if problem:
         raise SampleError("decode", problem)
+    if kind == "mp4":
+        found = _iso_tracks(data)
+        if found is not None and found[1]:
+            raise SampleError("decode", f"truncated or corrupt: {found[1]}; re-upload or re-encode the video")
+        tracks = found[0] if found is not None else None
+    else:
+        tracks = _avi_tracks(data) if kind == "avi" else None
+    problem = _header_problem(tracks, name) if tracks else None  # no tracks read (a compressed moov): FFmpeg's call
+    if problem:
+        raise SampleError("decode", problem)
     return kind
+
+
+def check_source_size(size: int, name: str) -> None:
+    """Refuse a file too big to read into a worker's memory, from its listed size, before reading it."""
+    if size > MAX_SOURCE_BYTES:
+        raise SampleError(
+            "decode",
+            f"too large: {name} is {size / 1024**3:.1f} GiB, over the {MAX_SOURCE_BYTES / 1024**3:.0f} GiB a worker "
+            "reads into memory; cut it into shorter videos",
+        )
 
 
 # --------------------------------------------------------------------------- decord
@@ -245,6 +433,8 @@ def _open_reader(data: bytes, name: str, width: int = -1, height: int = -1):
     try:
         return decord.VideoReader(io.BytesIO(data), width=width, height=height, num_threads=1)
     except Exception as exc:  # RuntimeError, DECORDError or AssertionError, depending on where it gives up
+        if "cannot find video stream" in str(exc):
+            raise SampleError("decode", f"not a video: {name} has no video stream (audio only?)") from None
         raise SampleError("decode", f"cannot decode: {name} does not open as a video ({_short(exc)})") from None
 
 
@@ -266,6 +456,8 @@ def probe_video(data: bytes, name: str, min_frames: int = MIN_FRAMES) -> VideoFa
     if num_frames < min_frames:
         plural = "frame" if num_frames == 1 else "frames"
         raise SampleError("decode", f"too short: only {num_frames} {plural}; need at least {min_frames}")
+    if num_frames > MAX_SOURCE_FRAMES:  # containers whose headers check_container does not read
+        raise SampleError("decode", f"too long: {num_frames} frames, over {MAX_SOURCE_FRAMES}; cut the video")
     try:
         height, width = _to_numpy(reader[0]).shape[:2]
     except Exception as exc:
@@ -349,9 +541,11 @@ def decode_clip(
     try:
         frames = _to_numpy(reader.get_batch(indices.tolist()))
     except Exception as exc:
-        raise SampleError(
-            "decode", f"truncated or corrupt: frames {indices[0]}..{indices[-1]} do not decode ({_short(exc)})"
-        ) from None
+        if "from_size == to_size" not in str(exc):
+            raise SampleError(
+                "decode", f"truncated or corrupt: frames {indices[0]}..{indices[-1]} do not decode ({_short(exc)})"
+            ) from None
+        frames = _decode_then_resize(data, name, indices, height, width)
     if frames.shape != (len(indices), height, width, 3) or frames.dtype != np.uint8:
         raise SampleError("decode", f"cannot decode: the decoder returned {frames.dtype} frames of {frames.shape}")
     return Clip(
@@ -362,6 +556,24 @@ def decode_clip(
         fps=facts.fps / stride,
         source_size=(facts.height, facts.width),
     )
+
+
+def _decode_then_resize(data: bytes, name: str, indices: np.ndarray, height: int, width: int) -> np.ndarray:
+    """decord's scaler returns frames of the wrong size for some targets (e.g. 48 px wide from 368x480).
+
+    Then the frames are decoded at their own size and resized here; area
+    averaging when shrinking keeps them close to what the decoder would give.
+    """
+    reader = _open_reader(data, name)
+    try:
+        full = _to_numpy(reader.get_batch(indices.tolist()))
+    except Exception as exc:
+        raise SampleError(
+            "decode", f"truncated or corrupt: frames {indices[0]}..{indices[-1]} do not decode ({_short(exc)})"
+        ) from None
+    shrink = full.shape[1] >= height and full.shape[2] >= width
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(frame, (width, height), interpolation=interpolation) for frame in full])
 
 
 # --------------------------------------------------------------------------- stored clips

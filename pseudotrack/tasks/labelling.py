@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +26,11 @@ from prefect.cache_policies import NO_CACHE
 from .. import __version__
 from ..config import RoundConfig
 from ..errors import ConfigError, SampleError
+from ..faults import checkpoint
+from ..storage.claims import ClaimSet
 from ..storage.layout import sample_key
-from ..teachers.base import Teacher, TeacherOutput, create_teacher, teacher_spec
-from .decode import decode_clip, encode_clip, probe_video
+from ..teachers.base import Teacher, TeacherOutput, create_teacher, predict_clips, teacher_spec
+from .decode import MAX_SOURCE_BYTES, check_source_size, decode_clip, encode_clip, probe_video
 from .queries import sample_queries
 from .shards import Sample, ShardSink
 
@@ -53,6 +55,7 @@ class BatchResult:
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # why planned videos were left to others -> count
 
 
 def video_rng(seed: int, key: str) -> np.random.Generator:
@@ -134,10 +137,22 @@ class TeacherPool:
             return teacher
 
 
-def label_video(
+@dataclass
+class PreparedVideo:
+    """A video decoded and queried, waiting for its teachers."""
+
+    video: PlannedVideo
+    clip: object  # decode.Clip
+    facts: object  # decode.VideoFacts
+    queries: np.ndarray
+    query_stats: dict
+    chosen: list[str]
+
+
+def prepare_video(
     video: PlannedVideo, data: bytes, config: RoundConfig, teachers: TeacherPool, timings: dict[str, float]
-) -> tuple[Sample, dict]:
-    """One video to one sample and its catalog row; raises SampleError with the stage that failed."""
+) -> PreparedVideo:
+    """Decode the clip, sample its queries and draw its teachers; raises SampleError with the stage that failed."""
     rng = video_rng(config.seed, video.key)
     t0 = time.perf_counter()
     facts = probe_video(data, video.key)
@@ -154,24 +169,83 @@ def label_video(
     )
     t1 = time.perf_counter()
     queries, query_stats = sample_queries(
-        clip.frames, num_queries=config.num_queries, num_keyframes=config.num_keyframes, rng=rng
+        clip.frames,
+        num_queries=config.num_queries,
+        num_keyframes=config.num_keyframes,
+        rng=rng,
+        start_bias=config.query_start_bias,
+        min_per_keyframe=config.query_min_per_keyframe,
     )
     t2 = time.perf_counter()
     chosen = sorted(rng.choice(teachers.names, size=config.teachers_per_clip, replace=False).tolist())
-    labels: dict[str, TeacherOutput] = {}
-    for name in chosen:
-        teacher = teachers.get(name)
+    timings["decode"] = timings.get("decode", 0.0) + t1 - t0
+    timings["queries"] = timings.get("queries", 0.0) + t2 - t1
+    return PreparedVideo(video, clip, facts, queries, query_stats, chosen)
+
+
+def teacher_batch_size(config: RoundConfig, device: str) -> int:
+    """Clips per teacher forward: the configured number, else 4 on a GPU (fills it) and 1 on the CPU
+    (batching buys nothing there and holds more clips in memory)."""
+    if config.teacher_batch:
+        return config.teacher_batch
+    return 4 if device.startswith("cuda") else 1
+
+
+def run_teachers(
+    prepared: list[PreparedVideo], teachers: TeacherPool, max_clips: int, timings: dict[str, float]
+) -> list[dict[str, TeacherOutput] | Exception]:
+    """Every prepared clip's labels from its chosen teachers, or the error that failed the clip.
+
+    Clips that chose the same teacher go through it together, up to
+    `max_clips` per forward (`predict_clips`: out of memory splits the forward
+    and retries). Teachers run in name order and a clip that failed one is not
+    given to the next, so a clip fails with the same reason whatever batch it
+    was in. Each clip's labels are what the teacher gives it alone (up to float
+    rounding in a batched forward).
+    """
+    t0 = time.perf_counter()
+    labels: list[dict[str, TeacherOutput]] = [{} for _ in prepared]
+    failures: list[Exception | None] = [None] * len(prepared)
+    for name in sorted({n for p in prepared for n in p.chosen}):
+        todo = [i for i, p in enumerate(prepared) if name in p.chosen and failures[i] is None]
+        if not todo:
+            continue
         try:
-            out = teacher.predict(clip.frames, queries)
-        except SampleError:
-            raise
-        except MemoryError as exc:
-            raise SampleError("teacher", f"{name} ran out of memory: {exc}") from exc
-        if out.tracks.shape != (len(clip.frames), len(queries), 2):
-            raise SampleError("teacher", f"{name} returned tracks of shape {out.tracks.shape}")
-        if not out.is_finite():
-            raise SampleError("teacher", f"{name} returned NaN or infinite values")
-        labels[name] = out
+            teacher = teachers.get(name)
+            outs = predict_clips(teacher, [(prepared[i].clip.frames, prepared[i].queries) for i in todo], max_clips)
+        except Exception as exc:  # setting the teacher up failed: every clip that chose it fails with that
+            outs = [exc] * len(todo)
+        for i, out in zip(todo, outs, strict=True):
+            if isinstance(out, Exception):
+                failures[i] = out
+                continue
+            t, n = len(prepared[i].clip.frames), len(prepared[i].queries)
+            if out.tracks.shape != (t, n, 2):
+                failures[i] = SampleError("teacher", f"{name} returned tracks of shape {out.tracks.shape}")
+            elif not out.is_finite():
+                failures[i] = SampleError("teacher", f"{name} returned NaN or infinite values")
+            else:
+                labels[i][name] = out
+    timings["teacher"] = timings.get("teacher", 0.0) + time.perf_counter() - t0
+    return [failure if failure is not None else got for failure, got in zip(failures, labels, strict=True)]
+
+
+def finish_video(
+    p: PreparedVideo,
+    labels: dict[str, TeacherOutput],
+    config: RoundConfig,
+    teachers: TeacherPool,
+    timings: dict[str, float],
+) -> tuple[Sample, dict]:
+    """The labelled clip as a sample and its catalog row."""
+    video, clip, facts, queries, query_stats, chosen = (
+        p.video,
+        p.clip,
+        p.facts,
+        p.queries,
+        p.query_stats,
+        p.chosen,
+    )
     t3 = time.perf_counter()
     clip_bytes = encode_clip(clip.frames, clip.fps)
     t4 = time.perf_counter()
@@ -197,6 +271,9 @@ def label_video(
         "seed": config.seed,
         "pseudotrack_version": __version__,
     }
+    notes = {n: labels[n].notes for n in chosen if labels[n].notes}
+    if notes:  # labels made differently from the normal call (e.g. queries in parts after running out of memory)
+        meta["teacher_notes"] = notes
     row = {
         "video_key": video.key,
         "size": video.size,
@@ -215,14 +292,65 @@ def label_video(
         "teacher_sha256": shas,
         "sample_key": key,
     }
-    for name, seconds in (
-        ("decode", t1 - t0),
-        ("queries", t2 - t1),
-        ("teacher", t3 - t2),
-        ("encode", t4 - t3),
-    ):
-        timings[name] = timings.get(name, 0.0) + seconds
+    timings["encode"] = timings.get("encode", 0.0) + t4 - t3
     return Sample(key, clip_bytes, queries, labels, meta), row
+
+
+def label_video(
+    video: PlannedVideo, data: bytes, config: RoundConfig, teachers: TeacherPool, timings: dict[str, float]
+) -> tuple[Sample, dict]:
+    """One video to one sample and its catalog row; raises SampleError with the stage that failed."""
+    prepared = prepare_video(video, data, config, teachers, timings)
+    (labels,) = run_teachers([prepared], teachers, 1, timings)
+    if isinstance(labels, Exception):
+        raise labels
+    return finish_video(prepared, labels, config, teachers, timings)
+
+
+def label_in_groups(
+    videos: list[PlannedVideo], config: RoundConfig, teachers: TeacherPool, bucket, timings: dict[str, float]
+) -> Iterator[tuple[PlannedVideo, tuple[Sample, dict] | Exception]]:
+    """(video, (sample, row) or the exception that failed it) for each video, in order.
+
+    Videos are read and prepared `teacher_batch_size` at a time so that their
+    teachers can run on several clips per forward; with a batch size of one
+    this is `label_video` per video. Storage faults other than a missing
+    object escape, failing the batch (as before).
+    """
+    size = teacher_batch_size(config, teachers.device)
+    for start in range(0, len(videos), size):
+        window: list[tuple[PlannedVideo, PreparedVideo | Exception]] = []
+        for video in videos[start : start + size]:
+            t = time.perf_counter()
+            data = None
+            try:
+                if video.size <= MAX_SOURCE_BYTES:  # a larger file fails below, unread: it would not fit in memory
+                    data = bucket.read_bytes(video.key)  # other storage faults, past the retries, fail the batch
+            except FileNotFoundError:
+                pass
+            timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
+            try:
+                check_source_size(video.size, video.key)
+                if data is None:
+                    raise SampleError("read", f"{bucket.uri(video.key)} disappeared after it was listed")
+                window.append((video, prepare_video(video, data, config, teachers, timings)))
+            except Exception as exc:
+                window.append((video, exc))
+            del data
+        ready = [p for _, p in window if isinstance(p, PreparedVideo)]
+        labels = dict(zip(map(id, ready), run_teachers(ready, teachers, size, timings), strict=True))
+        for video, p in window:
+            outcome: tuple[Sample, dict] | Exception
+            if isinstance(p, Exception):
+                outcome = p
+            elif isinstance(labels[id(p)], Exception):
+                outcome = labels[id(p)]
+            else:
+                try:
+                    outcome = finish_video(p, labels[id(p)], config, teachers, timings)
+                except Exception as exc:
+                    outcome = exc
+            yield video, outcome
 
 
 def failed_row(video: PlannedVideo, stage: str, reason: str) -> dict:
@@ -246,13 +374,65 @@ def label_batch(
     catalog,
     on_video: Callable[[str, dict], None] | None = None,
 ) -> BatchResult:
-    """Label `videos`, committing shards and catalog events as it goes."""
+    """Label `videos`, committing shards and catalog events as it goes.
+
+    The videos are claimed first (storage/claims.py), so that a round running at
+    the same time never labels one of them too: a video another live batch
+    holds is left to it, and counted in `skipped` with that batch's round.
+    """
     assert config.round_id, "the round id is fixed before batches run"
-    started = time.perf_counter()
     batch_id = batch_id_for(config.round_id, [v.key for v in videos])
+    with ClaimSet(workspace, config.round_id, batch_id, config.claim_lease_seconds) as claims:
+        mine = claimed_videos(videos, config, workspace, catalog, claims)
+        checkpoint("batch.claimed")
+        result = _label_claimed(mine, batch_id, claims, config, checkpoints, bucket, workspace, catalog, on_video)
+    for reason in claims.skipped.values():
+        result.skipped[reason] = result.skipped.get(reason, 0) + 1
+    return result
+
+
+def claimed_videos(videos: list[PlannedVideo], config: RoundConfig, workspace, catalog, claims) -> list[PlannedVideo]:
+    """The videos this batch now holds and that nobody recorded since the round planned them.
+
+    A claim taken over from an earlier holder (a crashed run, a finished batch of
+    another round) may hide a video that holder committed: its shard is
+    catalogued first if a crash lost the events, then the catalog is read again.
+    """
+    mine = claims.acquire(videos)
+    if claims.took_over and mine:
+        from .shards import recover_committed
+
+        recover_committed(workspace, catalog)
+        done = catalog.done(statuses=("labelled", "filtered") if config.retry_failed else None)
+        recorded = {v.key for v in mine if done.get(v.key) == v.etag}
+        if recorded:
+            claims.drop(recorded)
+            for key in recorded:
+                claims.skipped[key] = "recorded meanwhile by another run"
+            mine = [v for v in mine if v.key not in recorded]
+    return mine
+
+
+def _label_claimed(
+    videos: list[PlannedVideo],
+    batch_id: str,
+    claims,
+    config: RoundConfig,
+    checkpoints: dict[str, str | None],
+    bucket,
+    workspace,
+    catalog,
+    on_video: Callable[[str, dict], None] | None = None,
+) -> BatchResult:
+    started = time.perf_counter()
     result = BatchResult(batch_id)
     teachers = TeacherPool(checkpoints, config.device)
-    sink = ShardSink(workspace, config.round_id, batch_id, config.shard_max_bytes, config.shard_max_samples)
+    # Shard names follow the videos actually labelled (and their ETags): a batch that
+    # resumes with fewer videos, or with a changed one, never overwrites a committed shard.
+    writer = batch_id_for(config.round_id, [f"{v.key}\0{v.etag}" for v in videos])
+    sink = ShardSink(
+        workspace, config.round_id, writer, config.shard_max_bytes, config.shard_max_samples, keep=claims.holds
+    )
     pending_failures: list[dict] = []
     timings = result.stage_seconds
 
@@ -270,23 +450,18 @@ def label_batch(
             pending_failures = []
 
     try:
-        for video in videos:
-            t = time.perf_counter()
+        for video, outcome in label_in_groups(videos, config, teachers, bucket, timings):
             try:
-                data = bucket.read_bytes(video.key)  # other storage faults, past the retries, fail the batch
-            except FileNotFoundError:
-                data = None
-            timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
-            try:
-                if data is None:
-                    raise SampleError("read", f"{bucket.uri(video.key)} disappeared after it was listed")
-                sample, row = label_video(video, data, config, teachers, timings)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                sample, row = outcome
             except SampleError as exc:
                 row = failed_row(video, exc.stage, exc.reason)
             except Exception as exc:  # a bug or an unexpected library error: keep the round going, say what
                 log.warning("labelling %s failed unexpectedly:\n%s", video.key, traceback.format_exc())
                 row = failed_row(video, "internal", f"unexpected {type(exc).__name__}: {exc}")
             else:
+                checkpoint("video.labelled")
                 t = time.perf_counter()
                 committed = sink.add(sample, dict(row, round_id=config.round_id, batch_id=batch_id))
                 timings["shard"] = timings.get("shard", 0.0) + time.perf_counter() - t
@@ -308,6 +483,7 @@ def label_batch(
         timings["shard"] = timings.get("shard", 0.0) + time.perf_counter() - t
         commit(committed)
         record(pending_failures)
+        checkpoint("batch.recorded")
     except BaseException:
         sink.abort()
         raise

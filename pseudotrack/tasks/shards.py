@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,11 @@ import numpy as np
 import webdataset as wds
 
 from .. import __version__
-from ..storage.layout import is_manifest, manifest_key, shard_key, shards_prefix
+from ..faults import checkpoint
+from ..storage.layout import MANIFEST_SUFFIX, is_manifest, manifest_key, shard_key, shards_prefix
 from ..teachers.base import TeacherOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,8 +94,10 @@ class ShardSink:
         batch_id: str,
         max_bytes: int = 512 * 1024 * 1024,
         max_samples: int = 256,
+        keep: Callable[[str], bool] | None = None,
     ):
         self.workspace = workspace
+        self.keep = keep  # video key -> whether the batch still holds its claim (storage/claims.py)
         self.round_id = round_id
         self.batch_id = batch_id
         self.max_bytes = max_bytes
@@ -111,12 +117,20 @@ class ShardSink:
         self._samples, self._rows, self._teachers, self._bytes = [], [], Counter(), 0
 
     def add(self, sample: Sample, row: dict) -> list[CommittedShard]:
-        """Write one sample; returns the shard it completed, if any."""
+        """Write one sample; returns the shard it completed, if any.
+
+        A sample whose claim the batch lost (it froze for a whole lease and another
+        batch took the video over) is not written: that batch labels it.
+        """
+        if self.keep is not None and not self.keep(row["video_key"]):
+            log.warning("not writing %s: its claim passed to another batch, which labels it", row["video_key"])
+            return []
         if self._writer is None:
             self._open()
         assert self._writer is not None
         record = sample.to_record()
         self._writer.write(record)
+        checkpoint("shard.sample_written")  # crash tests: a tar half written, in a local temporary folder
         self._bytes += sum(len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values())
         self._samples.append(sample.key)
         self._teachers.update(list(sample.labels))
@@ -142,11 +156,13 @@ class ShardSink:
         assert self._writer is not None and self._path is not None
         self._writer.close()
         self._writer = None
+        checkpoint("shard.closed")
         key = shard_key(self.round_id, self.batch_id, self._index)
         self._index += 1
         size = self._path.stat().st_size
         digest = _sha256(self._path)
         self.workspace.put_file(str(self._path), key)
+        checkpoint("shard.uploaded")  # crash tests: the tar is there, its manifest (the commit) is not
         # event ids fixed by the shard, so a recovery after a crash cannot double an event
         rows = [dict(row, shard_id=key, event_id=f"{key}#{i}") for i, row in enumerate(self._rows)]
         manifest = {
@@ -163,6 +179,7 @@ class ShardSink:
         }
         marker = manifest_key(key)
         self.workspace.write_bytes(marker, json.dumps(manifest, indent=1).encode("utf-8"))
+        checkpoint("shard.committed")  # crash tests: committed, its catalog events not yet written
         os.unlink(self._path)
         return CommittedShard(key, marker, list(self._samples), size, rows)
 
@@ -182,6 +199,31 @@ def committed_shards(workspace, round_id: str | None = None) -> list[dict]:
         if is_manifest(info.key):
             manifests.append(json.loads(workspace.read_bytes(info.key)))
     return sorted(manifests, key=lambda m: m["shard"])
+
+
+def recover_committed(workspace, catalog) -> int:
+    """Catalogue the samples of committed shards, of any round, whose catalog events a crash lost.
+
+    Runs before a round plans (and in a batch that took over another's claims), so a video whose
+    shard was committed is never labelled again, whichever round runs next. Only manifests of
+    shards the catalog has never heard of are read. The rows keep the event ids fixed when the
+    shard was committed, so a recovery racing the shard's own writer doubles nothing (the catalog
+    keeps one event per id), and their commit time, so they sort where they happened.
+    """
+    known = catalog.shard_ids()
+    rows: list[dict] = []
+    for info in workspace.list(shards_prefix()):
+        if not is_manifest(info.key) or info.key[: -len(MANIFEST_SUFFIX)] in known:
+            continue
+        try:
+            manifest = json.loads(workspace.read_bytes(info.key))
+        except FileNotFoundError:
+            continue
+        for row in manifest.get("rows", []):
+            rows.append(dict(row, created_at=row.get("created_at") or manifest.get("created_at")))
+    if rows:
+        catalog.append(rows)
+    return len(rows)
 
 
 def decode_sample(raw: dict) -> dict:

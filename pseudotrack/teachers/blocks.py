@@ -179,11 +179,13 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [M, in_dim, H, W] -> [M, out_dim, H / stride, W / stride]
-        y = F.relu(self.norm1(self.conv1(x)))
-        y = F.relu(self.norm2(self.conv2(y)))
+        # ReLUs in place on fresh tensors: at 384x512 these maps are the largest in the model, and a
+        # new buffer per ReLU costs more than the ReLU (autograd is fine: norms keep their inputs)
+        y = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        y = F.relu(self.norm2(self.conv2(y)), inplace=True)
         if self.downsample is not None:
             x = self.downsample(x)
-        return F.relu(x + y)
+        return F.relu(x + y, inplace=True)
 
 
 class FeatureEncoder(nn.Module):
@@ -218,12 +220,12 @@ class FeatureEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [M, 3, H, W] in [-1, 1]  ->  [M, latent_dim, H // stride, W // stride]
         size = (x.shape[2] // self.stride, x.shape[3] // self.stride)
-        x = F.relu(self.norm1(self.conv1(x)))
+        x = F.relu(self.norm1(self.conv1(x)), inplace=True)
         stages = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
             stages.append(F.interpolate(x, size, mode="bilinear", align_corners=True))
-        return self.conv3(F.relu(self.norm2(self.conv2(torch.cat(stages, dim=1)))))
+        return self.conv3(F.relu(self.norm2(self.conv2(torch.cat(stages, dim=1))), inplace=True))
 
 
 # ---------------------------------------------------------------- transformer pieces

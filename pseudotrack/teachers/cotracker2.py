@@ -39,7 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, SampleError
-from .base import TeacherOutput, TeacherSpec, check_predict_inputs, register_teacher, sha256_file
+from .base import (
+    TeacherOutput,
+    TeacherSpec,
+    check_predict_inputs,
+    group_indices,
+    is_out_of_memory,
+    register_teacher,
+    release_accelerator_memory,
+    sha256_file,
+)
 from .blocks import (
     Attention,
     FeatureEncoder,
@@ -451,47 +460,87 @@ class CoTracker2Teacher:
 
     def predict(self, frames: np.ndarray, queries: np.ndarray) -> TeacherOutput:
         """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y)  ->  labels in the same pixels."""
+        try:
+            return self.predict_batch([(frames, queries)])[0]
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            reason = f"cotracker2 ran out of memory on {len(frames)} frames and {len(queries)} queries"
+        release_accelerator_memory()
+        raise SampleError("teacher", reason)
+
+    def batch_key(self, frames: np.ndarray, queries: np.ndarray) -> tuple:
+        """Clips of equal frame count and query count share a forward (see `predict_batch`)."""
+        return (len(frames), len(queries))
+
+    def predict_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[TeacherOutput]:
+        """One output per clip; clips with the same frame count and query count share a forward.
+
+        Tracks attend to each other through the virtual tokens, and the
+        original's mask quirk (module docstring) depends on the track count,
+        so clips are grouped, never padded to a common count. Clips in one
+        forward do not interact, so each gets its one-at-a-time labels up to
+        float rounding. Out-of-memory errors escape (see `base.predict_clips`).
+        """
         if self.model is None:
             raise RuntimeError("CoTracker2Teacher.predict called before setup(device): call setup first")
-        t, h, w = check_predict_inputs(frames, queries)
-        queries = np.asarray(queries, dtype=np.float32)
-        n = len(queries)
-        if n == 0:
-            return TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
-        try:
-            tracks, vis = self._run(frames, queries)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            reason = f"cotracker2 ran out of GPU memory on {t} frames and {n} queries"
-            raise SampleError("teacher", reason) from exc
-        visible = vis > self.visibility_threshold
-        rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(n)
-        tracks[rows, cols] = queries[:, 1:]
-        visible[rows, cols] = True
-        return TeacherOutput(tracks, visible, np.ones((t, n), np.float16))
+        for frames, queries in clips:
+            check_predict_inputs(frames, queries)
+        clips = [(frames, np.asarray(queries, dtype=np.float32)) for frames, queries in clips]
+        outs: list[TeacherOutput | None] = [None] * len(clips)
+        for group in group_indices([(len(f), len(q)) for f, q in clips]):
+            t, n = len(clips[group[0]][0]), len(clips[group[0]][1])
+            if n == 0:
+                for i in group:
+                    outs[i] = TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
+                continue
+            raw = self._forward([clips[i] for i in group])
+            for i, (tracks, vis) in zip(group, raw, strict=True):
+                queries = clips[i][1]
+                visible = vis > self.visibility_threshold
+                rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(n)
+                tracks[rows, cols] = queries[:, 1:]
+                visible[rows, cols] = True
+                outs[i] = TeacherOutput(tracks, visible, np.ones((t, n), np.float16))
+        return outs  # type: ignore[return-value]
 
     def _run(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Model-resolution inference; returns tracks [T, N, 2] in frame pixels and probabilities [T, N]."""
+        return self._forward([(frames, queries)])[0]
+
+    def _forward(self, group: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One forward over clips of equal length and query count -> per clip (tracks [T, N, 2], vis [T, N]).
+
+        The correlation volume grows with the batch, so tracks are correlated
+        `point_chunk / B` at a time (rows are independent there: same result).
+        """
         assert self.model is not None
         cfg = self.model.cfg
-        t, h, w = frames.shape[:3]
+        t = len(group[0][0])
         mh, mw = cfg.model_resolution
-        n = len(queries)
         use_amp = self.amp and self.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-        to_model = torch.tensor([(mw - 1) / (w - 1), (mh - 1) / (h - 1)], device=self.device)
         with torch.inference_mode(), autocast:
-            video = self._resize(frames)  # 1 T 3 mh mw
+            video = torch.cat([self._resize(frames) for frames, _ in group])  # B T 3 mh mw
             if t < cfg.window_len:  # a full window, so even very short clips get one
                 video = torch.cat([video, video[:, -1:].expand(-1, cfg.window_len - t, -1, -1, -1)], dim=1)
-            q = torch.from_numpy(queries).to(self.device)
-            q = torch.cat([q[:, :1].round(), q[:, 1:] * to_model], dim=1)
             grid = support_grid(self.support_grid_size, mh, mw).to(self.device)
-            q = torch.cat([q, torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)])
-            tracks, vis = self.model(video, q[None], self.iters, self.point_chunk, self.frame_chunk)
-            tracks = tracks[0, :t, :n].float() / to_model
-            vis = vis[0, :t, :n].float()
-        return tracks.cpu().numpy(), vis.cpu().numpy()
+            grid = torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)
+            batch, scales = [], []
+            for frames, queries in group:
+                h, w = frames.shape[1:3]
+                to_model = torch.tensor([(mw - 1) / (w - 1), (mh - 1) / (h - 1)], device=self.device)
+                q = torch.from_numpy(queries).to(self.device)
+                batch.append(torch.cat([torch.cat([q[:, :1].round(), q[:, 1:] * to_model], dim=1), grid]))
+                scales.append(to_model)
+            point_chunk = max(1, self.point_chunk // len(group))
+            tracks, vis = self.model(video, torch.stack(batch), self.iters, point_chunk, self.frame_chunk)
+            results = []
+            for b, ((_, queries), to_model) in enumerate(zip(group, scales, strict=True)):
+                n = len(queries)
+                clip_tracks = (tracks[b, :t, :n].float() / to_model).cpu().numpy()
+                results.append((clip_tracks, vis[b, :t, :n].float().cpu().numpy()))
+        return results
 
     def _resize(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> float [1, T, 3, mh, mw] on the device, 0..255, a few frames at a time."""

@@ -43,15 +43,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, SampleError
-from .base import TeacherOutput, TeacherSpec, check_predict_inputs, register_teacher, sha256_file
+from .base import (
+    TeacherOutput,
+    TeacherSpec,
+    check_predict_inputs,
+    group_indices,
+    is_out_of_memory,
+    register_teacher,
+    release_accelerator_memory,
+    sha256_file,
+)
 from .blocks import (
     FeatureEncoder,
     Mlp,
     UpdateTransformer,
+    bilinear_sample,
     interpolate_time_embedding,
     patch_offsets,
     posenc,
-    sample_patches,
     sample_video,
     sincos_1d,
 )
@@ -378,24 +387,26 @@ class CoTracker3(nn.Module):
         cfg = self.cfg
         b, s, n, _ = coords.shape
         pp = cfg.patch**2
+        offsets = patch_offsets(cfg.corr_radius, coords.device).reshape(1, 1, pp, 2)
         corrs = []
         for i, level in enumerate(pyramid):
             c = level.shape[2]
-            around = sample_patches(
-                level.reshape(b * s, c, *level.shape[-2:]),
-                coords.reshape(b * s, n, 2) / 2**i,
-                cfg.corr_radius,
-            )  # (B S) n P*P C
-            volume = around.reshape(b, s, n, pp, c) @ support[i].transpose(-1, -2)[:, None]  # B S n P*P P*P
-            corrs.append(self.corr_mlp(volume.reshape(b, s, n, pp * pp)))
+            points = (coords.reshape(b * s, n, 1, 2) / 2**i).float() + offsets  # (B S) n P*P 2
+            around = bilinear_sample(level.reshape(b * s, c, *level.shape[-2:]), points)  # (B S) C n P*P
+            # Rows of one track, all frames, against that track's support patch: one copy of the samples
+            # and one large matmul per track. (A broadcast matmul per frame would copy the samples and,
+            # S times over, the support patches, into B*S*n tiny products.)
+            around = around.reshape(b, s, c, n, pp).permute(0, 3, 1, 4, 2).reshape(b, n, s * pp, c)
+            volume = around @ support[i].transpose(-1, -2)  # B n (S P*P) P*P
+            corrs.append(self.corr_mlp(volume.reshape(b, n, s, pp * pp)))  # B n S corr_dim
         step = torch.tensor(
             [cfg.model_resolution[1] / cfg.stride, cfg.model_resolution[0] / cfg.stride], device=coords.device
         )
         to_next = F.pad(coords[:, :-1] - coords[:, 1:], (0, 0, 0, 0, 0, 1)) / step
         to_prev = F.pad(coords[:, 1:] - coords[:, :-1], (0, 0, 0, 0, 1, 0)) / step
         motion = posenc(torch.cat([to_next, to_prev], dim=-1), 0, cfg.posenc_degrees)
-        x = torch.cat([vis[..., None], conf[..., None], *corrs, motion], dim=-1)  # B S n D
-        x = x.permute(0, 2, 1, 3) + time_emb
+        small = torch.cat([vis[..., None], conf[..., None], motion], dim=-1).permute(0, 2, 1, 3)  # B n S 2+M
+        x = torch.cat([small[..., :2], *corrs, small[..., 2:]], dim=-1) + time_emb  # B n S D
         return self.updateformer.embed(x)
 
     def refine(
@@ -732,21 +743,65 @@ class CoTracker3Teacher:
 
     def predict(self, frames: np.ndarray, queries: np.ndarray) -> TeacherOutput:
         """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y) -> labels in the same pixels."""
+        try:
+            return self.predict_batch([(frames, queries)])[0]
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            t, n = len(frames), len(queries)
+            reason = f"{self.name} ran out of memory on {t} frames and {n} queries"
+        release_accelerator_memory()
+        raise SampleError("teacher", reason)
+
+    def batch_key(self, frames: np.ndarray, queries: np.ndarray) -> tuple:
+        """Clips of equal frame count and query count may share a forward (see `predict_batch`)."""
+        return (len(frames), len(queries))
+
+    def predict_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[TeacherOutput]:
+        """One output per clip; clips with the same frame count and track count share a forward.
+
+        Tracks of one clip attend to each other through the virtual tokens, so a
+        dummy track added to even out track counts would change the other
+        tracks: clips are never padded, only grouped. (The labelling stage gives
+        every clip the same number of queries, and offline the support points
+        are a fixed 100, so clips of equal length group fully; online the SIFT
+        support points may number fewer than `support_sift` on a flat clip.)
+        Clips in one forward do not interact (per-clip normalisation and
+        attention), so each gets its one-at-a-time labels up to float rounding.
+        Out-of-memory errors escape; `predict` and `base.predict_clips` handle them.
+        """
         if self.model is None:
             raise RuntimeError(f"{self.name}.predict called before setup(device): call setup first")
-        t, h, w = check_predict_inputs(frames, queries)
+        prepared = [self._prepare(frames, queries) for frames, queries in clips]
+        outs: list[TeacherOutput | None] = [None] * len(prepared)
+        for group in group_indices([(p.frames.shape[0], len(p.model_queries)) for p in prepared]):
+            todo = [i for i in group if prepared[i].n > 0]
+            for i in group:
+                if prepared[i].n == 0:
+                    t = prepared[i].frames.shape[0]
+                    outs[i] = TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
+            if todo:
+                raw = self._forward([prepared[i] for i in todo])
+                for i, (tracks, vis, conf) in zip(todo, raw, strict=True):
+                    outs[i] = self._finish(prepared[i], tracks, vis, conf)
+        return outs  # type: ignore[return-value]
+
+    def _prepare(self, frames: np.ndarray, queries: np.ndarray) -> _Prepared:
+        check_predict_inputs(frames, queries)
+        assert self.model is not None
         queries = np.asarray(queries, dtype=np.float32)
-        n = len(queries)
-        if n == 0:
-            return TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
-        try:
-            tracks, vis, conf = self._run(frames, queries)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise SampleError("teacher", f"{self.name} ran out of GPU memory on {t} frames and {n} queries") from exc
+        mh, mw = self.model.cfg.model_resolution
+        h, w = frames.shape[1:3]
+        to_model = np.array([(mw - 1) / max(w - 1, 1), (mh - 1) / max(h - 1, 1)], np.float32)
+        q = np.concatenate([np.rint(queries[:, :1]), queries[:, 1:] * to_model], axis=1)
+        if len(queries):
+            q = np.concatenate([q, self.support_points(frames)])
+        return _Prepared(frames, queries, q.astype(np.float32), to_model)
+
+    def _finish(self, p: _Prepared, tracks: np.ndarray, vis: np.ndarray, conf: np.ndarray) -> TeacherOutput:
         visible = vis * conf > self.visibility_threshold
-        rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(n)
-        tracks[rows, cols] = queries[:, 1:]
+        rows, cols = np.rint(p.queries[:, 0]).astype(np.int64), np.arange(p.n)
+        tracks[rows, cols] = p.queries[:, 1:]
         visible[rows, cols] = True
         return TeacherOutput(tracks, visible, conf)
 
@@ -770,22 +825,45 @@ class CoTracker3Teacher:
 
     def _run(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Model-resolution inference: tracks [T, N, 2] in frame pixels, visibility and confidence [T, N]."""
+        return self._forward([self._prepare(frames, queries)])[0]
+
+    def _forward(self, group: list[_Prepared]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One forward over clips of equal length and track count -> per clip (tracks, vis, conf), queries only.
+
+        Chunk budgets count (frame, track) pairs and tokens over the whole
+        batch, so a batch of B clips needs about the memory of one clip plus B
+        clips' feature maps.
+        """
         assert self.model is not None
         mh, mw = self.model.cfg.model_resolution
-        t, h, w = frames.shape[:3]
-        n = len(queries)
-        to_model = np.array([(mw - 1) / max(w - 1, 1), (mh - 1) / max(h - 1, 1)], np.float32)
-        q = np.concatenate([np.rint(queries[:, :1]), queries[:, 1:] * to_model], axis=1)
-        q = np.concatenate([q, self.support_points(frames)]).astype(np.float32)
         use_amp = self.amp and self.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
         with torch.inference_mode(), autocast:
-            video = resize_clip(frames, (mh, mw), self.device, self.frame_chunk)
-            out = self.model(video, torch.from_numpy(q).to(self.device)[None], self.iters, self.chunks)
-            tracks = out.tracks[0, :, :n].float().cpu().numpy() / to_model
-            vis = out.visibility[0, :, :n].float().cpu().numpy()
-            conf = out.confidence[0, :, :n].float().cpu().numpy()
-        return tracks.astype(np.float32), vis, conf
+            video = torch.cat([resize_clip(p.frames, (mh, mw), self.device, self.frame_chunk) for p in group])
+            queries = torch.from_numpy(np.stack([p.model_queries for p in group])).to(self.device)
+            out = self.model(video, queries, self.iters, self.chunks)
+            results = []
+            for b, p in enumerate(group):
+                tracks = out.tracks[b, :, : p.n].float().cpu().numpy() / p.to_model
+                vis = out.visibility[b, :, : p.n].float().cpu().numpy()
+                conf = out.confidence[b, :, : p.n].float().cpu().numpy()
+                results.append((tracks.astype(np.float32), vis, conf))
+        return results
+
+
+@dataclass
+class _Prepared:
+    """One clip ready for a forward: its frames, its queries, and the model's (t, x, y) tracks (queries
+    first, then support points) in model pixels; `to_model` scales clip (x, y) to model pixels."""
+
+    frames: np.ndarray
+    queries: np.ndarray
+    model_queries: np.ndarray
+    to_model: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.queries)
 
 
 def predictor_from_model(net: CoTracker3, offline: bool | None = None, **options) -> CoTracker3Teacher:

@@ -153,6 +153,7 @@ class LKTeacher:
     name = "lk"
     checkpoint_sha256 = ""
     tracks_occluded = False
+    queries_independent = True  # each point is tracked on its own: running queries in parts changes nothing
 
     def __init__(self, checkpoint: str | Path | None = None, **params):
         if checkpoint is not None:

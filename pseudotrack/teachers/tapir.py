@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, SampleError
-from .base import TeacherOutput, TeacherSpec, check_predict_inputs, register_teacher, sha256_file
+from .base import (
+    TeacherOutput,
+    TeacherSpec,
+    check_predict_inputs,
+    group_indices,
+    is_out_of_memory,
+    register_teacher,
+    release_accelerator_memory,
+    sha256_file,
+)
 from .checkpoints import load_into
 from .tapir_blocks import (
     CostVolumeHead,
@@ -422,6 +431,7 @@ class TapirTeacher:
     amp: bool = True
     name: str = "tapir"
     tracks_occluded: bool = False
+    queries_independent: bool = True
     checkpoint_sha256: str = ""
     model: Tapir | None = field(default=None, repr=False)
     device: torch.device = field(default=torch.device("cpu"), repr=False)
@@ -446,22 +456,54 @@ class TapirTeacher:
 
     def predict(self, frames: np.ndarray, queries: np.ndarray) -> TeacherOutput:
         """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y)  ->  labels in the same pixels."""
+        try:
+            return self.predict_batch([(frames, queries)])[0]
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            reason = f"{self.name} ran out of memory on {len(frames)} frames and {len(queries)} queries"
+        release_accelerator_memory()
+        raise SampleError("teacher", reason)
+
+    def batch_key(self, frames: np.ndarray, queries: np.ndarray) -> int:
+        """Clips of equal frame count share a forward; query counts may differ (see `predict_batch`)."""
+        return len(frames)
+
+    def predict_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[TeacherOutput]:
+        """One output per clip; clips with the same frame count share a forward.
+
+        A TAPIR track depends only on its own query (cost volume, refinement
+        mixer and normalisation are per query), so clips with fewer queries are
+        padded with dummy queries at (0, 0, 0) that are dropped afterwards: the
+        real tracks are what each clip gets alone, up to float rounding. Frame
+        counts must match (the mixer's temporal convolutions see the clip's
+        ends). Out-of-memory errors escape (see `base.predict_clips`).
+        """
         if self.model is None:
             raise RuntimeError(f"{self.name} teacher: predict called before setup(device): call setup first")
-        t = check_predict_inputs(frames, queries)[0]
-        queries = np.asarray(queries, dtype=np.float32)
-        n = len(queries)
-        if n == 0:
-            return TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
-        try:
-            tracks, occlusion, expected_dist = self.run(frames, queries)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            reason = f"{self.name} ran out of GPU memory on {t} frames and {n} queries"
-            raise SampleError("teacher", reason) from exc
+        for frames, queries in clips:
+            check_predict_inputs(frames, queries)
+        clips = [(frames, np.asarray(queries, dtype=np.float32)) for frames, queries in clips]
+        outs: list[TeacherOutput | None] = [None] * len(clips)
+        for group in group_indices([len(frames) for frames, _ in clips]):
+            todo = [i for i in group if len(clips[i][1])]
+            for i in group:
+                if not len(clips[i][1]):
+                    t = len(clips[i][0])
+                    outs[i] = TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
+            if todo:
+                raw = self._forward([clips[i] for i in todo])
+                for i, (tracks, occlusion, expected_dist) in zip(todo, raw, strict=True):
+                    outs[i] = self._finish(clips[i][1], tracks, occlusion, expected_dist)
+        return outs  # type: ignore[return-value]
+
+    @staticmethod
+    def _finish(
+        queries: np.ndarray, tracks: np.ndarray, occlusion: np.ndarray, expected_dist: np.ndarray
+    ) -> TeacherOutput:
         accurate = 1 - _sigmoid(expected_dist)
         visible = (1 - _sigmoid(occlusion)) * accurate > 0.5
-        rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(n)
+        rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(len(queries))
         tracks[rows, cols] = queries[:, 1:]
         visible[rows, cols] = True
         accurate[rows, cols] = 1.0
@@ -469,24 +511,44 @@ class TapirTeacher:
 
     def run(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw outputs in clip pixels: tracks [T, N, 2] (x, y); occlusion, expected_dist logits [T, N]."""
+        return self._forward([(frames, np.asarray(queries, dtype=np.float32))])[0]
+
+    def _forward(self, group: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One forward over clips of equal length -> per clip raw outputs as `run` gives them.
+
+        The cost volumes grow with the batch, so queries run `query_chunk / B`
+        at a time (queries are independent: same result).
+        """
         assert self.model is not None
-        t, h, w = frames.shape[:3]
         mh, mw = self.input_hw
+        most = max(len(q) for _, q in group)
         use_amp = self.amp and self.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-        to_model = torch.tensor([mh / h, mw / w], device=self.device)
         with torch.inference_mode(), autocast:
-            video = self._resize(frames)
-            q = torch.from_numpy(queries).to(self.device)
-            q = torch.cat([q[:, :1].round(), (q[:, [2, 1]] + 0.5) * to_model], dim=1)  # (t, y, x) raster
-            out = self.model(video, q[None], self.query_chunk, self.frame_chunk)
-            tracks = out["tracks"][0].float() / to_model.flip(0) - 0.5  # N T 2 (x, y) clip pixels
-            occ, expd = out["occlusion"][0].float(), out["expected_dist"][0].float()
-        return (
-            tracks.permute(1, 0, 2).cpu().numpy(),
-            occ.permute(1, 0).cpu().numpy(),
-            expd.permute(1, 0).cpu().numpy(),
-        )
+            video = torch.cat([self._resize(frames) for frames, _ in group])
+            batch, scales = [], []
+            for frames, queries in group:
+                h, w = frames.shape[1:3]
+                to_model = torch.tensor([mh / h, mw / w], device=self.device)
+                q = torch.from_numpy(queries).to(self.device)
+                q = torch.cat([q[:, :1].round(), (q[:, [2, 1]] + 0.5) * to_model], dim=1)  # (t, y, x) raster
+                batch.append(F.pad(q, (0, 0, 0, most - len(q))))  # dummy queries at (0, 0, 0)
+                scales.append(to_model)
+            chunk = max(1, self.query_chunk // len(group)) if self.query_chunk > 0 else self.query_chunk
+            out = self.model(video, torch.stack(batch), chunk, self.frame_chunk)
+            results = []
+            for b, ((_, queries), to_model) in enumerate(zip(group, scales, strict=True)):
+                n = len(queries)
+                tracks = out["tracks"][b, :n].float() / to_model.flip(0) - 0.5  # N T 2 (x, y) clip pixels
+                occ, expd = out["occlusion"][b, :n].float(), out["expected_dist"][b, :n].float()
+                results.append(
+                    (
+                        tracks.permute(1, 0, 2).cpu().numpy(),
+                        occ.permute(1, 0).cpu().numpy(),
+                        expd.permute(1, 0).cpu().numpy(),
+                    )
+                )
+        return results
 
     def _resize(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> float [1, T, mh, mw, 3] in [-1, 1] on the device, a few frames at a time."""

@@ -1,0 +1,252 @@
+"""Orchestration overhead per video with the no-op teacher: in process and through the `gpu` pool.
+
+Usage: python bench/bench_orchestration.py [--videos 256] [--batch-size 32] [--pool-limit 1]
+                                          [--worker plain|warm|both] [--skip-pool] [--keep]
+
+Overhead is what a round costs beyond labelling its videos:
+
+    overhead per video = (round wall time - time inside per-video work) / videos
+
+where per-video work is the labelling stages each batch times for its videos
+(read, decode, queries, teacher, encode, shard writing), summed over batches.
+Everything else counts as overhead: the Prefect flow and task runs, discovery,
+caption filtering and planning, catalog appends, and through the pool the
+flow-run submissions, the worker's polling, each child's process start and
+the round's polling of its children. The teacher is `noop` (queries held still,
+visible), so the work is the pipeline around the teachers, not the tracking.
+
+The round runs against a real `prefect server start` on 127.0.0.1 (its own
+PREFECT_HOME under a temporary folder). In process: `--executor local`, one
+batch at a time. Through the pool: `prefect deploy --name label-batch` from this
+repository's prefect.yaml, a process work pool `gpu` whose concurrency limit is
+`--pool-limit`, one worker polling every second (`plain`: `prefect worker start
+--pool gpu`, a fresh Python process per batch; `warm`: `python -m
+pseudotrack.flows.warm_worker --pool gpu`, each batch forked from preloaded
+imports), and `--executor pool`. With `--pool-limit 1` batches run one after another, so wall
+minus work is exactly the overhead; with a higher limit batches overlap and the
+figure is an effective overhead per video of the whole round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK_STAGES = ("read", "decode", "queries", "teacher", "encode", "shard")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    )
+    env.pop("PREFECT_API_URL", None)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("prefect server did not become healthy in 180 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+READY = {"plain": "started", "warm": "polling pool"}
+
+
+def wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited: {path.read_text()[-2000:]}")
+        if text in path.read_text():
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"worker not ready in {timeout:.0f} s: {path.read_text()[-2000:]}")
+
+
+def make_bucket(root: Path, videos: int) -> None:
+    """`videos` copies of one generated clip (distinct keys), all kept by the caption filter."""
+    from pseudotrack.demo import write_video
+    from pseudotrack.synthetic import render_scene
+
+    root.mkdir(parents=True)
+    scene = render_scene(seed=0, num_frames=24, height=120, width=160)
+    write_video(scene.frames, root / "clip_00000.mp4")
+    for i in range(1, videos):
+        shutil.copyfile(root / "clip_00000.mp4", root / f"clip_{i:05d}.mp4")
+
+
+def round_config(bucket: Path, workspace: Path, round_id: str, batch_size: int, executor: str):
+    from pseudotrack.config import RoundConfig
+
+    return RoundConfig(
+        bucket=str(bucket),
+        workspace=str(workspace),
+        round_id=round_id,
+        teachers=["noop"],
+        batch_size=batch_size,
+        executor=executor,
+        missing_caption="keep",
+        height=96,
+        width=128,
+        num_frames=16,
+        min_frames=8,
+        num_queries=64,
+        num_keyframes=4,
+    )
+
+
+def timed_round(config) -> dict:
+    from pseudotrack.flows.label_round import run_label_round_flow
+
+    started = time.perf_counter()
+    summary = run_label_round_flow(config)
+    wall = time.perf_counter() - started
+    assert summary["labelled"] == summary["planned"], summary
+    work = sum(summary["stage_seconds"].get(stage, 0.0) for stage in WORK_STAGES)
+    batches = -(-summary["planned"] // config.batch_size)
+    return {"wall": wall, "work": work, "videos": summary["planned"], "batches": batches}
+
+
+def report(name: str, figures: dict, parallel: int = 1) -> None:
+    overhead = figures["wall"] - figures["work"] / parallel
+    per_video = 1000 * overhead / figures["videos"]
+    print(
+        f"{name:<34} {figures['videos']:>5} videos {figures['batches']:>3} batches  wall {figures['wall']:7.2f} s  "
+        f"work {figures['work']:7.2f} s  overhead {overhead:7.2f} s = {per_video:6.1f} ms/video"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--pool-limit", type=int, default=1, help="concurrency limit of the gpu pool")
+    parser.add_argument("--skip-pool", action="store_true", help="only the in-process figure")
+    parser.add_argument("--worker", choices=("plain", "warm", "both"), default="both", help="gpu worker kind")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, workspaces)")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-orch-"))
+    home = tmp / "prefect-home"
+    home.mkdir()
+    server, url = start_server(home)
+    worker = None
+    try:
+        os.environ.update(
+            PREFECT_API_URL=url,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_LOGGING_LEVEL="WARNING",
+            PREFECT_HOME=str(home),
+        )
+        bucket = tmp / "bucket"
+        make_bucket(bucket, args.videos)
+        print(f"prefect server {url}; {args.videos} videos of 24 frames 120x160, clips 16x96x128, 64 queries, noop")
+
+        # warm-up: imports, the flow's first registration, decoder and teacher set-up
+        timed_round(round_config(bucket, tmp / "ws-warmup", "warmup", args.batch_size, "local"))
+        local = timed_round(round_config(bucket, tmp / "ws-local", "local", args.batch_size, "local"))
+        report("in process (--executor local)", local)
+        if args.skip_pool:
+            return
+
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.workers.process import ProcessWorker
+
+        with get_client(sync_client=True) as client:
+            for pool in ("cpu", "gpu"):
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=pool,
+                        type="process",
+                        base_job_template=ProcessWorker.get_default_base_job_template(),
+                        concurrency_limit=args.pool_limit if pool == "gpu" else None,
+                    )
+                )
+        env = dict(os.environ, PREFECT_API_URL=url)
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        subprocess.run(
+            [prefect, "--no-prompt", "deploy", "--name", "label-batch"],
+            cwd=REPO,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        worker_env = dict(env, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO")
+        commands = {
+            "plain": [prefect, "worker", "start", "--pool", "gpu", "--work-queue", "label"],
+            "warm": [sys.executable, "-m", "pseudotrack.flows.warm_worker", "--pool", "gpu", "--work-queue", "label"],
+        }
+        for kind in ("plain", "warm") if args.worker == "both" else (args.worker,):
+            with open(tmp / f"worker-{kind}.log", "wb") as log:
+                worker = subprocess.Popen(
+                    commands[kind],
+                    cwd=REPO,
+                    env=worker_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            wait_for_line(tmp / f"worker-{kind}.log", READY[kind], worker)  # incl. the fork server's imports
+            pooled = timed_round(round_config(bucket, tmp / f"ws-pool-{kind}", f"pool-{kind}", args.batch_size, "pool"))
+            stop(worker)
+            worker = None
+            parallel = min(args.pool_limit, pooled["batches"])
+            report(f"pool, {kind} worker (limit {args.pool_limit})", pooled, parallel)
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

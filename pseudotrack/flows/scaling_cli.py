@@ -1,0 +1,240 @@
+"""`pseudotrack scaling-study`: Figure 1 for this data, a typer command registered by `flows/cli.py`.
+
+Runs the `scaling-study` flow: per size a labelling round (reusing the smaller
+sizes' labels), a student trained on exactly those videos, and its evaluation;
+then prints the table and names the figure, table and results in the workspace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _size_pair(text: str, what: str) -> tuple[int, int]:
+    from ..errors import ConfigError
+
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: write HEIGHTxWIDTH, e.g. 256x256") from None
+    return h, w
+
+
+def scaling_study_command(
+    sizes: Annotated[str, typer.Option(help="Numbers of videos, comma-separated: 100,1000,5000,15000,30000,100000.")],
+    bucket: Annotated[str | None, typer.Option(help="Source videos: a local directory or s3://bucket/prefix.")] = None,
+    workspace: Annotated[
+        str | None, typer.Option(help="Catalog, shards and the study's results: a local directory or s3://...")
+    ] = None,
+    output: Annotated[
+        Path, typer.Option(help="Local folder for the students' checkpoints (one n<N>/ per size).")
+    ] = Path("runs/scaling"),
+    study: Annotated[str, typer.Option(help="Name of the study: results go to scaling/<study>/ in the workspace.")] = (
+        "study"
+    ),
+    config: Annotated[
+        Path | None,
+        typer.Option(help="A saved ScalingConfig (JSON, e.g. the 'config' of results.json); other options ignored."),
+    ] = None,
+    # ---- labelling
+    teacher: Annotated[
+        list[str] | None, typer.Option(help="Teacher name, repeatable, optionally NAME=CHECKPOINT. Default: lk.")
+    ] = None,
+    checkpoints: Annotated[
+        str | None, typer.Option(help="Directory holding the official checkpoint files of the neural teachers.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the labelling and of the training.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Videos per label batch.")] = 32,
+    workers: Annotated[int, typer.Option(help="Label batches run at the same time in this process.")] = 1,
+    frames: Annotated[int, typer.Option(help="Frames per labelled clip.")] = 64,
+    height: Annotated[int, typer.Option(help="Labelled clip height (even).")] = 384,
+    width: Annotated[int, typer.Option(help="Labelled clip width (even).")] = 512,
+    queries: Annotated[int, typer.Option(help="Query points (tracks) per labelled clip.")] = 384,
+    keyframes: Annotated[int, typer.Option(help="Keyframes SIFT samples queries on.")] = 8,
+    captions: Annotated[str | None, typer.Option(help="Caption manifest. Default: captions.* in the bucket.")] = None,
+    rules: Annotated[str | None, typer.Option(help="Caption rules file (TOML). Default: the packaged rules.")] = None,
+    executor: Annotated[str, typer.Option(help="local or pool (label-batch deployment), as for `round`.")] = "local",
+    # ---- training
+    init: Annotated[
+        str | None,
+        typer.Option(help="Starting weights of every student (official CoTracker3 file or our export); the baseline."),
+    ] = None,
+    variant: Annotated[str, typer.Option(help="online or offline student.")] = "online",
+    model_size: Annotated[str, typer.Option(help="full (published architecture) or tiny (CPU trials).")] = "full",
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps per student. Default: one per training video at batch 32.")
+    ] = None,
+    train_batch_size: Annotated[int, typer.Option(help="Clips per optimiser step (recipe: 32).")] = 32,
+    micro_batch_size: Annotated[int, typer.Option(help="Clips per forward pass.")] = 1,
+    train_frames: Annotated[int, typer.Option(help="Frames per training clip.")] = 64,
+    tracks: Annotated[int, typer.Option(help="Tracks per training clip.")] = 384,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 5e-5,
+    iters: Annotated[int, typer.Option(help="Iterative updates per window while training.")] = 4,
+    loader_workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    # ---- evaluation
+    benchmark: Annotated[str, typer.Option(help="'synthetic' or a TAP-Vid pickle file or folder.")] = "synthetic",
+    eval_videos: Annotated[int, typer.Option(help="Benchmark videos to evaluate on.")] = 8,
+    query_mode: Annotated[str, typer.Option(help="first or strided.")] = "first",
+    one_query_at_a_time: Annotated[
+        bool, typer.Option("--one-query-at-a-time/--joint", help="TAP-Vid protocol, or all queries at once.")
+    ] = True,
+    resize: Annotated[bool, typer.Option("--resize/--native-size", help="Evaluate at 256x256 or native size.")] = True,
+    synthetic_frames: Annotated[int, typer.Option(help="Frames of each synthetic benchmark scene.")] = 24,
+    synthetic_size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the synthetic scenes.")] = "256x256",
+    synthetic_points: Annotated[int, typer.Option(help="Ground-truth tracks per synthetic scene.")] = 64,
+    verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+) -> None:
+    """Label, train and evaluate a student per number of videos; write Figure 1 (PNG), a table and results.json."""
+    from .cli import _fail, _quiet_prefect
+
+    _quiet_prefect(verbose)
+    from ..config import RoundConfig
+    from ..errors import ConfigError
+    from ..student.train import TrainConfig
+    from .label_round import BatchesFailed
+    from .scaling_round import EvalSettings, ScalingConfig, parse_sizes
+
+    try:
+        size_list = parse_sizes(sizes)
+        if config is not None:
+            scaling = ScalingConfig.from_json_file(config)
+        else:
+            if not bucket or not workspace:
+                raise ConfigError("give --bucket and --workspace (or --config with a saved ScalingConfig)")
+            scaling = ScalingConfig(
+                round=RoundConfig(
+                    bucket=bucket,
+                    workspace=workspace,
+                    teachers=teacher or ["lk"],
+                    checkpoints=checkpoints,
+                    seed=seed,
+                    batch_size=batch_size,
+                    workers=workers,
+                    device=device,
+                    height=height,
+                    width=width,
+                    num_frames=frames,
+                    num_queries=queries,
+                    num_keyframes=keyframes,
+                    captions=captions,
+                    rules=rules,
+                    executor=executor,
+                ),
+                train=TrainConfig(
+                    workspace=workspace,
+                    output=str(output / study),
+                    init_checkpoint=init,
+                    variant=variant,
+                    model_size=model_size,
+                    steps=steps,
+                    batch_size=train_batch_size,
+                    micro_batch_size=micro_batch_size,
+                    num_frames=train_frames,
+                    num_tracks=tracks,
+                    lr=lr,
+                    iters=iters,
+                    workers=loader_workers,
+                    seed=seed,
+                    device=device,
+                ),
+                eval=EvalSettings(
+                    benchmark=benchmark,
+                    videos=eval_videos,
+                    query_mode=query_mode,
+                    resize_to=(256, 256) if resize else None,
+                    one_query_at_a_time=one_query_at_a_time,
+                    synthetic_frames=synthetic_frames,
+                    synthetic_size=_size_pair(synthetic_size, "--synthetic-size"),
+                    synthetic_points=synthetic_points,
+                ),
+                study=study,
+            )
+        results = _run_with_progress(scaling, size_list)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    except BatchesFailed as exc:
+        _fail(f"{exc}; run the study again to resume", code=1)
+        return
+    out.print(results["table"], markup=False, highlight=False)
+    for name, uri in results["uris"].items():
+        out.print(f"{name}: {uri}", highlight=False)
+
+
+def _run_with_progress(scaling, sizes: list[int]) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .label_round import add_progress_listener
+    from .scaling_round import add_scaling_listener, scaling_study
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    bars: dict[str, int] = {}
+
+    def bar(name: str, total: int | None) -> int:
+        if name not in bars:
+            bars[name] = progress.add_task(name, total=total, info="")
+        return bars[name]
+
+    def on_scaling(event: str, payload: dict) -> None:
+        n = payload.get("videos")
+        if event == "size":
+            progress.console.print(f"[bold]size {payload['index']}/{payload['count']}: {n} videos[/]")
+        elif event == "stage":
+            stage = payload["stage"]
+            if stage == "training":
+                detail = f" on {payload['labelled']} labelled videos in {payload['shards']} shards"
+            elif stage == "done":
+                m = payload["metrics"]
+                detail = (
+                    f": AJ {100 * m['average_jaccard']:.1f}  δ_avg {100 * m['average_pts_within_thresh']:.1f}  "
+                    f"OA {100 * m['occlusion_accuracy']:.1f}"
+                )
+            elif stage == "reused":
+                detail = ": same settings and labels as a finished run, its result is reused"
+            else:
+                detail = ""
+            who = "starting checkpoint" if stage == "baseline" else f"n={n}"
+            progress.console.print(f"  {who}: {stage}{detail}", highlight=False)
+        elif event == "train":
+            task = bar(f"training n={n}", payload["total_steps"])
+            progress.update(task, completed=payload["step"], info=f"loss {payload['loss']:.3f}")
+        elif event == "eval":
+            task = bar(f"evaluating n={n}" if n else "evaluating start", payload["total"] or None)
+            progress.update(task, completed=payload["done"])
+        elif event == "skipped":
+            progress.console.print(
+                f"[yellow]the bucket holds only {payload['eligible']} eligible videos: sizes "
+                f"{', '.join(map(str, payload['sizes']))} would repeat the last one and are skipped[/]"
+            )
+
+    def on_round(event: str, payload: dict) -> None:
+        if event == "planned":
+            task = bar(f"labelling {payload['round_id']}", payload["total"])
+            progress.update(task, info=f"{payload['reused']} reused")
+            bars["_current"] = task
+        elif event in ("labelled", "failed") and "_current" in bars:
+            progress.update(bars["_current"], advance=1)
+
+    removers = [add_scaling_listener(on_scaling), add_progress_listener(on_round)]
+    try:
+        console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
+        with progress:
+            return scaling_study(scaling, sizes)
+    finally:
+        for remove in removers:
+            remove()

@@ -1,0 +1,176 @@
+"""A process worker for the `gpu` pool whose flow runs start warm: forked from a preloaded server.
+
+`prefect worker start --pool gpu` starts every flow run as a new Python
+process that imports Prefect, pseudotrack, torch, OpenCV and decord before it
+labels its first video: several seconds per batch, which at 32 videos a batch
+is most of a round's orchestration overhead (bench/bench_orchestration.py).
+This worker is the same process worker (same pool type, job template, job
+variables and crash reporting) except that a flow run's process is forked from
+a multiprocessing fork server that imported all of that once, so it starts in
+milliseconds. It polls every second unless PREFECT_WORKER_QUERY_SECONDS says
+otherwise: a GPU whose batch finished waits for the next poll. (Cancelling a
+running batch goes through Prefect's engine in the child, without the process
+worker's control channel; that path is not tested.)
+
+    python -m pseudotrack.flows.warm_worker --pool gpu --work-queue label
+
+Each flow run still gets its own process: a batch that crashes or leaks takes
+only itself down, and CUDA is initialised in the child, never in the fork
+server (CUDA does not survive a fork). A job whose deployment sets the
+`command` job variable runs that command as a plain process worker would.
+Prefect settings given as job variables (env) are re-read in the child; Python
+modules the preload imported keep the fork server's import-time state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import sys
+import warnings
+from typing import Any
+
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+
+# what a label-batch run imports; more with --preload (e.g. a teacher module of your own)
+PRELOAD = (
+    "prefect.engine",
+    "prefect.flow_engine",
+    "prefect.deployments.steps.pull",
+    "pseudotrack.flows.label_batch",
+    "pseudotrack.flows.train_student",
+    "pseudotrack.tasks.decode",
+    "pseudotrack.tasks.queries",
+    "pseudotrack.teachers.lk",
+    "pseudotrack.teachers.noop",
+    "pseudotrack.teachers.cotracker3",
+    "pseudotrack.teachers.cotracker2",
+    "pseudotrack.teachers.tapir",
+)
+
+
+DEFAULT_QUERY_SECONDS = 1.0
+
+
+def _run_engine(flow_run_id: str, env: dict[str, str | None], cwd: str) -> None:
+    """In the forked child: become the process `python -m prefect.engine <id>` would have been."""
+    import runpy
+
+    import prefect.engine
+
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    os.chdir(cwd)
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()  # the job's Prefect settings, not the fork server's
+    sys.argv = ["prefect.engine", flow_run_id]
+    try:
+        runpy.run_path(prefect.engine.__file__, run_name="__main__")
+    finally:
+        _drain()  # a multiprocessing child skips atexit, where Prefect flushes its logs and events
+
+
+def _drain() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        # blocks here: no event loop runs in this thread; best effort, the run's state is already reported
+        with contextlib.suppress(Exception):
+            service.drain_all(timeout=10)
+
+
+def warm_worker_class() -> type[ProcessWorker]:
+    """The worker class, made on demand: Prefect registers worker classes by pool type when they are
+    defined, and this one shares `process` with ProcessWorker, so only the worker process should define it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "has key 'process' that matches existing registered type"
+
+        class WarmProcessWorker(ProcessWorker):
+            """ProcessWorker that forks flow runs from a preloaded fork server instead of exec'ing Python."""
+
+            _description = "Process worker whose flow runs fork from a preloaded server (pseudotrack)."
+
+            async def run(
+                self,
+                flow_run: Any,
+                configuration: ProcessJobConfiguration,
+                task_status: Any = None,
+            ) -> ProcessWorkerResult:
+                if configuration._command_configured:  # the deployment asked for its own command
+                    return await super().run(flow_run, configuration, task_status)
+                import tempfile
+                from pathlib import Path
+
+                with tempfile.TemporaryDirectory(suffix="prefect") as tmp:
+                    cwd = str(Path(configuration.working_dir or tmp).resolve())
+                    context = multiprocessing.get_context("forkserver")
+                    process = context.Process(
+                        target=_run_engine,
+                        args=(str(flow_run.id), dict(configuration.env), cwd),
+                        name=f"flow-{flow_run.id}",
+                    )
+                    process.start()
+                    if task_status is not None:
+                        task_status.started(process.pid)
+                    await asyncio.get_running_loop().run_in_executor(None, process.join)
+                return ProcessWorkerResult(status_code=process.exitcode or 0, identifier=str(process.pid))
+
+    return WarmProcessWorker
+
+
+def start_fork_server(preload: list[str]) -> None:
+    """Start the fork server and wait for its imports, so they are paid before the first run, not during it."""
+    multiprocessing.set_forkserver_preload(preload)
+    probe = multiprocessing.get_context("forkserver").Process(target=_ready)
+    probe.start()  # the server forks the probe only once its preload is done
+    probe.join()
+
+
+def _ready() -> None:
+    """A child that does nothing: its start proves the fork server is up and preloaded."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", required=True, help="work pool of type process, e.g. gpu")
+    parser.add_argument("--work-queue", action="append", help="queue to poll (repeatable); default: all")
+    parser.add_argument("--name", help="worker name; default: a random one")
+    parser.add_argument("--limit", type=int, help="flow runs this worker runs at once; default: no limit")
+    parser.add_argument("--prefetch-seconds", type=float, help="how early to pick up scheduled runs")
+    parser.add_argument("--preload", action="append", default=[], help="another module to import in the fork server")
+    args = parser.parse_args(argv)
+
+    # a GPU whose batch finished idles until the worker's next poll: poll every second unless told otherwise
+    # (Prefect's default is 10 s)
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(DEFAULT_QUERY_SECONDS))
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+    start_fork_server([*PRELOAD, *args.preload])
+
+    async def serve() -> None:
+        async with warm_worker_class()(
+            work_pool_name=args.pool,
+            work_queues=args.work_queue,
+            name=args.name,
+            limit=args.limit,
+            prefetch_seconds=args.prefetch_seconds,
+            create_pool_if_not_found=False,
+        ) as worker:
+            print(f"warm worker {worker.name!r} polling pool {args.pool!r}", flush=True)
+            await worker.start()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""The `watch-bucket` flow: label only what is new or changed in a growing bucket, one round per run.
+
+A deployment runs it every hour (prefect.yaml); `pseudotrack watch` runs it once. Each run
+
+1. takes the watch lease (below); a run that finds it held by a live run exits at once and says since when;
+2. lists the bucket and compares it with the watcher's state, `watch/state.parquet`: key, size and ETag
+   of every video the watcher saw reach a terminal state in the catalog;
+3. labels the new and changed videos (a new size or ETag) as one round, `watch-<utc time>-<xxxx>`; an
+   unchanged video is never planned, so it is never labelled twice;
+4. advances the state, only now and only by the videos the catalog records in a terminal state with the
+   listed ETag, then releases the lease.
+
+A crash anywhere leaves the state as it was, so the next run sees the same videos as new; the catalog's
+done set and the shard recovery of `run_round` keep it from labelling again what the crashed run
+committed, and it resumes the crashed round under the same id. The state only saves work (a listing
+compared with it, instead of every caption read again each hour): deleting it costs one full pass.
+
+The lease: `watch/lease/<generation>.json`, created with `create_exclusive`, so of any number of racing
+runs exactly one creates each generation, on a disk and on S3 alike; the highest generation is in force.
+It is free when its holder released it, when its expiry passed (the holder pushes it a lease ahead every
+quarter lease while it works, so only a dead or frozen holder lets it run out), or when its holder is a
+process of this machine that is gone. A free lease is taken by creating the next generation. A holder
+that finds a higher generation than its own (it was frozen past its expiry and someone took over) stops
+before writing the state.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ..config import RoundConfig
+from ..errors import ConfigError
+from ..storage.catalog import TERMINAL, Catalog
+from ..storage.claims import HOST, pid_alive
+from ..storage.objects import ObjectStore
+from ..tasks.discover import Discovery, VideoItem, discover_task
+from ..tasks.labelling import resolve_checkpoints
+from .label_round import BatchesFailed, artifact_key, open_workspace, run_round
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "watch/state.parquet"
+LEASE_PREFIX = "watch/lease/"
+DEFAULT_LEASE_SECONDS = 900.0  # a crashed holder on another machine blocks the watcher for at most this long
+KEEP_GENERATIONS = 16  # older lease generations are deleted; a racer that far behind is caught by `_top`
+_GENERATION = re.compile(r"(\d{8})\.json")
+_LIVE_TOKENS: set[str] = set()  # leases held by this process right now
+
+STATE_SCHEMA = pa.schema(
+    [
+        ("video_key", pa.string()),
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("status", pa.string()),  # the terminal state the catalog recorded
+        ("round_id", pa.string()),
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+# --------------------------------------------------------------------------- the lease
+
+
+class LeaseBusy(RuntimeError):
+    """Another live watch run holds the lease."""
+
+    def __init__(self, doc: dict):
+        self.doc = doc
+        since = _iso(doc.get("acquired_at"))
+        until = _iso(doc.get("expires_at"))
+        super().__init__(
+            f"another watch run holds the lease since {since} (round {doc.get('round_id') or '?'}, "
+            f"host {str(doc.get('host', '?')).split('/')[0]} pid {doc.get('pid', '?')}, lease valid until {until}); "
+            "this run does nothing and exits"
+        )
+
+
+def _iso(seconds) -> str:
+    try:
+        return datetime.fromtimestamp(float(seconds), UTC).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError):
+        return "?"
+
+
+def why_free(doc: dict, now: float | None = None) -> str | None:
+    """Why a lease no longer protects the watcher, or None while its holder may still be working."""
+    now = time.time() if now is None else now
+    if doc.get("released"):
+        return "released"
+    if float(doc.get("expires_at") or 0) < now:
+        return "lease expired"
+    if doc.get("host") == HOST:
+        pid = doc.get("pid")
+        if pid == os.getpid():
+            if doc.get("token") not in _LIVE_TOKENS:
+                return "its run in this process is over"
+        elif not pid_alive(pid):
+            return f"its process {pid} on this machine is gone"
+    return None
+
+
+class WatchLease:
+    """The single watch lease of a workspace: acquire, renew in the background, release.
+
+    round_for(previous) picks the round id this holder works on, given the lease document in force
+    before it (None the first time): a crashed or unfinished round is resumed under its own id.
+    """
+
+    def __init__(self, workspace: ObjectStore, seconds: float = DEFAULT_LEASE_SECONDS, prefix: str = LEASE_PREFIX):
+        if not seconds > 0:
+            raise ConfigError(f"watch lease must be a positive number of seconds, got {seconds}")
+        self.workspace = workspace
+        self.seconds = seconds
+        self.prefix = prefix
+        self.token = uuid.uuid4().hex
+        self.generation: int | None = None
+        self.doc: dict = {}
+        self.previous: dict | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _key(self, generation: int) -> str:
+        return f"{self.prefix}{generation:08d}.json"
+
+    def _generations(self) -> list[int]:
+        return sorted(
+            int(m.group(1))
+            for info in self.workspace.list(self.prefix)
+            if (m := _GENERATION.fullmatch(info.key[len(self.prefix) :]))
+        )
+
+    def _read(self, generation: int) -> dict:
+        """The lease document; an unreadable one counts as expired once it is a lease old."""
+        key = self._key(generation)
+        try:
+            doc = json.loads(self.workspace.read_bytes(key))
+            if isinstance(doc, dict):
+                return doc
+        except FileNotFoundError:
+            return {"released": True}  # pruned or removed by hand: nobody is working under it
+        except ValueError:
+            pass
+        info = self.workspace.info(key)
+        return {"round_id": "(unreadable lease)", "expires_at": (info.mtime if info else 0.0) + self.seconds}
+
+    def acquire(self, round_for: Callable[[dict | None], str], races: int = 8) -> dict:
+        """Hold the lease (returns its document) or raise LeaseBusy naming the live holder."""
+        for _ in range(races):
+            generations = self._generations()
+            top = generations[-1] if generations else None
+            current = self._read(top) if top is not None else None
+            if current is not None and why_free(current) is None:
+                raise LeaseBusy(current)
+            generation = 0 if top is None else top + 1
+            now = time.time()
+            doc = {
+                "generation": generation,
+                "round_id": round_for(current),
+                "token": self.token,
+                "host": HOST,
+                "pid": os.getpid(),
+                "acquired_at": now,
+                "expires_at": now + self.seconds,
+                "released": False,
+            }
+            _LIVE_TOKENS.add(self.token)  # before the lease exists: a racer of this process must see it live
+            if not self.workspace.create_exclusive(self._key(generation), _encode(doc)):
+                _LIVE_TOKENS.discard(self.token)
+                continue  # another run created it first: look again
+            after = self._generations()
+            if after and after[-1] > generation:  # we re-created a pruned number below the one in force
+                _LIVE_TOKENS.discard(self.token)
+                self.workspace.delete(self._key(generation))
+                continue
+            self.generation, self.doc, self.previous = generation, doc, current
+            self._prune(after)
+            self._thread = threading.Thread(target=self._renew_loop, name="watch-lease", daemon=True)
+            self._thread.start()
+            return doc
+        generations = self._generations()
+        raise LeaseBusy(self._read(generations[-1]) if generations else {})
+
+    def _prune(self, generations: list[int]) -> None:
+        for old in generations[:-KEEP_GENERATIONS]:
+            try:
+                self.workspace.delete(self._key(old))
+            except Exception as exc:  # only tidiness
+                log.debug("could not delete old watch lease %s: %s", old, exc)
+
+    def _renew_loop(self) -> None:
+        interval = max(self.seconds / 4, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                self.renew()
+            except Exception as exc:  # a storage fault: the next renewal tries again, well within the lease
+                log.warning("renewing the watch lease failed: %s", exc)
+
+    def renew(self) -> None:
+        """Push the expiry a lease ahead; if someone took over (we were frozen past it), the lease is lost."""
+        if self.generation is None or self.lost:
+            return
+        if not self.holds():
+            return
+        self.doc = dict(self.doc, expires_at=time.time() + self.seconds)
+        self.workspace.write_bytes(self._key(self.generation), _encode(self.doc))
+
+    def holds(self) -> bool:
+        """Whether this run's generation is still the one in force (checked on the store, not remembered)."""
+        if self.generation is None or self.lost:
+            return False
+        generations = self._generations()
+        if generations and generations[-1] > self.generation:
+            self.lost = True
+            log.warning("the watch lease was taken over by generation %d after ours ran out", generations[-1])
+        return not self.lost
+
+    def release(self, finished: bool) -> None:
+        """Give the lease back; `finished=False` asks the next run to resume this run's round."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self.generation is not None and self.holds():
+                doc = dict(self.doc, released=True, released_at=time.time(), finished=finished)
+                self.workspace.write_bytes(self._key(self.generation), _encode(doc))
+        finally:
+            _LIVE_TOKENS.discard(self.token)
+
+
+def _encode(doc: dict) -> bytes:
+    return json.dumps(doc, sort_keys=True).encode("utf-8")
+
+
+def new_watch_round_id(now: datetime | None = None) -> str:
+    """`watch-YYYYmmdd-HHMMSS-xxxx`: sorts by start time, tells watcher rounds from hand-started ones."""
+    now = now or datetime.now(UTC)
+    return now.astimezone(UTC).strftime("watch-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def resume_or_new(previous: dict | None) -> str:
+    """The round of a holder that crashed, or that released the lease with its round unfinished; else new."""
+    if previous and previous.get("round_id") and not (previous.get("released") and previous.get("finished", True)):
+        return str(previous["round_id"])
+    return new_watch_round_id()
+
+
+# --------------------------------------------------------------------------- the state
+
+
+def load_state(workspace: ObjectStore) -> dict[str, dict]:
+    """video key -> {size, etag, status, round_id, recorded_at} of the videos the watcher has recorded."""
+    try:
+        data = workspace.read_bytes(STATE_KEY)
+    except FileNotFoundError:
+        return {}
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+        rows = table.select(STATE_SCHEMA.names).to_pylist()
+    except (pa.ArrowInvalid, OSError, KeyError) as exc:
+        raise ConfigError(
+            f"the watch state {workspace.uri(STATE_KEY)} is unreadable ({exc}); delete it and run again "
+            "(the next run compares the whole bucket with the catalog and labels nothing twice)"
+        ) from None
+    return {r["video_key"]: r for r in rows}
+
+
+def save_state(workspace: ObjectStore, state: dict[str, dict]) -> None:
+    rows = sorted(state.values(), key=lambda r: r["video_key"])
+    table = pa.Table.from_pylist(rows, schema=STATE_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    workspace.write_bytes(STATE_KEY, sink.getvalue())  # atomic on both backends
+
+
+@dataclass
+class Changes:
+    """The listing compared with the state."""
+
+    new: int = 0
+    changed: int = 0
+    retried: int = 0  # unchanged but failed last time, with retry_failed
+    unchanged: int = 0
+    removed: list[str] = field(default_factory=list)
+    todo: list[VideoItem] = field(default_factory=list)  # new, changed and retried, in the listing's order
+
+
+def compare(videos: list[VideoItem], state: dict[str, dict], retry_failed: bool = False) -> Changes:
+    changes = Changes()
+    for video in videos:
+        seen = state.get(video.key)
+        if seen is None:
+            changes.new += 1
+        elif seen["etag"] != video.etag or seen["size"] != video.size:
+            changes.changed += 1
+        elif retry_failed and seen["status"] == "failed":
+            changes.retried += 1
+        else:
+            changes.unchanged += 1
+            continue
+        changes.todo.append(video)
+    changes.removed = sorted(set(state) - {v.key for v in videos})
+    return changes
+
+
+def advance(state: dict[str, dict], todo: list[VideoItem], removed: list[str], catalog: Catalog) -> int:
+    """Record the videos of `todo` that the catalog has in a terminal state with the listed ETag.
+
+    Anything else (a batch that failed, a video another live round holds) stays out of the state, so the
+    next run plans it again; the catalog's done set stops that run from labelling it twice.
+    """
+    for key in removed:
+        state.pop(key, None)
+    if not todo:
+        return 0
+    latest = catalog.latest().select(["video_key", "etag", "status", "round_id"]).to_pydict()
+    recorded = {
+        k: (e, s, r)
+        for k, e, s, r in zip(latest["video_key"], latest["etag"], latest["status"], latest["round_id"], strict=True)
+    }
+    now = datetime.now(UTC)
+    count = 0
+    for video in todo:
+        etag, status, round_id = recorded.get(video.key, (None, None, None))
+        if status in TERMINAL and etag == video.etag:
+            state[video.key] = {
+                "video_key": video.key,
+                "size": video.size,
+                "etag": video.etag,
+                "status": status,
+                "round_id": round_id,
+                "recorded_at": now,
+            }
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class WatchSummary:
+    status: str  # "labelled", "nothing-new", "busy", "lease-lost"
+    message: str
+    round_id: str | None = None
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    retried: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    recorded: int = 0  # videos the state advanced by
+    round: dict | None = None  # the round's RoundSummary
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _in_flow() -> bool:
+    return FlowRunContext.get() is not None
+
+
+def watch(config: RoundConfig, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> WatchSummary:
+    """One watcher pass (plain function; the flow and `pseudotrack watch` call it)."""
+    started = time.perf_counter()
+    bucket, workspace = open_workspace(config)
+    resolve_checkpoints(config)  # a missing checkpoint stops here, before the lease is taken
+    logger = get_run_logger() if _in_flow() else log
+    lease = WatchLease(workspace, lease_seconds)
+    try:
+        doc = lease.acquire(lambda previous: config.round_id or resume_or_new(previous))
+    except LeaseBusy as exc:
+        logger.warning("%s", exc)
+        return WatchSummary("busy", str(exc), round_id=exc.doc.get("round_id"), seconds=time.perf_counter() - started)
+    round_id = doc["round_id"]
+    finished = False
+    try:
+        discovery = discover_task(bucket) if _in_flow() else discover_task.fn(bucket)
+        state = load_state(workspace)
+        changes = compare(discovery.videos, state, config.retry_failed)
+        todo = changes.todo
+        summary = WatchSummary(
+            "labelled" if todo else "nothing-new",
+            "",
+            round_id=round_id if todo else None,
+            listed=len(discovery.videos),
+            new=changes.new,
+            changed=changes.changed,
+            retried=changes.retried,
+            unchanged=changes.unchanged,
+            removed=len(changes.removed),
+        )
+        logger.info(
+            "watch: %d videos listed: %d new, %d changed, %d unchanged, %d removed since the last run",
+            summary.listed,
+            summary.new,
+            summary.changed,
+            summary.unchanged,
+            summary.removed,
+        )
+        failure: BatchesFailed | None = None
+        if todo:
+            round_config = replace(config, round_id=round_id)
+            try:
+                summary.round = run_round(round_config, Discovery(todo, discovery.all_keys)).to_dict()
+            except BatchesFailed as exc:  # what committed is recorded below; the next run resumes the rest
+                summary.round, failure = exc.summary.to_dict(), exc
+        if todo or changes.removed:
+            summary.recorded = advance(state, todo, changes.removed, Catalog(workspace))
+            if not lease.holds():
+                summary.status = "lease-lost"
+                summary.message = (
+                    "the watch lease was taken over while this run worked (it was stopped past the lease); "
+                    "the state is left to the run that holds it now"
+                )
+                logger.warning("%s", summary.message)
+                return summary
+            save_state(workspace, state)
+        summary.message = _message(summary)
+        summary.seconds = time.perf_counter() - started
+        if _in_flow():
+            create_markdown_artifact(
+                watch_markdown(summary),
+                key=artifact_key("watch-summary", round_id if todo else "idle"),
+                description="what the bucket watcher found and labelled",
+            )
+        if failure is not None:
+            raise failure
+        finished = True
+        return summary
+    finally:
+        lease.release(finished)
+
+
+def _message(summary: WatchSummary) -> str:
+    if summary.status == "nothing-new":
+        return f"nothing new or changed among {summary.listed} videos"
+    r = summary.round or {}
+    return (
+        f"round {summary.round_id}: {summary.new} new and {summary.changed} changed videos -> "
+        f"{r.get('labelled', 0)} labelled, {r.get('filtered', 0)} filtered, {r.get('failed', 0)} failed, "
+        f"{r.get('reused', 0)} already done; the state now holds {summary.recorded} more"
+    )
+
+
+def watch_markdown(summary: WatchSummary) -> str:
+    lines = [
+        f"# Bucket watch: {summary.status}",
+        "",
+        summary.message,
+        "",
+        "| videos | count |",
+        "|---|---|",
+        f"| listed | {summary.listed} |",
+        f"| new | {summary.new} |",
+        f"| changed | {summary.changed} |",
+        f"| unchanged | {summary.unchanged} |",
+        f"| removed | {summary.removed} |",
+        f"| recorded in the state | {summary.recorded} |",
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="watch-bucket", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def watch_bucket(config: RoundConfig, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dict:
+    """Label what is new or changed in the bucket since the last watch run (one round per run)."""
+    return watch(config, lease_seconds).to_dict()
+
+
+def run_watch_flow(config: RoundConfig, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dict:
+    """Run `watch-bucket` as a Prefect flow run with `config.workers` batches at a time."""
+    runner = ThreadPoolTaskRunner(max_workers=max(1, config.workers))
+    return watch_bucket.with_options(task_runner=runner)(config, lease_seconds)
