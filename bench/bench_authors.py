@@ -254,7 +254,8 @@ def compare(args) -> int:
                 med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
                 shown = f"{gap:>12.2e}" if impl == "ours" else ""
                 print(
-                    f"{teacher:<20}{impl:<8}{med['seconds']:>9.2f}{med['peak_mib']:>10.0f}{med['growth_mib']:>12.0f}"
+                    f"{teacher:<20}{impl:<8}{med['seconds']:>9.2f}{med['cpu_seconds']:>9.2f}{med['peak_mib']:>10.0f}"
+                    f"{med['growth_mib']:>12.0f}"
                     f"{shown}",
                     flush=True,
                 )

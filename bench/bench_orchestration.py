@@ -1,7 +1,7 @@
 """Orchestration overhead per video with the no-op teacher: in process and through the `gpu` pool.
 
 Usage: python bench/bench_orchestration.py [--videos 256] [--batch-size 32] [--pool-limit 1]
-                                          [--worker plain|warm|both] [--skip-pool] [--keep]
+                                          [--worker plain|warm|both] [--query-seconds 1] [--skip-pool] [--keep]
 
 Overhead is what a round costs beyond labelling its videos:
 
@@ -17,14 +17,15 @@ visible), so the work is the pipeline around the teachers, not the tracking.
 
 The round runs against a real `prefect server start` on 127.0.0.1 (its own
 PREFECT_HOME under a temporary folder). In process: `--executor local`, one
-batch at a time. Through the pool: `prefect deploy --name label-batch` from this
-repository's prefect.yaml, a process work pool `gpu` whose concurrency limit is
-`--pool-limit`, one worker polling every second (`plain`: `prefect worker start
---pool gpu`, a fresh Python process per batch; `warm`: `python -m
-pseudotrack.flows.warm_worker --pool gpu`, each batch forked from preloaded
-imports), and `--executor pool`. With `--pool-limit 1` batches run one after another, so wall
-minus work is exactly the overhead; with a higher limit batches overlap and the
-figure is an effective overhead per video of the whole round.
+batch at a time. Through the pool: `prefect deploy --name label-batch` from
+this repository's prefect.yaml, a process work pool `gpu` whose concurrency
+limit is `--pool-limit`, one worker polling every `--query-seconds` (`plain`:
+`prefect worker start --pool gpu`, a fresh Python process per batch; `warm`:
+`python -m pseudotrack.flows.warm_worker --pool gpu`, each batch forked from
+preloaded imports), and `--executor pool`. With `--pool-limit 1` batches run
+one after another, so wall minus work is exactly the overhead; with a higher
+limit batches overlap and the figure is an effective overhead per video of
+the whole round.
 """
 
 from __future__ import annotations
@@ -95,6 +96,29 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 READY = {"plain": "started", "warm": "polling pool"}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds of a process group: its live members and the children they reaped (Linux /proc)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:  # after ')': state, ppid, pgrp, ...; utime is the 14th field of stat
+            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / TICK
+
+
+def own_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def wait_for_line(path: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -167,6 +191,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pool-limit", type=int, default=1, help="concurrency limit of the gpu pool")
     parser.add_argument("--skip-pool", action="store_true", help="only the in-process figure")
+    parser.add_argument("--query-seconds", type=float, default=1.0, help="how often the worker polls")
     parser.add_argument("--worker", choices=("plain", "warm", "both"), default="both", help="gpu worker kind")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, workspaces)")
     args = parser.parse_args()
@@ -217,7 +242,7 @@ def main() -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        worker_env = dict(env, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_LEVEL="INFO")
+        worker_env = dict(env, PREFECT_WORKER_QUERY_SECONDS=str(args.query_seconds), PREFECT_LOGGING_LEVEL="INFO")
         commands = {
             "plain": [prefect, "worker", "start", "--pool", "gpu", "--work-queue", "label"],
             "warm": [sys.executable, "-m", "pseudotrack.flows.warm_worker", "--pool", "gpu", "--work-queue", "label"],
@@ -233,11 +258,20 @@ def main() -> None:
                     start_new_session=True,
                 )
             wait_for_line(tmp / f"worker-{kind}.log", READY[kind], worker)  # incl. the fork server's imports
+            before = (group_cpu(server.pid), group_cpu(worker.pid), own_cpu())
             pooled = timed_round(round_config(bucket, tmp / f"ws-pool-{kind}", f"pool-{kind}", args.batch_size, "pool"))
+            spent = [
+                after - start
+                for after, start in zip((group_cpu(server.pid), group_cpu(worker.pid), own_cpu()), before, strict=True)
+            ]
             stop(worker)
             worker = None
             parallel = min(args.pool_limit, pooled["batches"])
             report(f"pool, {kind} worker (limit {args.pool_limit})", pooled, parallel)
+            print(
+                f"  CPU during it: server {spent[0]:.1f} s, worker and its flow runs {spent[1]:.1f} s, "
+                f"round {spent[2]:.1f} s ({os.cpu_count()} cores)"
+            )
     finally:
         if worker is not None:
             stop(worker)

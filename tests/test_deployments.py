@@ -1,5 +1,6 @@
 """prefect.yaml read the way `prefect deploy` 3.8.8 reads it, without a server: five deployments on the cpu
-and gpu pools, entrypoints that load, parameters each flow accepts, limits, the schedule and the trigger.
+and gpu pools, entrypoints that load, parameters each flow accepts, limits, the schedule and the trigger;
+and the round events that trigger matches.
 
 The same file deployed to a real server, with a worker and rounds through the pool, is tests/test_pool.py.
 """
@@ -130,3 +131,36 @@ def test_round_event_carries_uris_and_counts_never_credentials(monkeypatch):
     text = json.dumps([resource, payload])
     assert "do-not-leak-this-secret" not in text and "AKIADONOTLEAK" not in text
     assert all(isinstance(v, str) for v in resource.values())  # Prefect resource labels are strings
+
+
+def test_a_round_event_says_whether_its_caller_trains_on_it(prefect_server):
+    """What train-student's trigger relies on to stay out of scaling rounds, through Prefect's own emitter
+    (its events worker needs an API, else it starts a temporary one; the events themselves are captured)."""
+    from prefect.events.clients import AssertingEventsClient
+    from prefect.events.worker import EventsWorker
+
+    from pseudotrack.flows.events import ROUND_FAILED, emit_round_finished, training_follows
+
+    EventsWorker.set_client_override(AssertingEventsClient)
+    worker = EventsWorker.instance()
+    try:
+        emit_round_finished(RoundSummary("plain", labelled=2), "s3://b/ws")
+        with training_follows():
+            emit_round_finished(RoundSummary("scaling", labelled=2), "s3://b/ws")
+        emit_round_finished(RoundSummary("nothing-new", reused=5), "s3://b/ws")
+        emit_round_finished(RoundSummary("broken", labelled=1, failed_batches=[{"batch_id": "b1"}]), "s3://b/ws")
+        worker.drain()
+        events = {e.resource.id.rsplit(".", 1)[1]: e for e in AssertingEventsClient.last.events}
+    finally:
+        EventsWorker.set_client_override(None)
+    labels = {
+        k: (e.event, e.resource["pseudotrack.new-labels"], e.resource["pseudotrack.trained-by-caller"])
+        for k, e in events.items()
+    }
+    assert labels == {
+        "plain": (ROUND_COMPLETED, "true", "false"),
+        "scaling": (ROUND_COMPLETED, "true", "true"),
+        "nothing-new": (ROUND_COMPLETED, "false", "false"),
+        "broken": (ROUND_FAILED, "false", "false"),
+    }
+    assert events["plain"].payload["labelled"] == 2 and events["plain"].payload["workspace"] == "s3://b/ws"
