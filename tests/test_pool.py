@@ -85,7 +85,7 @@ class Stack:
             self.worker = subprocess.Popen(
                 WORKERS[kind],
                 cwd=REPO,
-                env=dict(self.env, PREFECT_WORKER_QUERY_SECONDS="1"),
+                env=dict(self.env, PREFECT_WORKER_QUERY_SECONDS="1", PYTHONUNBUFFERED="1"),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -348,8 +348,11 @@ def test_a_crashed_batch_fails_the_round_and_a_rerun_resumes_it_in_place(stack: 
     assert all(r.state.is_completed() for r in resumed)
     spans = sorted(_last_attempt(r) for r in resumed)  # two batches, never more at once than the queue allows
     assert max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans) == LABEL_QUEUE_LIMIT, spans
-    log = worker_log.read_text()
-    assert all("WarmProcessWorker" in log and str(r.id) in log for r in resumed)
+    # the worker's stdout reaches its file a little later than the runs finish
+    assert _wait_for(
+        lambda: all("WarmProcessWorker" in (log := worker_log.read_text()) and str(r.id) in log for r in resumed),
+        timeout=60,
+    )
     assert sorted(_states(workspace).values()) == [
         "failed",
         "filtered",

@@ -22,6 +22,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -331,8 +332,12 @@ def test_credentials_reach_no_log_artifact_file_or_page(
     assert scan_workspace(store) >= 6  # config, summary, catalog events, a shard and its manifest
     prefect_db = sorted(tmp_path_factory.getbasetemp().glob("prefect-home*/prefect.db*"))
     assert prefect_db, "the Prefect server's database file was not found"
+    deadline = time.monotonic() + 60  # the server stores logs a moment after the client ships them
     seen = scan_prefect(prefect_db)
-    assert any("round secrets" in message for message in seen["logs"])
+    while not any("round secrets" in message for message in seen["logs"]):
+        assert time.monotonic() < deadline, "the round's logs never reached the Prefect server"
+        time.sleep(1)
+        seen = scan_prefect(prefect_db)
     assert {"label-progress-secrets", "label-summary-secrets"} <= set(seen["artifacts"])
     assert seen["task runs"]
 
