@@ -85,7 +85,9 @@ class Stack:
             self.worker = subprocess.Popen(
                 WORKERS[kind],
                 cwd=REPO,
-                env=dict(self.env, PREFECT_WORKER_QUERY_SECONDS="1", PYTHONUNBUFFERED="1"),
+                env=dict(
+                    self.env, PREFECT_WORKER_QUERY_SECONDS="1", PYTHONUNBUFFERED="1", PREFECT_LOGGING_LEVEL="INFO"
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
