@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=float, default=0.2, help="fraction of videos with an earlier event")
     parser.add_argument("--store", default=None, help="workspace URI (default: a temporary directory)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--round-batch", type=int, default=32, help="also write the events as a round does, this many a batch (0: no)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +133,52 @@ def main() -> None:
         timed("dashboard page() warm", board.page, results)
         print("by_status:", summary["by_status"])
         print("by_teacher:", summary["by_teacher"])
+
+    if args.round_batch:
+        as_a_round_writes_it(args, results)
+
+
+def as_a_round_writes_it(args, results: dict) -> None:
+    """The same events appended a batch at a time, folded as a round folds them (label_round.py).
+
+    A 100k-video round at the default batch size writes 3,000+ event files; the round
+    folds them once COMPACT_AT_FILES are there, so `status` at any moment reads one
+    snapshot and fewer than that many files.
+    """
+    from pseudotrack.storage.catalog import COMPACT_AT_FILES, fold_quietly
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(args.store.rstrip("/") + "-round" if args.store else tmp)
+        store.check_writable()
+        rows = [r for b in make_rows(args.videos, 1, args.repeat, args.seed) for r in b]
+        batches = [rows[i : i + args.round_batch] for i in range(0, len(rows), args.round_batch)]
+        print(
+            f"\nas a round writes it: {len(rows)} events in {len(batches)} batches of {args.round_batch}, "
+            f"folded at {COMPACT_AT_FILES} files"
+        )
+        writer = Catalog(store)
+        t = time.perf_counter()
+        worst = 0.0
+        # the last batches are not folded: a reader's worst moment, a snapshot and COMPACT_AT_FILES - 1 files
+        unfolded = COMPACT_AT_FILES - 1
+        for i, batch in enumerate(batches):
+            writer.append(batch)
+            if i < len(batches) - unfolded:
+                s = time.perf_counter()
+                fold_quietly(writer)
+                worst = max(worst, time.perf_counter() - s)
+            elif i == len(batches) - unfolded:
+                writer.compact()
+        spent = time.perf_counter() - t
+        print(f"{'append + fold, all batches':<34s} {spent * 1000:9.1f} ms")
+        print(f"{'  per batch':<34s} {spent / len(batches) * 1000:9.1f} ms  (slowest fold {worst * 1000:.0f} ms)")
+        print(f"{'  files now':<34s} {len(Catalog(store).files()):9d}")
+        summary = timed("status: summary() cold", Catalog(store).summary, results)
+        assert summary["videos"] == args.videos, summary["videos"]
+        timed("latest() cold", Catalog(store).latest, results)
+        from pseudotrack.flows.dashboard import Dashboard
+
+        timed("dashboard summary() cold", Dashboard(store.uri()).summary, results)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,32 @@ def test_compaction_keeps_every_event_exactly_once(store: ObjectStore) -> None:
     assert fresh.compact() == 0  # nothing to fold
 
 
+def test_compact_if_needed_folds_only_past_its_threshold(store: ObjectStore) -> None:
+    catalog = Catalog(store)
+    for b in range(5):
+        catalog.append([labelled(f"v{b}.mp4", at=b)])
+    files = catalog.files()
+    assert catalog.compact_if_needed(threshold=6) == 0 and catalog.files() == files
+    assert catalog.compact_if_needed(threshold=5) == 5
+    assert len(catalog.files()) == 1 and Catalog(store).events().num_rows == 5
+
+
+def test_a_failed_fold_warns_and_keeps_every_event(store: ObjectStore, caplog) -> None:
+    from pseudotrack.storage.catalog import fold_quietly
+
+    for b in range(3):
+        Catalog(store).append([labelled(f"v{b}.mp4", at=b)])
+    expected = sorted(event_ids(Catalog(store)))
+
+    def outage():
+        raise ConnectionError("storage went away")
+
+    with caplog.at_level("WARNING"):
+        assert fold_quietly(Catalog(HookedStore(store, "write", SNAPSHOTS, outage)), threshold=2) == 0
+    assert "not compacted" in caplog.text and "storage went away" in caplog.text
+    assert sorted(event_ids(Catalog(store))) == expected and len(Catalog(store).files()) == 3
+
+
 def test_an_event_appended_during_compaction_survives(store: ObjectStore) -> None:
     Catalog(store).append([labelled("a.mp4", at=0)])
     Catalog(store).append([labelled("b.mp4", at=0)])

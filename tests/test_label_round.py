@@ -235,3 +235,32 @@ def test_query_sampling_settings_reach_the_sampler(tmp_path):
     assert all(r["stage"] == "queries" and "at least 10000 on each" in r["reason"] for r in failed)
     with pytest.raises(ConfigError, match="query_start_bias"):
         RoundConfig(bucket="b", workspace="w", query_start_bias=-1)
+
+
+def test_a_round_folds_its_catalog_as_it_goes(tmp_path, monkeypatch):
+    """One event file per batch would make `status` slower with every batch; the round folds them."""
+    import pseudotrack.storage.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "COMPACT_AT_FILES", 3)
+    bucket = tmp_path / "bucket"
+    write_demo_bucket(bucket, videos=7, frames=12, height=64, width=96, seed=1, broken=0)
+    workspace = str(tmp_path / "ws")
+    folds: list[int] = []
+    real = Catalog.compact_if_needed
+
+    def counting(self, threshold=None):
+        folds.append(real(self, threshold))
+        return folds[-1]
+
+    monkeypatch.setattr(Catalog, "compact_if_needed", counting)
+    config = RoundConfig(
+        bucket=str(bucket), workspace=workspace, round_id="fold", teachers=["noop"], **dict(SMALL, batch_size=1)
+    )
+    summary = run_round(config)
+    assert summary.labelled >= 4
+    assert sum(1 for n in folds if n) >= 2, folds  # folded during the round, not only at its end
+    catalog = Catalog(open_store(workspace))
+    assert len(catalog.files()) < 3
+    latest = catalog.latest().to_pylist()
+    assert len(latest) == 7 and sum(r["status"] == "labelled" for r in latest) == summary.labelled
+    assert catalog.events().num_rows == len(set(catalog.events()["event_id"].to_pylist()))

@@ -340,3 +340,27 @@ def test_create_exclusive_has_one_winner(backend, tmp_path, s3_uri):
     assert store.read_bytes("claims/a.json") == f"writer {winner}".encode()
     assert store.create_exclusive("claims/b.json", b"x") is True
     assert [o.key for o in store.list("claims/")] == ["claims/a.json", "claims/b.json"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-11-23T13:30:00.000Z", "2026-11-23T13:30:00Z", "2026-11-23T13:30:00+02:00", "Wed, 21 Oct 2015 07:28:00 GMT"],
+)
+def test_fast_timestamps_equal_botocores(text: str) -> None:
+    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+    from pseudotrack.storage.objects import _parse_timestamp
+
+    assert _parse_timestamp(text) == DEFAULT_TIMESTAMP_PARSER(text)
+    assert _parse_timestamp(text).tzinfo is not None
+
+
+def test_listed_times_are_the_servers(s3_uri: str) -> None:
+    from pseudotrack.storage.objects import s3_client, split_s3_uri
+
+    store = open_store(s3_uri)
+    store.write_bytes("a/b.bin", b"xyz")
+    (info,) = [i for i in store.list("a/")]
+    bucket, prefix = split_s3_uri(s3_uri)
+    head = s3_client().head_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/a/b.bin".lstrip("/"))
+    assert info.mtime == head["LastModified"].timestamp()

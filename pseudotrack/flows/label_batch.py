@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from ..config import RoundConfig
-from ..storage.catalog import Catalog
+from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import runs_prefix
 from ..storage.objects import open_store
 from ..tasks.labelling import BatchResult, PlannedVideo, batch_id_for, label_batch
@@ -111,7 +111,7 @@ def run_batches_on_pool(
     catalog: Catalog,
     notify: Callable[[str, dict], None] = lambda event, payload: None,
     on_progress: Callable[[float], None] | None = None,
-    poll_seconds: float = 1.0,
+    poll_seconds: float = 0.5,
 ) -> tuple[list[BatchResult], list[dict]]:
     """Each batch as a flow run of the `label-batch` deployment; returns (results, failed batches).
 
@@ -283,6 +283,8 @@ def _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log)
                     states[run.id] = run.state
         finals = sum(1 for run_id in runs if run_id in states and states[run_id].is_final())
         if finals != finals_read or time.monotonic() - catalog_read > CATALOG_POLL_SECONDS:
+            if finals != finals_read:
+                fold_quietly(catalog)  # the children append a file per batch; the round folds them
             latest = catalog.latest(config.round_id)
             for key, status in zip(latest["video_key"].to_pylist(), latest["status"].to_pylist(), strict=True):
                 if key in keys and key not in seen and status in ("labelled", "failed"):

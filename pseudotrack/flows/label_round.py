@@ -24,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ..config import RoundConfig
 from ..errors import ConfigError
 from ..faults import checkpoint
-from ..storage.catalog import Catalog
+from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import new_round_id
 from ..storage.objects import open_store
 from ..tasks.caption_filter import CaptionIndex, CaptionRules, filter_captions
@@ -249,6 +249,7 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
         summary.skipped = dict(Counter(summary.skipped) + Counter(result.skipped))
     summary.failed_batches = failures
+    fold_quietly(catalog)
     summary.seconds = time.perf_counter() - started
     checkpoint("round.summary")
     workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
@@ -292,6 +293,7 @@ def _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_i
                 results.append(label_batch_task.fn(batch, *args))
             except Exception as exc:
                 failures.append(_batch_failure(config, batch, exc))
+            fold_quietly(catalog)
         return results, failures
     futures = {label_batch_task.submit(batch, *args): batch for batch in work}
     for done_count, future in enumerate(as_completed(list(futures)), start=1):
@@ -299,6 +301,7 @@ def _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_i
             results.append(future.result())
         except Exception as exc:
             failures.append(_batch_failure(config, futures[future], exc))
+        fold_quietly(catalog)  # one file per batch: folded as the round goes, so `status` stays fast
         if progress_id:
             update_progress_artifact(progress_id, 100.0 * done_count / len(futures))
     return results, failures

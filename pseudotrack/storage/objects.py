@@ -27,6 +27,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.request import url2pathname
@@ -448,9 +449,27 @@ def s3_client() -> BaseClient:
             # own outage retries (S3Store._retrying) already back off for as long as a restart takes.
             if not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
                 options["retries"] = {"mode": "standard", "max_attempts": MAX_ATTEMPTS}
-            client = boto3.session.Session().client("s3", config=Config(**options))
+            session = boto3.session.Session()
+            # botocore parses every LastModified with dateutil (~180 us each): 18 s of CPU to list 100k keys
+            session._session.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=_parse_timestamp
+            )
+            client = session.client("s3", config=Config(**options))
             _CLIENTS[key] = client
     return client
+
+
+def _parse_timestamp(value: str) -> datetime:
+    """S3's ISO 8601 timestamps the fast way; anything else (HTTP dates in headers) the way botocore does."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+
+        return DEFAULT_TIMESTAMP_PARSER(value)
+    return parsed
 
 
 def _env_seconds(name: str, default: float) -> float:
