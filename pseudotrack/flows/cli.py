@@ -77,6 +77,10 @@ def round_command(
     seed: Annotated[int, typer.Option(help="Seed for strides, keyframes, queries and teacher choice.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Videos per label batch (the unit of work).")] = 32,
     workers: Annotated[int, typer.Option(help="Label batches run at the same time in this process.")] = 1,
+    teacher_batch: Annotated[
+        int | None,
+        typer.Option(help="Clips per teacher forward pass (halved on out-of-memory). Default: 4 on a GPU, 1 on CPU."),
+    ] = None,
     round_id: Annotated[
         str | None,
         typer.Option(help="Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: new."),
@@ -113,8 +117,10 @@ def round_command(
     _quiet_prefect(verbose)
     from ..config import RoundConfig
     from ..errors import ConfigError
+    from ..storage.objects import StorageUnavailable
     from .label_round import BatchesFailed
 
+    config = None
     try:
         config = RoundConfig(
             bucket=bucket,
@@ -127,6 +133,7 @@ def round_command(
             seed=seed,
             batch_size=batch_size,
             workers=workers,
+            teacher_batch=teacher_batch,
             device=device,
             height=height,
             width=width,
@@ -147,6 +154,10 @@ def round_command(
     except BatchesFailed as exc:
         _print_summary(exc.summary.to_dict())
         _fail(str(exc), code=1)
+        return
+    except StorageUnavailable as exc:
+        resume = f" --round-id {config.round_id}" if config is not None and config.round_id else ""
+        _fail(f"{exc}\nEverything committed is kept; run the same command again{resume} once the store answers.", 1)
         return
     _print_summary(summary)
     if summary["failed"] and not summary["labelled"]:
