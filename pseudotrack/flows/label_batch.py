@@ -111,7 +111,7 @@ def run_batches_on_pool(
     catalog: Catalog,
     notify: Callable[[str, dict], None] = lambda event, payload: None,
     on_progress: Callable[[float], None] | None = None,
-    poll_seconds: float = 0.5,
+    poll_seconds: float = 1.0,
 ) -> tuple[list[BatchResult], list[dict]]:
     """Each batch as a flow run of the `label-batch` deployment; returns (results, failed batches).
 

@@ -7,7 +7,9 @@ Workspace layout (DESIGN.md "Layout"):
     shards/<round>/<batch>-000000.tar        WebDataset shards, one pattern per writer
     shards/<round>/<batch>-000000.tar.json   the shard's manifest, its commit marker
     runs/<round>/                            config and summary of a round
+    runs/<round>/batches/<batch>.json        a pool batch's tally for its round (flows/label_batch.py)
     claims/<hash>/<generation>.json          per-video claims of running batches (storage/claims.py)
+    watch/state.parquet, watch/lease/        the bucket watcher's listing and lease (flows/watch_bucket.py)
     reports/                                 evaluation and scaling reports
 
 Names end up inside object keys, WebDataset sample keys and Prefect artifact
