@@ -134,7 +134,8 @@ def test_main_command_runs_a_round_on_the_ephemeral_api(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
-def test_a_store_outage_ends_the_round_with_what_to_do(tmp_path, monkeypatch, prefect_server):
+@pytest.mark.parametrize("command", ["round", "watch"])
+def test_a_store_outage_ends_the_round_with_what_to_do(command, tmp_path, monkeypatch, prefect_server):
     """An outage past every retry outside a batch (here reading the catalog) ends in a message, not a crash."""
     from pseudotrack.demo import write_demo_bucket
     from pseudotrack.storage.catalog import Catalog
@@ -146,7 +147,8 @@ def test_a_store_outage_ends_the_round_with_what_to_do(tmp_path, monkeypatch, pr
         raise StorageUnavailable("s3://bucket/ws/catalog/: LIST kept failing for 60.0 s")
 
     monkeypatch.setattr(Catalog, "done", outage)
-    args = ["round", "--bucket", str(tmp_path / "bucket"), "--workspace", str(tmp_path / "ws"), "--round-id", "r7"]
+    monkeypatch.setattr(Catalog, "latest", outage)
+    args = [command, "--bucket", str(tmp_path / "bucket"), "--workspace", str(tmp_path / "ws"), "--round-id", "r7"]
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "LIST kept failing" in result.output and "--round-id r7" in result.output

@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import round_options as ro
+
 app = typer.Typer(
     name="pseudotrack",
     help="Pseudo-label real videos with frozen point trackers and fine-tune a student tracker on them.",
@@ -54,7 +56,7 @@ def _counts_table(title: str, counts: dict, column: str) -> Table:
 
 @app.command("round")
 def round_command(
-    bucket: Annotated[str, typer.Option(help="Source videos: a local directory or s3://bucket/prefix.")],
+    bucket: ro.Bucket,
     workspace: Annotated[
         str,
         typer.Option(help="Where the catalog, shards and reports go: a local directory or s3://bucket/prefix."),
@@ -62,21 +64,12 @@ def round_command(
     videos: Annotated[
         int | None, typer.Option(help="Label at most this many eligible videos (stable order). Default: all.")
     ] = None,
-    teacher: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Teacher name, repeatable, optionally NAME=CHECKPOINT. Default: lk. Known: lk, cotracker3_online, "
-            "cotracker3_offline, cotracker2, tapir, bootstapir."
-        ),
-    ] = None,
-    teachers_per_clip: Annotated[int, typer.Option(help="Teachers run on each clip, chosen at random.")] = 1,
-    checkpoints: Annotated[
-        str | None,
-        typer.Option(help="Directory holding the official checkpoint files of the neural teachers."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for strides, keyframes, queries and teacher choice.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Videos per label batch (the unit of work).")] = 32,
-    workers: Annotated[int, typer.Option(help="Label batches run at the same time in this process.")] = 1,
+    teacher: ro.Teacher = None,
+    teachers_per_clip: ro.TeachersPerClip = 1,
+    checkpoints: ro.Checkpoints = None,
+    seed: ro.Seed = 0,
+    batch_size: ro.BatchSize = 32,
+    workers: ro.Workers = 1,
     teacher_batch: Annotated[
         int | None,
         typer.Option(help="Clips per teacher forward pass (halved on out-of-memory). Default: 4 on a GPU, 1 on CPU."),
@@ -85,24 +78,16 @@ def round_command(
         str | None,
         typer.Option(help="Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: new."),
     ] = None,
-    frames: Annotated[int, typer.Option(help="Frames per clip (64 for an online student, up to 80 offline).")] = 64,
-    height: Annotated[int, typer.Option(help="Clip height in pixels (even).")] = 384,
-    width: Annotated[int, typer.Option(help="Clip width in pixels (even).")] = 512,
-    max_stride: Annotated[int, typer.Option(help="Frame stride is drawn from 1..max-stride.")] = 4,
-    queries: Annotated[int, typer.Option(help="Query points (tracks) per clip.")] = 384,
-    keyframes: Annotated[int, typer.Option(help="Keyframes SIFT samples queries on.")] = 8,
-    captions: Annotated[
-        str | None,
-        typer.Option(help="Caption manifest (JSONL/CSV/Parquet). Default: captions.* in the bucket."),
-    ] = None,
-    rules: Annotated[
-        str | None, typer.Option(help="Caption rules file (TOML). Default: the packaged CoTracker3 rules.")
-    ] = None,
-    missing_caption: Annotated[
-        str | None,
-        typer.Option(help="Videos without a caption: keep, drop or fail. Default: the rules file's."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    frames: ro.Frames = 64,
+    height: ro.Height = 384,
+    width: ro.Width = 512,
+    max_stride: ro.MaxStride = 4,
+    queries: ro.Queries = 384,
+    keyframes: ro.Keyframes = 8,
+    captions: ro.Captions = None,
+    rules: ro.Rules = None,
+    missing_caption: ro.MissingCaption = None,
+    device: ro.Device = "auto",
     retry_failed: Annotated[bool, typer.Option(help="Label videos that failed in earlier runs again.")] = False,
     executor: Annotated[
         str,
@@ -111,18 +96,14 @@ def round_command(
             "deployment on the gpu work pool (needs a Prefect server and workers)."
         ),
     ] = "local",
-    verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+    verbose: ro.Verbose = False,
 ) -> None:
     """Run a labelling round: discover, filter captions, sample queries, run teachers, write shards."""
     _quiet_prefect(verbose)
     from ..config import RoundConfig
-    from ..errors import ConfigError
-    from ..storage.objects import StorageUnavailable
-    from .label_round import BatchesFailed
 
-    config = None
-    try:
-        config = RoundConfig(
+    summary = ro.run_labelling(
+        lambda: RoundConfig(
             bucket=bucket,
             workspace=workspace,
             round_id=round_id,
@@ -147,18 +128,7 @@ def round_command(
             retry_failed=retry_failed,
             executor=executor,
         )
-        summary = _run_with_progress(config)
-    except ConfigError as exc:
-        _fail(str(exc))
-        return
-    except BatchesFailed as exc:
-        _print_summary(exc.summary.to_dict())
-        _fail(str(exc), code=1)
-        return
-    except StorageUnavailable as exc:
-        resume = f" --round-id {config.round_id}" if config is not None and config.round_id else ""
-        _fail(f"{exc}\nEverything committed is kept; run the same command again{resume} once the store answers.", 1)
-        return
+    )
     _print_summary(summary)
     if summary["failed"] and not summary["labelled"]:
         raise typer.Exit(1)

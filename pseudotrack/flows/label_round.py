@@ -249,7 +249,6 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
         summary.skipped = dict(Counter(summary.skipped) + Counter(result.skipped))
     summary.failed_batches = failures
-    fold_quietly(catalog)
     summary.seconds = time.perf_counter() - started
     checkpoint("round.summary")
     workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))

@@ -59,12 +59,8 @@ PRELOAD = (
 DEFAULT_QUERY_SECONDS = 1.0
 
 
-def _run_engine(flow_run_id: str, env: dict[str, str | None], cwd: str, finished: Any = None) -> None:
-    """In the forked child: become the process `python -m prefect.engine <id>` would have been.
-
-    finished: an Event set once the engine returned (the run's final state is on the server), before
-    the child spends a few hundred ms flushing its logs, so the worker can fetch the next run meanwhile.
-    """
+def _run_engine(flow_run_id: str, env: dict[str, str | None], cwd: str) -> None:
+    """In the forked child: become the process `python -m prefect.engine <id>` would have been."""
     import runpy
 
     import prefect.engine
@@ -85,8 +81,6 @@ def _run_engine(flow_run_id: str, env: dict[str, str | None], cwd: str, finished
     try:
         runpy.run_path(prefect.engine.__file__, run_name="__main__")
     finally:
-        if finished is not None:
-            finished.set()
         _drain()  # a multiprocessing child skips atexit, where Prefect flushes its logs and events
 
 
@@ -192,24 +186,15 @@ def warm_worker_class() -> type[ProcessWorker]:
                 with tempfile.TemporaryDirectory(suffix="prefect") as tmp:
                     cwd = str(Path(configuration.working_dir or tmp).resolve())
                     context = multiprocessing.get_context("forkserver")
-                    finished = context.Event()
                     process = context.Process(
                         target=_run_engine,
-                        args=(str(flow_run.id), dict(configuration.env), cwd, finished),
+                        args=(str(flow_run.id), dict(configuration.env), cwd),
                         name=f"flow-{flow_run.id}",
                     )
                     process.start()
                     if task_status is not None:
                         task_status.started(process.pid)
-                    loop = asyncio.get_running_loop()
-                    exited = loop.run_in_executor(None, process.join)
-                    engine_done = loop.run_in_executor(None, finished.wait)
-                    await asyncio.wait([exited, engine_done], return_when=asyncio.FIRST_COMPLETED)
-                    if engine_done.done() and not exited.done() and self._runs_task_group is not None:
-                        self._runs_task_group.start_soon(self._poll_now)  # while the child flushes its logs
-                    await exited
-                    finished.set()  # a child that died before setting it: free the waiting thread
-                    await engine_done
+                    await asyncio.get_running_loop().run_in_executor(None, process.join)
                 return ProcessWorkerResult(status_code=process.exitcode or 0, identifier=str(process.pid))
 
             async def _submit_run_and_capture_errors(self, flow_run: Any, task_status: Any = None) -> Any:

@@ -162,7 +162,7 @@ class Catalog:
         Costs one listing when it does not.
         """
         keys = self._list()
-        return self._compact(keys) if len(keys) >= max(2, threshold or COMPACT_AT_FILES) else 0
+        return self._compact(keys) if len(keys) >= (threshold or COMPACT_AT_FILES) else 0
 
     def _compact(self, keys: list[str]) -> int:
         if len(keys) < 2:
