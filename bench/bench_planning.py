@@ -2,6 +2,7 @@
 
     /work/venv/bin/python bench/bench_planning.py                         # 100k videos, local and S3
     /work/venv/bin/python bench/bench_planning.py --videos 20000 --stores local
+    /work/venv/bin/python bench/bench_planning.py --stores s3 --moto-timestamps fast   # moto's own cost off
 
 The bucket holds tiny fake `.mp4` objects (planning never opens a video) in 100
 folders, a `captions.jsonl` manifest for most of them and `.txt` sidecars for
@@ -158,12 +159,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_moto(home: Path) -> tuple[subprocess.Popen, dict]:
+# moto 5.2 formats each key's LastModified as text, then its response serializer parses that text back
+# with dateutil (0.3 ms a call, two calls a key: about 60 s of moto's CPU for a 100k listing). With
+# --moto-timestamps fast the server parses ISO 8601 text with datetime.fromisoformat instead (the same
+# datetime, anything else still goes to botocore's parser): a diagnostic of what the planning costs when
+# the test server is not the bottleneck, never the default and never in the tests.
+FAST_TIMESTAMPS = """
+import datetime, sys
+import botocore.utils, moto.core.serialize as serialize
+stock = botocore.utils.parse_to_aware_datetime
+def parse(value):
+    if isinstance(value, str) and "T" in value:
+        try:
+            parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return stock(value)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
+    return stock(value)
+serialize.parse_to_aware_datetime = parse
+from moto.server import main
+main(sys.argv[1:])
+"""
+
+
+def start_moto(home: Path, timestamps: str = "stock") -> tuple[subprocess.Popen, dict]:
     """`moto_server` on 127.0.0.1 in its own process group; the environment that points boto3 at it."""
     port = free_port()
     moto = Path(sys.executable).with_name("moto_server")
+    command = [str(moto)] if timestamps == "stock" else [sys.executable, "-c", FAST_TIMESTAMPS]
     proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        [*command, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -213,6 +238,12 @@ def main() -> None:
     parser.add_argument("--sidecar-fraction", type=float, default=0.01, help="videos captioned by a .txt sidecar")
     parser.add_argument("--stores", default="local,s3", help="local, s3 or both (comma-separated)")
     parser.add_argument("--upload-threads", type=int, default=32)
+    parser.add_argument(
+        "--moto-timestamps",
+        choices=("stock", "fast"),
+        default="stock",
+        help="fast: the S3 server parses ISO timestamps without dateutil (a diagnostic, see FAST_TIMESTAMPS)",
+    )
     args = parser.parse_args()
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
 
@@ -229,7 +260,7 @@ def main() -> None:
                 env = dict(os.environ)
                 bucket_uri, workspace_uri = str(tmp / "bucket"), str(tmp / "ws-local")
             elif name == "s3":
-                moto, env = start_moto(tmp)
+                moto, env = start_moto(tmp, args.moto_timestamps)
                 env["BENCH_SERVER_PID"] = str(moto.pid)
                 uri = f"s3://bench-{uuid.uuid4().hex[:8]}/bucket"
                 t = time.perf_counter()
@@ -254,7 +285,8 @@ def main() -> None:
                 )
                 seconds = time.perf_counter() - t
                 print(
-                    f"\ns3 (moto_server on 127.0.0.1): uploaded {len(objects)} objects in {seconds:.1f} s "
+                    f"\ns3 (moto_server on 127.0.0.1, {args.moto_timestamps} timestamps): "
+                    f"uploaded {len(objects)} objects in {seconds:.1f} s "
                     f"({len(objects) / seconds:.0f} objects/s, {args.upload_threads} threads; not part of the target)"
                 )
                 bucket_uri, workspace_uri = uri, uri.rsplit("/", 1)[0] + "/workspace"

@@ -228,6 +228,10 @@ def test_deploy_all_holds_five_deployments_limits_schedule_and_trigger(stack: St
         "watch-bucket": ("cpu", "default"),
     }
     assert all(d.pull_steps == [] for d in got.values())
+    # the round builds label-batch's parameters; users' deployments keep the server's check
+    assert {n: d.enforce_parameter_schema for n, d in got.items()} == dict.fromkeys(DEPLOYMENTS, True) | {
+        "label-batch": False
+    }
     assert got["label-batch"].global_concurrency_limit.limit == 16
     assert got["label-batch"].concurrency_options.collision_strategy.value == "ENQUEUE"
     assert got["train-student"].global_concurrency_limit.limit == 1

@@ -9,9 +9,13 @@ variables and crash reporting) except that a flow run's process is forked from
 a multiprocessing fork server that imported all of that once, so it starts in
 milliseconds. It polls every second unless PREFECT_WORKER_QUERY_SECONDS says
 otherwise, and asks for the next run as soon as one ends, so a GPU whose batch
-finished does not wait for the next poll. (Cancelling a
-running batch goes through Prefect's engine in the child, without the process
-worker's control channel; that path is not tested.)
+finished does not wait for the next poll. In the child, Prefect's engine waits
+for nothing that has ended (warm_child.py: heartbeats, the suspension observer,
+started while the run loads, and one TLS context for all API clients), and a
+deployment with nothing to pull loads its flow from its entrypoint without
+reading the deployment again. (Cancelling a running batch goes through
+Prefect's engine in the child, without the process worker's control channel;
+that path is not tested.)
 
     python -m pseudotrack.flows.warm_worker --pool gpu --work-queue label
 
@@ -28,19 +32,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import contextvars
 import multiprocessing
 import os
 import sys
-import threading
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+from pydantic import PrivateAttr
+
+from . import warm_child
+from .warm_child import install_prompt_heartbeats, install_prompt_suspension_observer
 
 # what a label-batch run imports; more with --preload (e.g. a teacher module of your own)
 PRELOAD = (
+    "pseudotrack.flows.warm_fork_server",
+    "prefect.workers.process",  # a forked child re-runs the worker's main module: its imports, done once
     "prefect.engine",
     "prefect.flow_engine",
     "prefect.deployments.steps.pull",
@@ -76,11 +83,14 @@ def _run_engine(flow_run_id: str, env: dict[str, str | None], cwd: str) -> None:
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()
-    _install_prompt_heartbeats()
+    install_prompt_heartbeats()
+    if install_prompt_suspension_observer():
+        warm_child.start_early(flow_run_id)  # its connecting overlaps loading the run
     sys.argv = ["prefect.engine", flow_run_id]
     try:
         runpy.run_path(prefect.engine.__file__, run_name="__main__")
     finally:
+        warm_child.stop_early()
         _drain()  # a multiprocessing child skips atexit, where Prefect flushes its logs and events
 
 
@@ -96,61 +106,6 @@ def _settings_changed(env: dict[str, str | None]) -> bool:
     )
 
 
-@contextlib.contextmanager
-def prompt_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
-    """Prefect's flow-run heartbeats, stopping the moment the run ends.
-
-    Prefect's own heartbeat thread sleeps in one-second steps and the engine joins it
-    when the run ends, so every run finished up to a second late: half a second per
-    batch on average, 15 ms a video at 32 videos a batch (bench/bench_orchestration.py).
-    The beats are the same: one when the run starts, then one every heartbeat interval,
-    none once the run's state is final; only the wait ends as soon as it is told to.
-    """
-    from prefect.flow_engine import MINIMUM_HEARTBEAT_INTERVAL
-
-    seconds = engine.heartbeat_seconds
-    if seconds is None:
-        yield
-        return
-    seconds = max(seconds, MINIMUM_HEARTBEAT_INTERVAL)
-    resource, related = engine._build_heartbeat_event_template()
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.is_set():
-            state = engine.flow_run.state if engine.flow_run else None
-            if state is not None and state.is_final():
-                return
-            try:
-                engine._emit_flow_run_heartbeat(resource, related)
-            except Exception:
-                engine.logger.debug("Failed to emit heartbeat", exc_info=True)
-            stop.wait(seconds)
-
-    # the run's context (its settings, so its API URL) goes with the thread, as Prefect's own does
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if join_on_exit:
-            thread.join(timeout=2)
-
-
-def _install_prompt_heartbeats() -> bool:
-    """Use `prompt_heartbeats` in this (child) process if this Prefect has the hooks it relies on."""
-    import prefect.flow_engine as engine_module
-
-    base = getattr(engine_module, "BaseFlowRunEngine", None)
-    needed = ("heartbeat_seconds", "_build_heartbeat_event_template", "_emit_flow_run_heartbeat")
-    present = all(hasattr(engine_module, name) for name in ("_send_heartbeats", "MINIMUM_HEARTBEAT_INTERVAL"))
-    if not present or not all(hasattr(base, name) for name in needed):
-        return False  # another Prefect: keep its heartbeats as they are
-    engine_module._send_heartbeats = prompt_heartbeats
-    return True
-
-
 def _drain() -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
@@ -159,6 +114,31 @@ def _drain() -> None:
         # blocks here: no event loop runs in this thread; best effort, the run's state is already reported
         with contextlib.suppress(Exception):
             service.drain_all(timeout=10)
+
+
+class WarmJobConfiguration(ProcessJobConfiguration):
+    """The process worker's job configuration, also noting a deployment's entrypoint when nothing is pulled."""
+
+    _entrypoint: str | None = PrivateAttr(default=None)
+
+    def prepare_for_flow_run(self, flow_run: Any, deployment: Any = None, *args: Any, **kwargs: Any) -> None:
+        super().prepare_for_flow_run(flow_run, deployment, *args, **kwargs)
+        self._entrypoint = local_entrypoint(deployment)
+
+
+def local_entrypoint(deployment: Any) -> str | None:
+    """The deployment's entrypoint if loading its flow needs nothing but the import (else None).
+
+    Given as PREFECT__FLOW_ENTRYPOINT, it spares the run the engine's second read of
+    the deployment (the worker has just read it) and its storage step, which for a
+    deployment without pull steps, storage or path is a no-op; a deployment with any of
+    them loads its flow as Prefect always does.
+    """
+    if deployment is None or not getattr(deployment, "entrypoint", None) or ":" not in deployment.entrypoint:
+        return None
+    if deployment.pull_steps or deployment.storage_document_id or deployment.path:
+        return None
+    return deployment.entrypoint
 
 
 def warm_worker_class() -> type[ProcessWorker]:
@@ -171,6 +151,7 @@ def warm_worker_class() -> type[ProcessWorker]:
             """ProcessWorker that forks flow runs from a preloaded fork server instead of exec'ing Python."""
 
             _description = "Process worker whose flow runs fork from a preloaded server (pseudotrack)."
+            job_configuration = WarmJobConfiguration
 
             async def run(
                 self,
@@ -185,10 +166,14 @@ def warm_worker_class() -> type[ProcessWorker]:
 
                 with tempfile.TemporaryDirectory(suffix="prefect") as tmp:
                     cwd = str(Path(configuration.working_dir or tmp).resolve())
+                    env = dict(configuration.env)
+                    entrypoint = getattr(configuration, "_entrypoint", None)
+                    if entrypoint and "PREFECT__FLOW_ENTRYPOINT" not in env:
+                        env["PREFECT__FLOW_ENTRYPOINT"] = entrypoint
                     context = multiprocessing.get_context("forkserver")
                     process = context.Process(
                         target=_run_engine,
-                        args=(str(flow_run.id), dict(configuration.env), cwd),
+                        args=(str(flow_run.id), env, cwd),
                         name=f"flow-{flow_run.id}",
                     )
                     process.start()
