@@ -42,7 +42,6 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 from pydantic import PrivateAttr
 
 from . import warm_child
-from .warm_child import install_prompt_heartbeats, install_prompt_suspension_observer
 
 # what a label-batch run imports; more with --preload (e.g. a teacher module of your own)
 PRELOAD = (
@@ -83,8 +82,8 @@ def _run_engine(flow_run_id: str, env: dict[str, str | None], cwd: str) -> None:
         from prefect.context import refresh_global_settings_context
 
         refresh_global_settings_context()
-    install_prompt_heartbeats()
-    if install_prompt_suspension_observer():
+    warm_child.install_prompt_heartbeats()
+    if warm_child.install_prompt_suspension_observer():
         warm_child.start_early(flow_run_id)  # its connecting overlaps loading the run
     sys.argv = ["prefect.engine", flow_run_id]
     try:
