@@ -2,6 +2,7 @@
 
 Usage: python bench/bench_orchestration.py [--videos 256] [--batch-size 32] [--pool-limit 1]
                                           [--worker plain|warm|both] [--query-seconds 1] [--skip-pool] [--keep]
+                                          [--database sqlite|postgres]
 
 Overhead is what a round costs beyond labelling its videos:
 
@@ -16,7 +17,10 @@ the round's polling of its children. The teacher is `noop` (queries held still,
 visible), so the work is the pipeline around the teachers, not the tracking.
 
 The round runs against a real `prefect server start` on 127.0.0.1 (its own
-PREFECT_HOME under a temporary folder). In process: `--executor local`, one
+PREFECT_HOME under a temporary folder), on its default SQLite database or, with
+`--database postgres`, on a throwaway PostgreSQL cluster (initdb, trust auth,
+127.0.0.1; the database Prefect recommends for production servers, with no
+single write lock). In process: `--executor local`, one
 batch at a time. Through the pool: `prefect deploy --name label-batch` from
 this repository's prefect.yaml, a process work pool `gpu` whose concurrency
 limit is `--pool-limit`, one worker polling every `--query-seconds` (`plain`:
@@ -52,13 +56,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+def start_postgres(home: Path) -> tuple[subprocess.Popen, str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust auth) and the server's connection URL for it.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user.
+    """
+    data = home / "pgdata"
+    data.mkdir(parents=True)
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        home.parent.chmod(0o711)  # mkdtemp's 0700 would keep the postgres user out
+        shutil.chown(home, "postgres")
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    bindir = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip())
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "--auth=trust", "-U", "prefect", "-E", "UTF8"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    port = free_port()
+    with open(home / "postgres.log", "wb") as log:
+        proc = subprocess.Popen(
+            [*as_user, str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while subprocess.run(
+        [str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, check=False
+    ).returncode:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"postgres did not start: {(home / 'postgres.log').read_text()[-2000:]}")
+        time.sleep(0.3)
+    subprocess.run(
+        [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "prefect"], check=True
+    )
+    return proc, f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+
+
+def start_server(home: Path, database: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = dict(
         os.environ,
         PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_API_DATABASE_CONNECTION_URL=database,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
         PREFECT_SERVER_LOGGING_LEVEL="WARNING",
@@ -193,13 +237,22 @@ def main() -> None:
     parser.add_argument("--skip-pool", action="store_true", help="only the in-process figure")
     parser.add_argument("--query-seconds", type=float, default=1.0, help="how often the worker polls")
     parser.add_argument("--worker", choices=("plain", "warm", "both"), default="both", help="gpu worker kind")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the server's database: its default SQLite file, or a throwaway PostgreSQL cluster (needs pg_config)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, workspaces)")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-orch-"))
     home = tmp / "prefect-home"
     home.mkdir()
-    server, url = start_server(home)
+    database, postgres = f"sqlite+aiosqlite:///{home / 'prefect.db'}", None
+    if args.database == "postgres":
+        postgres, database = start_postgres(tmp / "postgres")
+    server, url = start_server(home, database)
     worker = None
     try:
         os.environ.update(
@@ -276,6 +329,8 @@ def main() -> None:
         if worker is not None:
             stop(worker)
         stop(server)
+        if postgres is not None:
+            stop(postgres)
         if args.keep:
             print(f"kept {tmp}")
         else:

@@ -139,6 +139,13 @@ def test_latest_picks_the_last_event(store: ObjectStore) -> None:
     catalog.append([failed("c.mp4", "first", at=20), failed("c.mp4", "second", at=20)])
     assert {r["video_key"]: r["reason"] for r in catalog.latest().to_pylist()}["c.mp4"] == "second"
     assert catalog.events().num_rows == 7
+    # arrival order is not time order here; unordered gives the same events, and still by round
+    times = catalog.events()["created_at"].to_pylist()
+    assert times == sorted(times)
+    unordered = catalog.events(ordered=False)
+    assert unordered["created_at"].to_pylist() != times
+    assert sorted(unordered["event_id"].to_pylist()) == sorted(catalog.events()["event_id"].to_pylist())
+    assert catalog.events("r1", ordered=False).num_rows == 7 and catalog.events("r2", ordered=False).num_rows == 0
 
 
 def test_done_returns_the_new_etag_after_relabel(store: ObjectStore) -> None:

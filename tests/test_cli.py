@@ -134,6 +134,22 @@ def test_main_command_runs_a_round_on_the_ephemeral_api(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_the_summary_shows_videos_left_to_another_run(capsys, monkeypatch):
+    """Videos a concurrent round had claimed are neither labelled nor failed here: the summary says where they went."""
+    from pseudotrack.flows import cli
+    from pseudotrack.flows.label_round import RoundSummary
+
+    monkeypatch.setenv("COLUMNS", "160")
+    summary = RoundSummary("r1", labelled=3, seconds=2.0)
+    summary.skipped = {"claimed by round r0 (contended)": 2}
+    cli._print_summary(summary.to_dict())
+    text = capsys.readouterr().out
+    assert "left to another run" in text and "claimed by round r0" in text and " 2 " in text
+    summary.skipped = {}
+    cli._print_summary(summary.to_dict())
+    assert "left to another run" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["round", "watch"])
 def test_a_store_outage_ends_the_round_with_what_to_do(command, tmp_path, monkeypatch, prefect_server):
     """An outage past every retry outside a batch (here reading the catalog) ends in a message, not a crash."""

@@ -198,6 +198,8 @@ def _print_summary(summary: dict) -> None:
         out.print(_counts_table("failure reasons", summary["failure_reasons"], "reason"))
     if summary["filter_rules"]:
         out.print(_counts_table("caption filter", summary["filter_rules"], "rule"))
+    if summary.get("skipped"):  # claimed by a round running beside this one, which labels them
+        out.print(_counts_table("left to another run", summary["skipped"], "why"))
     rate = (summary["labelled"] + summary["failed"]) / max(summary["seconds"], 1e-9)
     out.print(f"{len(summary['shards'])} shards written in {summary['seconds']:.1f} s ({rate * 3600:.0f} videos/hour)")
 

@@ -394,8 +394,8 @@ def _newest(table: pa.Table, count: int) -> pa.Table:
 
 
 def event_table(catalog: Catalog) -> pa.Table:
-    """Every event, unsorted. Catalog.events() would sort them first (a quarter second at 100k) for nothing."""
-    return catalog._events(None)
+    """Every event, unsorted: the views aggregate, so sorting first would cost a quarter second at 100k."""
+    return catalog.events(ordered=False)
 
 
 def catalog_views(events: pa.Table, plans: dict[str, dict], shards: list[str] | None = None) -> dict:

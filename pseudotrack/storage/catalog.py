@@ -188,9 +188,13 @@ class Catalog:
         shards = self._load()["shard_id"].drop_null()
         return set(pc.unique(shards).to_pylist()) if len(shards) else set()
 
-    def events(self, round_id: str | None = None) -> pa.Table:
-        """Every event once, oldest first (by created_at, then event_id)."""
-        return _sort_events(self._events(round_id))
+    def events(self, round_id: str | None = None, *, ordered: bool = True) -> pa.Table:
+        """Every event once, oldest first (by created_at, then event_id).
+
+        ordered=False skips the sort for callers that aggregate anyway (a quarter second at 100k events).
+        """
+        events = self._events(round_id)
+        return _sort_events(events) if ordered else events
 
     def latest(self, round_id: str | None = None) -> pa.Table:
         """One row per video, its latest event (within `round_id` if given), sorted by video_key."""
