@@ -9,47 +9,16 @@ clips really shared a forward (and that clips which must not share one did not).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from dataclasses import replace
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
 import torch
+from reference import BOOTSTAPIR_TINY, CT2_TINY, TAPIR_TINY, weights_rule
 
 from pseudotrack.teachers.base import create_teacher, predict_batch, predict_clips
-from pseudotrack.teachers.cotracker2 import CoTracker2, CoTracker2Config
+from pseudotrack.teachers.cotracker2 import CoTracker2
 from pseudotrack.teachers.cotracker3 import CoTracker3, tiny_config
-from pseudotrack.teachers.tapir import Tapir, TapirConfig
-
-SHARED = Path(os.environ.get("PSEUDOTRACK_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-REFERENCE = SHARED / "reference"
-
-CT2_TINY = CoTracker2Config(
-    window_len=8,
-    latent_dim=16,
-    hidden_size=32,
-    num_heads=2,
-    time_depth=2,
-    space_depth=1,
-    num_virtual_tracks=4,
-    corr_levels=4,
-    corr_radius=1,
-    flow_embed_dim=8,
-    model_resolution=(32, 48),
-)
-TAPIR_TINY = TapirConfig(
-    initial_resolution=(64, 64),
-    channels=(8, 16, 16, 16),
-    blocks_per_group=(1, 1, 1, 1),
-    mixer_hidden=16,
-    mixer_blocks=2,
-    extra_conv_layers=1,
-    extra_conv_multiplier=2,
-)
-BOOTS_TINY = replace(TAPIR_TINY, pyramid_level=1, extra_convs=True)
+from pseudotrack.teachers.tapir import Tapir
 
 # name -> (network to draw weights for, create_teacher options)
 MODELS = {
@@ -57,23 +26,16 @@ MODELS = {
     "cotracker3_offline": (lambda: CoTracker3(tiny_config(True)), {"model_config": tiny_config()}),
     "cotracker2": (lambda: CoTracker2(CT2_TINY), {"config": CT2_TINY}),
     "tapir": (lambda: Tapir(TAPIR_TINY), {"config": TAPIR_TINY}),
-    "bootstapir": (lambda: Tapir(BOOTS_TINY), {"config": BOOTS_TINY}),
+    "bootstapir": (lambda: Tapir(BOOTSTAPIR_TINY), {"config": BOOTSTAPIR_TINY}),
 }
 # float32 rounding: a batched kernel may sum in another order; at coordinates of tens of pixels one
 # ulp is ~4e-6 px, and TAPIR's soft-argmax over the cost volume adds a few more
 TOL_PX = 1e-4
 
 
-def _weights_rule():
-    spec = importlib.util.spec_from_file_location("weights_rule", REFERENCE / "weights_rule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def rule_weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The reference rule applied to this network's own parameter names and shapes; buffers as built."""
-    draw = _weights_rule().draw
+    draw = weights_rule().draw
     buffers = {name for name, _ in net.named_buffers()}
     return {
         name: value.clone() if name in buffers else draw(name, list(value.shape))

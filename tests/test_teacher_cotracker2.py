@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reference import CT2_TINY, REFERENCE, random_queries, sliding_clip, weights_rule
 
 from pseudotrack.errors import CheckpointError, ConfigError
 from pseudotrack.teachers.base import Teacher, create_teacher, sha256_file, teacher_spec
@@ -23,36 +22,14 @@ from pseudotrack.teachers.cotracker2 import (
     window_starts,
 )
 
-SHARED = Path(os.environ.get("PSEUDOTRACK_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-REF = SHARED / "reference" / "cotracker2"
+REF = REFERENCE / "cotracker2"
 CASES = sorted(REF.glob("case_*.npz"))
-
-TINY = CoTracker2Config(
-    window_len=8,
-    latent_dim=16,
-    hidden_size=32,
-    num_heads=2,
-    time_depth=2,
-    space_depth=1,
-    num_virtual_tracks=4,
-    corr_levels=4,
-    corr_radius=1,
-    flow_embed_dim=8,
-    model_resolution=(32, 48),
-)
-
-
-def _weights_rule():
-    spec = importlib.util.spec_from_file_location("weights_rule", SHARED / "reference" / "weights_rule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    model = CoTracker2(TINY)
+    model = CoTracker2(CT2_TINY)
     with torch.no_grad():
         # A small flow head (the authors also start it near zero) keeps random-weight dynamics calm,
         # so float rounding differences between equivalent runs stay small instead of growing chaotically.
@@ -64,22 +41,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_checkpoint) -> CoTracker2Teacher:
-    teacher = create_teacher("cotracker2", checkpoint=tiny_checkpoint, config=TINY)
+    teacher = create_teacher("cotracker2", checkpoint=tiny_checkpoint, config=CT2_TINY)
     teacher.setup("cpu")
     return teacher
-
-
-def _clip(t: int = 10, h: int = 40, w: int = 60, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    # a moving texture, so the features differ between frames
-    return np.stack([np.roll(base, shift=i, axis=1) for i in range(t)])
-
-
-def _queries(t: int, h: int, w: int, n: int = 5, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, t, n)
-    return np.stack([frames, rng.uniform(0, w - 1, n), rng.uniform(0, h - 1, n)], axis=1).astype(np.float32)
 
 
 # ---------------------------------------------------------------- layout and loading
@@ -114,7 +78,7 @@ def test_refuses_checkpoint_of_another_model(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3, 3), "head.bias": torch.zeros(3)}, path)
     with pytest.raises(CheckpointError) as err:
-        load_cotracker2(path, config=TINY)
+        load_cotracker2(path, config=CT2_TINY)
     message = str(err.value)
     assert str(path) in message and "encoder.weight" in message and "fnet.conv1.weight" in message
 
@@ -124,7 +88,7 @@ def test_refuses_truncated_checkpoint(tiny_checkpoint, tmp_path):
     data = tiny_checkpoint.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated") as err:
-        load_cotracker2(path, config=TINY)
+        load_cotracker2(path, config=CT2_TINY)
     assert str(path) in str(err.value)
 
 
@@ -135,7 +99,7 @@ def test_refuses_missing_and_unexpected_keys(tiny_checkpoint, tmp_path):
     path = tmp_path / "broken.pth"
     torch.save({"model": state}, path)  # the authors' container is unwrapped first
     with pytest.raises(CheckpointError) as err:
-        load_cotracker2(path, config=TINY)
+        load_cotracker2(path, config=CT2_TINY)
     message = str(err.value)
     assert "missing keys: vis_predictor.0.bias" in message and "unexpected keys: extra.weight" in message
     assert str(path) in message
@@ -143,7 +107,7 @@ def test_refuses_missing_and_unexpected_keys(tiny_checkpoint, tmp_path):
 
 def test_refuses_window_mismatch_with_a_hint(tiny_checkpoint):
     with pytest.raises(CheckpointError, match="pass window_len=8"):
-        load_cotracker2(tiny_checkpoint, window_len=4, config=TINY)
+        load_cotracker2(tiny_checkpoint, window_len=4, config=CT2_TINY)
 
 
 def test_loads_official_container_and_keeps_buffers(tiny_checkpoint, tmp_path):
@@ -151,7 +115,7 @@ def test_loads_official_container_and_keeps_buffers(tiny_checkpoint, tmp_path):
     state["time_emb"] = torch.randn_like(state["time_emb"])
     path = tmp_path / "wrapped.pth"
     torch.save({"model": state}, path)
-    model = load_cotracker2(path, config=TINY)
+    model = load_cotracker2(path, config=CT2_TINY)
     assert torch.equal(model.time_emb, state["time_emb"])
     assert not model.training
 
@@ -167,7 +131,7 @@ def test_reference_cases_are_present():
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
 def test_parity_with_reference(case, tmp_path):
     meta = json.loads(case.with_suffix(".json").read_text())
-    state = _weights_rule().make_state_dict(REF, case)
+    state = weights_rule().make_state_dict(REF, case)
     path = tmp_path / "cotracker2v1.pth"
     torch.save(state, path)
     # the buffers fix the window and the model resolution the reference was built with
@@ -205,9 +169,9 @@ def test_setup_refuses_missing_checkpoint(tmp_path):
 
 
 def test_predict_before_setup_is_refused(tiny_checkpoint):
-    teacher = create_teacher("cotracker2", checkpoint=tiny_checkpoint, config=TINY)
+    teacher = create_teacher("cotracker2", checkpoint=tiny_checkpoint, config=CT2_TINY)
     with pytest.raises(RuntimeError, match="setup"):
-        teacher.predict(_clip(), _queries(10, 40, 60))
+        teacher.predict(sliding_clip(), random_queries(10, 40, 60))
 
 
 def test_setup_records_checkpoint_hash(tiny_teacher, tiny_checkpoint):
@@ -218,7 +182,7 @@ def test_setup_records_checkpoint_hash(tiny_teacher, tiny_checkpoint):
 
 
 def test_predict_shapes_and_dtypes(tiny_teacher):
-    frames, queries = _clip(), _queries(10, 40, 60, n=7)
+    frames, queries = sliding_clip(), random_queries(10, 40, 60, n=7)
     out = tiny_teacher.predict(frames, queries)
     assert out.tracks.shape == (10, 7, 2) and out.tracks.dtype == np.float32
     assert out.visibility.shape == (10, 7) and out.visibility.dtype == bool
@@ -227,8 +191,8 @@ def test_predict_shapes_and_dtypes(tiny_teacher):
 
 
 def test_query_frame_holds_the_query_point(tiny_teacher):
-    queries = _queries(10, 40, 60, n=6, seed=3)
-    out = tiny_teacher.predict(_clip(), queries)
+    queries = random_queries(10, 40, 60, n=6, seed=3)
+    out = tiny_teacher.predict(sliding_clip(), queries)
     rows = queries[:, 0].astype(int)
     np.testing.assert_array_equal(out.tracks[rows, np.arange(6)], queries[:, 1:])
     assert out.visibility[rows, np.arange(6)].all()
@@ -238,7 +202,7 @@ def test_support_points_are_tracked_and_dropped(tiny_teacher):
     seen = []
     handle = tiny_teacher.model.register_forward_hook(lambda m, args, out: seen.append(out[0].shape))
     try:
-        out = tiny_teacher.predict(_clip(), _queries(10, 40, 60, n=3))
+        out = tiny_teacher.predict(sliding_clip(), random_queries(10, 40, 60, n=3))
     finally:
         handle.remove()
     assert seen == [torch.Size([1, 10, 3 + 36, 2])]
@@ -254,10 +218,10 @@ def test_support_grid_covers_the_frame():
 
 
 def test_chunked_equals_unchunked(tiny_checkpoint):
-    frames, queries = _clip(t=12), _queries(12, 40, 60, n=9, seed=5)
+    frames, queries = sliding_clip(t=12), random_queries(12, 40, 60, n=9, seed=5)
     outs = []
     for point_chunk, frame_chunk in ((256, 16), (2, 3)):
-        teacher = CoTracker2Teacher(tiny_checkpoint, config=TINY, point_chunk=point_chunk, frame_chunk=frame_chunk)
+        teacher = CoTracker2Teacher(tiny_checkpoint, config=CT2_TINY, point_chunk=point_chunk, frame_chunk=frame_chunk)
         teacher.setup("cpu")
         outs.append(teacher.predict(frames, queries))
     np.testing.assert_allclose(outs[0].tracks, outs[1].tracks, atol=1e-4)
@@ -266,8 +230,8 @@ def test_chunked_equals_unchunked(tiny_checkpoint):
 
 def test_coordinates_map_back_to_the_input_frames(tiny_teacher):
     """A clip upsampled 2x with aligned corners resizes back exactly, so tracks must scale by 2."""
-    mh, mw = TINY.model_resolution
-    small = _clip(t=9, h=mh, w=mw, seed=7)
+    mh, mw = CT2_TINY.model_resolution
+    small = sliding_clip(t=9, h=mh, w=mw, seed=7)
     big = torch.nn.functional.interpolate(
         torch.from_numpy(small).permute(0, 3, 1, 2).float(),
         (2 * mh - 1, 2 * mw - 1),
@@ -275,7 +239,7 @@ def test_coordinates_map_back_to_the_input_frames(tiny_teacher):
         align_corners=True,
     )
     big = big.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    queries = _queries(9, mh, mw, n=4, seed=8)
+    queries = random_queries(9, mh, mw, n=4, seed=8)
     out_small = tiny_teacher.predict(small, queries)
     out_big = tiny_teacher.predict(big, queries * np.array([1, 2, 2], np.float32))
     np.testing.assert_allclose(out_big.tracks, 2 * out_small.tracks, atol=1e-3)
@@ -284,7 +248,7 @@ def test_coordinates_map_back_to_the_input_frames(tiny_teacher):
 
 def test_short_clip_gets_a_window(tiny_teacher):
     """Clips of at most half a window get no window in the original; the predictor pads them."""
-    frames = _clip(t=3)
+    frames = sliding_clip(t=3)
     queries = np.array([[0, 10.0, 10.0], [0, 30.0, 20.0]], np.float32)
     out = tiny_teacher.predict(frames, queries)
     assert out.tracks.shape == (3, 2, 2)
@@ -292,7 +256,7 @@ def test_short_clip_gets_a_window(tiny_teacher):
 
 
 def test_predict_with_no_queries(tiny_teacher):
-    out = tiny_teacher.predict(_clip(), np.zeros((0, 3), np.float32))
+    out = tiny_teacher.predict(sliding_clip(), np.zeros((0, 3), np.float32))
     assert out.tracks.shape == (10, 0, 2) and out.visibility.shape == (10, 0)
 
 
@@ -315,10 +279,10 @@ def test_bad_inputs_are_named(tiny_teacher, frames, queries, match):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_close_to_cpu(tiny_checkpoint):
-    frames, queries = _clip(t=12), _queries(12, 40, 60, n=6, seed=9)
-    cpu = CoTracker2Teacher(tiny_checkpoint, config=TINY)
+    frames, queries = sliding_clip(t=12), random_queries(12, 40, 60, n=6, seed=9)
+    cpu = CoTracker2Teacher(tiny_checkpoint, config=CT2_TINY)
     cpu.setup("cpu")
-    gpu = CoTracker2Teacher(tiny_checkpoint, config=TINY)
+    gpu = CoTracker2Teacher(tiny_checkpoint, config=CT2_TINY)
     gpu.setup("cuda")
     a, b = cpu.predict(frames, queries), gpu.predict(frames, queries)
     assert b.is_finite()
@@ -330,7 +294,7 @@ def test_cuda_bf16_close_to_cpu(tiny_checkpoint):
 @pytest.mark.parametrize("case", CASES, ids=[c.stem for c in CASES])
 def test_parity_on_cuda_float32(case, tmp_path):
     meta = json.loads(case.with_suffix(".json").read_text())
-    state = _weights_rule().make_state_dict(REF, case)
+    state = weights_rule().make_state_dict(REF, case)
     path = tmp_path / "cotracker2v1.pth"
     torch.save(state, path)
     h, w = state["pos_emb"].shape[-2:]

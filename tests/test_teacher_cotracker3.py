@@ -3,15 +3,14 @@ the explicit online state, training outputs, and the teacher/predictor."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reference import REFERENCE, random_queries, sliding_clip, weights_rule
 
 from pseudotrack.errors import CheckpointError, ConfigError
 from pseudotrack.teachers.base import Teacher, create_teacher, sha256_file, teacher_spec
@@ -30,17 +29,8 @@ from pseudotrack.teachers.cotracker3 import (
     with_variant,
 )
 
-SHARED = Path(os.environ.get("PSEUDOTRACK_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-REFERENCE = SHARED / "reference"
 VARIANTS = ("offline", "online")
 CASES = [(v, c) for v in VARIANTS for c in sorted((REFERENCE / f"cotracker3_{v}").glob("case_*.npz"))]
-
-
-def _weights_rule():
-    spec = importlib.util.spec_from_file_location("weights_rule", REFERENCE / "weights_rule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _save_tiny(path: Path, offline: bool, seed: int = 0, still: bool = False) -> Path:
@@ -69,22 +59,9 @@ def tiny_teacher(request, ckpt_dir) -> CoTracker3Teacher:
     return teacher
 
 
-def _clip(t: int = 10, h: int = 40, w: int = 60, seed: int = 0) -> np.ndarray:
-    """A textured frame sliding right one pixel per frame."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    return np.stack([np.roll(base, shift=i, axis=1) for i in range(t)])
-
-
-def _queries(t: int, h: int, w: int, n: int = 5, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, t, n)
-    return np.stack([frames, rng.uniform(0, w - 1, n), rng.uniform(0, h - 1, n)], axis=1).astype(np.float32)
-
-
 def _video(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """float [1, T, 3, H, W] 0..255 for model-level tests."""
-    return torch.from_numpy(_clip(t, h, w, seed)).permute(0, 3, 1, 2)[None].float()
+    return torch.from_numpy(sliding_clip(t, h, w, seed)).permute(0, 3, 1, 2)[None].float()
 
 
 # ---------------------------------------------------------------- layout and config
@@ -198,7 +175,7 @@ def test_parity_with_reference(variant, case, tmp_path):
     model_dir = REFERENCE / f"cotracker3_{variant}"
     meta = json.loads(case.with_suffix(".json").read_text())
     path = tmp_path / ("scaled_offline.pth" if variant == "offline" else "scaled_online.pth")
-    torch.save(_weights_rule().make_state_dict(model_dir, case), path)
+    torch.save(weights_rule().make_state_dict(model_dir, case), path)
     model = load_cotracker3(path, default_config(offline=variant == "offline"))
     arrays = np.load(case)
     video = torch.from_numpy(arrays["video"]).permute(0, 3, 1, 2)[None].float()
@@ -234,7 +211,7 @@ def test_window_schedule():
 def test_online_steps_equal_windowed_run_and_leave_state_untouched():
     torch.manual_seed(0)
     model = CoTracker3(tiny_config()).eval()  # window 8, step 4
-    video, queries = _video(14, 32, 48), torch.from_numpy(_queries(14, 32, 48, n=6))[None]
+    video, queries = _video(14, 32, 48), torch.from_numpy(random_queries(14, 32, 48, n=6))[None]
     with torch.no_grad():
         whole = model.forward_windowed(video, queries, iters=2)
         state = model.init_online(queries)
@@ -259,7 +236,7 @@ def test_online_chunk_longer_than_window_is_refused():
 def test_chunking_does_not_change_results():
     torch.manual_seed(1)
     model = CoTracker3(tiny_config(offline=True)).eval()
-    video, queries = _video(9, 32, 48), torch.from_numpy(_queries(9, 32, 48, n=7))[None]
+    video, queries = _video(9, 32, 48), torch.from_numpy(random_queries(9, 32, 48, n=7))[None]
     with torch.no_grad():
         whole = model(video, queries, iters=2)
         parts = model(video, queries, iters=2, chunks=Chunks(frames=2, corr_pairs=10, tokens=20))
@@ -284,7 +261,7 @@ def test_training_forward_gives_per_step_tracks_with_gradients(offline):
     model = CoTracker3(tiny_config(offline)).train()
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(CoTracker3.VIS_CONF_HEAD))
-    video, queries = _video(11, 32, 48), torch.from_numpy(_queries(11, 32, 48, n=4))[None]
+    video, queries = _video(11, 32, 48), torch.from_numpy(random_queries(11, 32, 48, n=4))[None]
     windows = train_forward(model, video, queries, iters=2, online=not offline)
     expected = [(0, 11)] if offline else [(0, 8), (4, 7)]
     assert [(start, tracks[0].shape[1]) for start, tracks in windows] == expected
@@ -323,7 +300,7 @@ def test_setup_refuses_missing_checkpoint(tmp_path):
 
 def test_predict_before_setup_is_refused():
     with pytest.raises(RuntimeError, match="setup"):
-        CoTracker3Teacher(checkpoint=Path("x.pth")).predict(_clip(), _queries(10, 40, 60))
+        CoTracker3Teacher(checkpoint=Path("x.pth")).predict(sliding_clip(), random_queries(10, 40, 60))
 
 
 def test_setup_records_checkpoint_hash(tiny_teacher):
@@ -332,8 +309,8 @@ def test_setup_records_checkpoint_hash(tiny_teacher):
 
 
 def test_predict_shapes_and_dtypes(tiny_teacher):
-    frames = _clip(10, 40, 60)
-    out = tiny_teacher.predict(frames, _queries(10, 40, 60, n=7))
+    frames = sliding_clip(10, 40, 60)
+    out = tiny_teacher.predict(frames, random_queries(10, 40, 60, n=7))
     assert out.tracks.shape == (10, 7, 2) and out.tracks.dtype == np.float32
     assert out.visibility.shape == (10, 7) and out.visibility.dtype == bool
     assert out.confidence.shape == (10, 7) and out.confidence.dtype == np.float16
@@ -344,7 +321,7 @@ def test_support_points_are_tracked_and_dropped(tiny_teacher):
     seen = []
     hook = tiny_teacher.model.register_forward_pre_hook(lambda _m, args: seen.append(args[1].shape[1]))
     try:
-        out = tiny_teacher.predict(_clip(10, 40, 60), _queries(10, 40, 60, n=3))
+        out = tiny_teacher.predict(sliding_clip(10, 40, 60), random_queries(10, 40, 60, n=3))
     finally:
         hook.remove()
     extra = 100 if tiny_teacher.offline else 25  # online: 5x5 grid, plus SIFT points where found
@@ -353,7 +330,7 @@ def test_support_points_are_tracked_and_dropped(tiny_teacher):
 
 def test_support_points_follow_each_variants_rule(tiny_teacher):
     """Online: a 5x5 grid plus SIFT points from early keyframes; offline: uniform in space and time."""
-    frames = _clip(12, 64, 96)
+    frames = sliding_clip(12, 64, 96)
     points = tiny_teacher.support_points(frames)
     mh, mw = tiny_teacher.model.cfg.model_resolution
     if tiny_teacher.offline:
@@ -365,7 +342,7 @@ def test_support_points_follow_each_variants_rule(tiny_teacher):
 
 
 def test_visibility_is_vis_times_confidence_thresholded(tiny_teacher):
-    frames, queries = _clip(10, 40, 60), _queries(10, 40, 60, n=6)
+    frames, queries = sliding_clip(10, 40, 60), random_queries(10, 40, 60, n=6)
     _, vis, conf = tiny_teacher._run(frames, queries)
     out = tiny_teacher.predict(frames, queries)
     expected = vis * conf > tiny_teacher.visibility_threshold
@@ -380,7 +357,7 @@ def test_coordinates_map_back_to_the_input_frames(ckpt_dir):
         path = _save_tiny(ckpt_dir / f"still_{variant}.pth", offline=variant == "offline", still=True)
         teacher = create_teacher(f"cotracker3_{variant}", checkpoint=path, model_config=tiny_config())
         teacher.setup("cpu")
-        frames, queries = _clip(9, 50, 70), _queries(9, 50, 70, n=5)
+        frames, queries = sliding_clip(9, 50, 70), random_queries(9, 50, 70, n=5)
         out = teacher.predict(frames, queries)
         np.testing.assert_allclose(out.tracks, np.broadcast_to(queries[None, :, 1:], out.tracks.shape), atol=1e-3)
         rows = np.rint(queries[:, 0]).astype(int)
@@ -389,7 +366,7 @@ def test_coordinates_map_back_to_the_input_frames(ckpt_dir):
 
 def test_chunked_teacher_equals_unchunked(ckpt_dir):
     path = _save_tiny(ckpt_dir / "chunks.pth", offline=False, seed=3)
-    frames, queries = _clip(11, 40, 60), _queries(11, 40, 60, n=9)
+    frames, queries = sliding_clip(11, 40, 60), random_queries(11, 40, 60, n=9)
     outs = []
     for chunking in (
         {"frame_chunk": 1000, "corr_pairs": None, "token_chunk": None},
@@ -404,12 +381,12 @@ def test_chunked_teacher_equals_unchunked(ckpt_dir):
 
 def test_short_clip_and_single_frame(tiny_teacher):
     for t in (1, 3):
-        out = tiny_teacher.predict(_clip(t, 40, 60), _queries(t, 40, 60, n=2))
+        out = tiny_teacher.predict(sliding_clip(t, 40, 60), random_queries(t, 40, 60, n=2))
         assert out.tracks.shape == (t, 2, 2) and out.is_finite()
 
 
 def test_predict_with_no_queries(tiny_teacher):
-    out = tiny_teacher.predict(_clip(4, 40, 60), np.zeros((0, 3), np.float32))
+    out = tiny_teacher.predict(sliding_clip(4, 40, 60), np.zeros((0, 3), np.float32))
     assert out.tracks.shape == (4, 0, 2)
 
 
@@ -438,7 +415,7 @@ def test_student_export_sidecar_picks_the_architecture(ckpt_dir, tmp_path):
     teacher = create_teacher("cotracker3_online", checkpoint=path)  # no model_config: the sidecar decides
     teacher.setup("cpu")
     assert teacher.model.cfg == tiny_config()
-    assert teacher.predict(_clip(6, 40, 60), _queries(6, 40, 60, n=2)).tracks.shape == (6, 2, 2)
+    assert teacher.predict(sliding_clip(6, 40, 60), random_queries(6, 40, 60, n=2)).tracks.shape == (6, 2, 2)
 
 
 def test_model_config_as_dict_with_unknown_key_is_refused(ckpt_dir):
@@ -452,7 +429,7 @@ def test_predictor_from_model_in_memory():
     net = CoTracker3(tiny_config(offline=True)).eval()
     teacher = predictor_from_model(net)
     assert teacher.offline and teacher.name == "cotracker3_offline"
-    assert teacher.predict(_clip(5, 40, 60), _queries(5, 40, 60, n=3)).tracks.shape == (5, 3, 2)
+    assert teacher.predict(sliding_clip(5, 40, 60), random_queries(5, 40, 60, n=3)).tracks.shape == (5, 3, 2)
 
 
 def test_grid_covers_the_frame_with_the_authors_margin():
@@ -477,7 +454,7 @@ def test_config_round_trips_through_json():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_close_to_cpu(ckpt_dir):
     path = _save_tiny(ckpt_dir / "gpu.pth", offline=True, seed=5)
-    frames, queries = _clip(12, 40, 60), _queries(12, 40, 60, n=6)
+    frames, queries = sliding_clip(12, 40, 60), random_queries(12, 40, 60, n=6)
     outs = []
     for device in ("cpu", "cuda"):
         teacher = create_teacher("cotracker3_offline", checkpoint=path, model_config=tiny_config())
@@ -494,7 +471,7 @@ def test_parity_on_cuda_float32(variant, case, tmp_path):
     torch.backends.cudnn.allow_tf32 = False
     meta = json.loads(case.with_suffix(".json").read_text())
     path = tmp_path / "w.pth"
-    torch.save(_weights_rule().make_state_dict(REFERENCE / f"cotracker3_{variant}", case), path)
+    torch.save(weights_rule().make_state_dict(REFERENCE / f"cotracker3_{variant}", case), path)
     model = load_cotracker3(path, default_config(offline=variant == "offline"), device="cuda")
     arrays = np.load(case)
     video = torch.from_numpy(arrays["video"]).permute(0, 3, 1, 2)[None].float().cuda()

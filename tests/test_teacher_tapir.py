@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from reference import BOOTSTAPIR_TINY, REFERENCE, TAPIR_TINY, random_queries, weights_rule
 
 from pseudotrack.errors import CheckpointError, ConfigError
 from pseudotrack.teachers.base import Teacher, create_teacher, sha256_file, teacher_spec
@@ -25,28 +24,8 @@ from pseudotrack.teachers.tapir import (
     refinement_resolutions,
 )
 
-SHARED = Path(os.environ.get("PSEUDOTRACK_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
-REFERENCE = SHARED / "reference"
 MODELS = {"tapir": TAPIR_CONFIG, "bootstapir": BOOTSTAPIR_CONFIG}
 CASES = [(name, case) for name in MODELS for case in sorted((REFERENCE / name).glob("case_*.npz"))]
-
-TINY = TapirConfig(
-    initial_resolution=(64, 64),
-    channels=(8, 16, 16, 16),
-    blocks_per_group=(1, 1, 1, 1),
-    mixer_hidden=16,
-    mixer_blocks=2,
-    extra_conv_layers=1,
-    extra_conv_multiplier=2,
-)
-TINY_BOOTS = replace(TINY, pyramid_level=1, extra_convs=True)
-
-
-def _weights_rule():
-    spec = importlib.util.spec_from_file_location("weights_rule", REFERENCE / "weights_rule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _save_random(cfg: TapirConfig, path: Path, seed: int = 0) -> Path:
@@ -57,17 +36,17 @@ def _save_random(cfg: TapirConfig, path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    return _save_random(TINY, tmp_path_factory.mktemp("tapir") / "tiny_tapir.pt")
+    return _save_random(TAPIR_TINY, tmp_path_factory.mktemp("tapir") / "tiny_tapir.pt")
 
 
 @pytest.fixture(scope="module")
 def tiny_boots_checkpoint(tmp_path_factory) -> Path:
-    return _save_random(TINY_BOOTS, tmp_path_factory.mktemp("bootstapir") / "tiny_bootstapir.pt", seed=1)
+    return _save_random(BOOTSTAPIR_TINY, tmp_path_factory.mktemp("bootstapir") / "tiny_bootstapir.pt", seed=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_checkpoint) -> TapirTeacher:
-    teacher = create_teacher("tapir", checkpoint=tiny_checkpoint, config=TINY)
+    teacher = create_teacher("tapir", checkpoint=tiny_checkpoint, config=TAPIR_TINY)
     teacher.setup("cpu")
     return teacher
 
@@ -78,12 +57,6 @@ def _clip(t: int = 8, h: int = 40, w: int = 60, seed: int = 0, static: bool = Fa
     coarse = rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8)
     base = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
     return np.stack([base if static else np.roll(base, shift=i, axis=1) for i in range(t)])
-
-
-def _queries(t: int, h: int, w: int, n: int = 5, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, t, n)
-    return np.stack([frames, rng.uniform(0, w - 1, n), rng.uniform(0, h - 1, n)], axis=1).astype(np.float32)
 
 
 # ---------------------------------------------------------------- layout and loading
@@ -107,9 +80,9 @@ def test_official_mixer_widths():
 
 def test_invalid_config_is_named():
     with pytest.raises(ConfigError, match="initial_resolution"):
-        Tapir(replace(TINY, initial_resolution=(60, 64)))
+        Tapir(replace(TAPIR_TINY, initial_resolution=(60, 64)))
     with pytest.raises(ConfigError, match="num_pips_iter"):
-        Tapir(replace(TINY, num_pips_iter=0))
+        Tapir(replace(TAPIR_TINY, num_pips_iter=0))
 
 
 def test_refinement_resolutions_follow_the_authors_schedule():
@@ -125,8 +98,8 @@ def test_refinement_resolutions_follow_the_authors_schedule():
 @pytest.mark.parametrize(
     ("model_cfg", "file_cfg", "hint"),
     [
-        (TINY_BOOTS, TINY, "has no extra_convs"),
-        (TINY, TINY_BOOTS, "has extra_convs"),
+        (BOOTSTAPIR_TINY, TAPIR_TINY, "has no extra_convs"),
+        (TAPIR_TINY, BOOTSTAPIR_TINY, "has extra_convs"),
     ],
 )
 def test_refuses_file_of_the_other_model(tmp_path, model_cfg, file_cfg, hint):
@@ -140,9 +113,9 @@ def test_refuses_file_of_the_other_model(tmp_path, model_cfg, file_cfg, hint):
 
 
 def test_refuses_file_with_another_pyramid_level(tmp_path):
-    path = _save_random(replace(TINY, pyramid_level=2), tmp_path / "pyr2.pt")
+    path = _save_random(replace(TAPIR_TINY, pyramid_level=2), tmp_path / "pyr2.pt")
     with pytest.raises(CheckpointError, match="torch_pips_mixer.linear.weight") as err:
-        load_tapir(path, TINY)
+        load_tapir(path, TAPIR_TINY)
     assert str(path) in str(err.value) and "pyramid_level=0" in str(err.value)
 
 
@@ -151,7 +124,7 @@ def test_refuses_truncated_checkpoint(tiny_checkpoint, tmp_path):
     data = tiny_checkpoint.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated") as err:
-        load_tapir(path, TINY)
+        load_tapir(path, TAPIR_TINY)
     assert str(path) in str(err.value)
 
 
@@ -162,7 +135,7 @@ def test_refuses_missing_and_unexpected_keys(tiny_checkpoint, tmp_path):
     path = tmp_path / "broken.pt"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as err:
-        load_tapir(path, TINY)
+        load_tapir(path, TAPIR_TINY)
     message = str(err.value)
     assert "missing keys: torch_cost_volume_track_mods.occ_out.bias" in message
     assert "unexpected keys: extra.weight" in message and str(path) in message
@@ -172,14 +145,14 @@ def test_refuses_checkpoint_of_an_unrelated_model(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"fnet.conv1.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(CheckpointError) as err:
-        load_tapir(path, TINY)
+        load_tapir(path, TAPIR_TINY)
     message = str(err.value)
     assert str(path) in message and "unexpected keys: fnet.conv1.weight" in message
     assert "missing keys: resnet_torch." in message and "another model" in message
 
 
 def test_loads_weights_exactly(tiny_checkpoint):
-    model = load_tapir(tiny_checkpoint, TINY)
+    model = load_tapir(tiny_checkpoint, TAPIR_TINY)
     state = torch.load(tiny_checkpoint, weights_only=True)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not model.training
@@ -197,7 +170,7 @@ def test_reference_cases_are_present():
 
 def _run_case(name: str, case: Path, tmp_path: Path, device: str = "cpu") -> tuple[dict, dict]:
     path = tmp_path / ("tapir_checkpoint_panning.pt" if name == "tapir" else "bootstapir_checkpoint_v2.pt")
-    torch.save(_weights_rule().make_state_dict(REFERENCE / name, case), path)
+    torch.save(weights_rule().make_state_dict(REFERENCE / name, case), path)
     model = load_tapir(path, MODELS[name], device=device, name=name)
     arrays = np.load(case)
     video = torch.from_numpy(arrays["video"]).float()[None].to(device) / 255 * 2 - 1
@@ -238,15 +211,15 @@ def test_setup_refuses_missing_checkpoint(tmp_path):
 
 
 def test_setup_refuses_resolution_off_the_grid(tiny_checkpoint):
-    teacher = create_teacher("tapir", checkpoint=tiny_checkpoint, config=TINY, resolution=(60, 64))
+    teacher = create_teacher("tapir", checkpoint=tiny_checkpoint, config=TAPIR_TINY, resolution=(60, 64))
     with pytest.raises(ConfigError, match="multiples of 8"):
         teacher.setup("cpu")
 
 
 def test_predict_before_setup_is_refused(tiny_checkpoint):
-    teacher = create_teacher("tapir", checkpoint=tiny_checkpoint, config=TINY)
+    teacher = create_teacher("tapir", checkpoint=tiny_checkpoint, config=TAPIR_TINY)
     with pytest.raises(RuntimeError, match="setup"):
-        teacher.predict(_clip(), _queries(8, 40, 60))
+        teacher.predict(_clip(), random_queries(8, 40, 60))
 
 
 def test_setup_records_checkpoint_hash(tiny_teacher, tiny_checkpoint):
@@ -260,9 +233,9 @@ def test_predict_shapes_dtypes_and_visibility_rule(variant, tiny_teacher, tiny_b
     if variant == "tapir":
         teacher = tiny_teacher
     else:
-        teacher = create_teacher("bootstapir", checkpoint=tiny_boots_checkpoint, config=TINY_BOOTS)
+        teacher = create_teacher("bootstapir", checkpoint=tiny_boots_checkpoint, config=BOOTSTAPIR_TINY)
         teacher.setup("cpu")
-    frames, queries = _clip(), _queries(8, 40, 60, n=7)
+    frames, queries = _clip(), random_queries(8, 40, 60, n=7)
     out = teacher.predict(frames, queries)
     assert out.tracks.shape == (8, 7, 2) and out.tracks.dtype == np.float32
     assert out.visibility.shape == (8, 7) and out.visibility.dtype == bool
@@ -278,7 +251,7 @@ def test_predict_shapes_dtypes_and_visibility_rule(variant, tiny_teacher, tiny_b
 
 
 def test_query_frame_holds_the_query_point(tiny_teacher):
-    queries = _queries(8, 40, 60, n=6, seed=3)
+    queries = random_queries(8, 40, 60, n=6, seed=3)
     out = tiny_teacher.predict(_clip(), queries)
     rows = queries[:, 0].astype(int)
     np.testing.assert_array_equal(out.tracks[rows, np.arange(6)], queries[:, 1:])
@@ -286,10 +259,10 @@ def test_query_frame_holds_the_query_point(tiny_teacher):
 
 
 def test_chunked_equals_unchunked(tiny_checkpoint):
-    frames, queries = _clip(t=11), _queries(11, 40, 60, n=9, seed=5)
+    frames, queries = _clip(t=11), random_queries(11, 40, 60, n=9, seed=5)
     outs = []
     for query_chunk, frame_chunk in ((64, 10), (2, 3)):
-        teacher = TapirTeacher(tiny_checkpoint, config=TINY, query_chunk=query_chunk, frame_chunk=frame_chunk)
+        teacher = TapirTeacher(tiny_checkpoint, config=TAPIR_TINY, query_chunk=query_chunk, frame_chunk=frame_chunk)
         teacher.setup("cpu")
         outs.append(teacher.run(frames, queries))
     for a, b in zip(*outs, strict=True):
@@ -299,7 +272,7 @@ def test_chunked_equals_unchunked(tiny_checkpoint):
 def _without_refinement(tmp_path: Path) -> Path:
     """Tiny weights whose refinement updates are zero, so each query frame keeps the exact query point."""
     torch.manual_seed(2)
-    model = Tapir(TINY)
+    model = Tapir(TAPIR_TINY)
     with torch.no_grad():
         model.torch_pips_mixer.linear_1.weight.zero_()
         model.torch_pips_mixer.linear_1.bias.zero_()
@@ -310,10 +283,10 @@ def _without_refinement(tmp_path: Path) -> Path:
 
 def test_coordinates_map_to_the_model_and_back(tmp_path):
     """Clip pixels have centres at whole numbers, TAPIR's raster at +0.5: x_model = (x + 0.5) * 64 / W."""
-    teacher = TapirTeacher(_without_refinement(tmp_path), config=TINY)
+    teacher = TapirTeacher(_without_refinement(tmp_path), config=TAPIR_TINY)
     teacher.setup("cpu")
     t, h, w = 6, 48, 80  # not square, so a swapped axis or scale shows
-    frames, queries = _clip(t, h, w, seed=4), _queries(t, h, w, n=8, seed=4)
+    frames, queries = _clip(t, h, w, seed=4), random_queries(t, h, w, n=8, seed=4)
     seen = {}
     hooks = [
         teacher.model.register_forward_pre_hook(lambda m, args: seen.update(inputs=args)),
@@ -347,7 +320,7 @@ def test_real_clip(tiny_teacher, shared_dir):
     cap.release()
     frames = np.stack(frames)
     t, h, w = frames.shape[:3]
-    out = tiny_teacher.predict(frames, _queries(t, h, w, n=4, seed=6))
+    out = tiny_teacher.predict(frames, random_queries(t, h, w, n=4, seed=6))
     assert out.tracks.shape == (t, 4, 2) and out.is_finite()
 
 
@@ -375,10 +348,10 @@ def test_bad_inputs_are_named(tiny_teacher, frames, queries, match):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_close_to_cpu(tiny_checkpoint):
-    frames, queries = _clip(t=12), _queries(12, 40, 60, n=6, seed=9)
-    cpu = TapirTeacher(tiny_checkpoint, config=TINY)
+    frames, queries = _clip(t=12), random_queries(12, 40, 60, n=6, seed=9)
+    cpu = TapirTeacher(tiny_checkpoint, config=TAPIR_TINY)
     cpu.setup("cpu")
-    gpu = TapirTeacher(tiny_checkpoint, config=TINY)
+    gpu = TapirTeacher(tiny_checkpoint, config=TAPIR_TINY)
     gpu.setup("cuda")
     a, b = cpu.predict(frames, queries), gpu.predict(frames, queries)
     assert b.is_finite()

@@ -6,13 +6,13 @@ file name in a checkpoints directory, exactly as a user's download would sit the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from reference import REFERENCE, weights_rule
 
 from pseudotrack.config import RoundConfig
 from pseudotrack.flows.label_round import run_round
@@ -25,19 +25,12 @@ from pseudotrack.teachers.base import sha256_file, teacher_spec
 TEACHERS = ["cotracker3_online", "cotracker3_offline", "cotracker2", "tapir", "bootstapir"]
 
 
-def weights_rule(shared_dir):
-    spec = importlib.util.spec_from_file_location("weights_rule", shared_dir / "reference" / "weights_rule.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TEACHERS)
 def test_teacher_labels_a_real_clip(name, shared_dir, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    state = weights_rule(shared_dir).make_state_dict(shared_dir / "reference" / name)
+    state = weights_rule().make_state_dict(REFERENCE / name)
     path = checkpoints / teacher_spec(name).checkpoint_names[0]
     torch.save(state, path)
     bucket = tmp_path / "bucket"
