@@ -11,9 +11,10 @@ LayerNorm epsilons); the comments say where a choice looks arbitrary but is
 load-bearing.
 
 Contents, top to bottom: bilinear sampling helpers, sin-cos / Fourier
-embeddings and time-embedding interpolation, the CNN feature encoder, and the
-transformer pieces (MLP, attention, self/cross-attention blocks, and the update
-transformer with proxy "virtual" tokens).
+embeddings and time-embedding interpolation, the CNN feature encoder and the
+correlation pyramid over its maps, and the transformer pieces (MLP, attention,
+self/cross-attention blocks, and the update transformer with proxy "virtual"
+tokens).
 """
 
 from __future__ import annotations
@@ -159,6 +160,19 @@ def interpolate_time_embedding(emb: torch.Tensor, length: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- feature encoder
+
+
+def feature_pyramid(fmaps: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """[B, S, C, H, W] -> `levels` maps [B, S, C, H / 2^i, W / 2^i], each 2x2 average-pooled from the previous.
+
+    Both CoTrackers correlate against this pyramid; odd sizes floor, as avg_pool2d does.
+    """
+    b, s, c = fmaps.shape[:3]
+    pyramid = [fmaps]
+    for _ in range(levels - 1):
+        pooled = F.avg_pool2d(pyramid[-1].reshape(b * s, c, *pyramid[-1].shape[-2:]), 2, stride=2)
+        pyramid.append(pooled.reshape(b, s, c, *pooled.shape[-2:]))
+    return pyramid
 
 
 class ResidualBlock(nn.Module):

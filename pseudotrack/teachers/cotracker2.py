@@ -53,6 +53,7 @@ from .blocks import (
     Attention,
     FeatureEncoder,
     UpdateTransformer,
+    feature_pyramid,
     fourier_2d,
     mask_bias,
     sample_patches,
@@ -178,16 +179,6 @@ class UpdateFormer(UpdateTransformer):
 
 
 # ---------------------------------------------------------------- correlation
-
-
-def feature_pyramid(fmaps: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    """[B, S, C, H, W] -> `levels` maps, each 2x average-pooled from the previous."""
-    b, s, c, h, w = fmaps.shape
-    pyramid = [fmaps]
-    for _ in range(levels - 1):
-        pooled = F.avg_pool2d(pyramid[-1].reshape(b * s, c, *pyramid[-1].shape[-2:]), 2, stride=2)
-        pyramid.append(pooled.reshape(b, s, c, *pooled.shape[-2:]))
-    return pyramid
 
 
 def local_correlations(

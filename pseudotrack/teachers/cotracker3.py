@@ -58,6 +58,7 @@ from .blocks import (
     Mlp,
     UpdateTransformer,
     bilinear_sample,
+    feature_pyramid,
     interpolate_time_embedding,
     patch_offsets,
     posenc,
@@ -346,12 +347,7 @@ class CoTracker3(nn.Module):
 
     def pyramid(self, fmaps: torch.Tensor) -> list[torch.Tensor]:
         """[B, T, C, h, w] -> `corr_levels` maps [B, T, C, h / 2^i, w / 2^i] (2x2 average pooling)."""
-        levels = [fmaps]
-        b, t, c = fmaps.shape[:3]
-        for _ in range(self.cfg.corr_levels - 1):
-            pooled = F.avg_pool2d(levels[-1].reshape(b * t, c, *levels[-1].shape[-2:]), 2, stride=2)
-            levels.append(pooled.reshape(b, t, c, *pooled.shape[-2:]))
-        return levels
+        return feature_pyramid(fmaps, self.cfg.corr_levels)
 
     def query_support(
         self, pyramid: list[torch.Tensor], frames: torch.Tensor, coords: torch.Tensor
