@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import TAPIR_TINY  # tests/reference.py
 from videos import translating_frames, write_mp4  # tests/videos.py
 
 from pseudotrack.config import RoundConfig
@@ -34,15 +35,8 @@ from pseudotrack.teachers.base import (
     teacher_names,
 )
 from pseudotrack.teachers.cotracker3 import CoTracker3, tiny_config
-from pseudotrack.teachers.tapir import Tapir, TapirConfig
+from pseudotrack.teachers.tapir import Tapir
 
-TAPIR_TINY = TapirConfig(
-    initial_resolution=(64, 64),
-    channels=(8, 16, 16, 16),
-    blocks_per_group=(1, 1, 1, 1),
-    mixer_hidden=16,
-    mixer_blocks=2,
-)
 TOL_PX = 1e-4  # float rounding of a batched or differently chunked forward (see test_teacher_batching)
 
 
