@@ -10,7 +10,9 @@ import pytest
 from pseudotrack.config import RoundConfig
 from pseudotrack.flows.label_round import plan_round
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.objects import S3Store, open_store
+from pseudotrack.tasks import discover as discover_module
+from pseudotrack.tasks.discover import _prefix_groups as prefix_groups
 from pseudotrack.tasks.discover import batches, discover, list_objects, stable_order
 
 VIDEOS = 20_000
@@ -80,8 +82,9 @@ def test_videos_n_is_the_first_n_eligible_in_stable_order_and_grows_by_prefix(bi
     assert reused == 1000 and [v.key for v in big] == first_kept[1000:3000]
 
 
+@pytest.mark.parametrize("pages", ["one page", "prefix groups"])
 @pytest.mark.parametrize("layout", ["folders", "flat"])
-def test_folder_parallel_s3_listing_equals_the_plain_listing(s3_uri, layout):
+def test_s3_listing_by_prefix_groups_equals_the_plain_listing(s3_uri, layout, pages, monkeypatch):
     store = open_store(s3_uri)
     keys = ["captions.jsonl", "captions.jsonl.bak", "root.mp4", "a.json"]
     if layout == "folders":
@@ -90,7 +93,40 @@ def test_folder_parallel_s3_listing_equals_the_plain_listing(s3_uri, layout):
         keys += [f"v{j:03d}.mp4" for j in range(20)]
     for key in keys:
         store.write_bytes(key, key.encode())
+    if pages == "prefix groups":  # a first page of 5 keys, then 3-key pages: every group listing pages on
+        monkeypatch.setattr(discover_module, "S3_PAGE_KEYS", 4)
+        monkeypatch.setattr(S3Store, "page_keys", 3)
+    groups = []
+    monkeypatch.setattr(discover_module, "_prefix_groups", lambda *a: groups.append(prefix_groups(*a)) or groups[-1])
     plain = list(store.list())
     parallel = list_objects(store)
     assert parallel == plain and sorted(i.key for i in parallel) == sorted(keys)
     assert list_objects(store, include_unsafe=True) == list(store.list(include_unsafe=True))
+    if pages == "one page":
+        assert groups == []  # the first page held the whole bucket
+    else:
+        assert groups and len(groups[0]) > 1
+        assert all(sum(k.startswith(g) for g in groups[0]) == 1 for k in keys)  # disjoint, and cover every key
+
+
+def test_prefix_groups_split_names_on_the_next_character(s3_uri):
+    store = open_store(s3_uri)
+    names = [f"clips{i:02d}/v.mp4" for i in range(20)] + ["a", "a/x.mp4", "ab.json", "captions.jsonl"]
+    for key in names:
+        store.write_bytes(key, b"x")
+    assert prefix_groups(store, 2) == ["a", "c"]  # 'a' beside 'a/' and 'ab.json' stays whole, always
+    assert prefix_groups(store, 4) == ["a", "ca", "clips0", "clips1"]
+    assert prefix_groups(store, 8) == ["a", "ca", *(f"clips0{i}" for i in range(10)), "clips1"]
+    assert prefix_groups(store, 100) == ["a", "ca", *(f"clips{i:02d}" for i in range(20))]  # as far as it goes
+    assert prefix_groups(open_store(s3_uri + "/clips00"), 4) is None  # one name: nothing to split
+
+
+def test_s3_listing_pages_follow_continuation_tokens(s3_uri, monkeypatch):
+    store = open_store(s3_uri)
+    keys = sorted(f"clips/v{j:02d}.mp4" for j in range(11)) + ["clips/v00.txt"]
+    for key in keys:
+        store.write_bytes(key, b"x")
+    monkeypatch.setattr(S3Store, "page_keys", 4)
+    pages = list(store.list_pages("clips/"))
+    assert [len(page["Contents"]) for page in pages] == [4, 4, 4]
+    assert [i.key for i in store.list("clips/", (".mp4",))] == sorted(k for k in keys if k.endswith(".mp4"))

@@ -561,6 +561,8 @@ def _is_missing(exc: Exception) -> bool:
 class S3Store(ObjectStore):
     """A bucket and a key prefix; PUTs and completed multipart uploads make objects appear whole."""
 
+    page_keys = 50_000  # MaxKeys of a listing request; see list_pages
+
     def __init__(self, bucket: str, prefix: str = ""):
         self.bucket = bucket
         prefix = prefix.strip("/")
@@ -630,23 +632,43 @@ class S3Store(ObjectStore):
     def list(
         self, prefix: str = "", suffixes: tuple[str, ...] | None = None, *, include_unsafe: bool = False
     ) -> Iterator[ObjectInfo]:
+        for page in self.list_pages(prefix):
+            yield from self.page_objects(page, suffixes, include_unsafe=include_unsafe)
+
+    def list_pages(self, prefix: str = "", page_keys: int | None = None) -> Iterator[dict]:
+        """The raw ListObjectsV2 pages under `prefix`, each fetched (and retried) on its own.
+
+        Each request asks for `page_keys` keys (default: the class's). AWS S3 sends at most 1000
+        whatever is asked, so this costs nothing there; a server that allows bigger pages (moto does)
+        answers a big bucket in a few requests instead of hundreds, and moto scans the whole bucket
+        for every request.
+        """
         check_key(prefix, allow_empty=True)
-        cut = len(self.prefix)
-        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        request: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self.prefix + prefix,
+            "MaxKeys": page_keys or self.page_keys,
+        }
         while True:  # page by page, so a fault costs one page again, not the whole listing
             page = self._retrying("listing", prefix, lambda: self.client.list_objects_v2(**request))
-            for obj in page.get("Contents", ()):
-                key = obj["Key"][cut:]
-                if not key or key.endswith("/") or TMP_MARK in key.rpartition("/")[2]:
-                    continue  # folder markers and probes
-                if not include_unsafe and not _usable(key, self):
-                    continue
-                if _matches(key, suffixes):
-                    mtime = obj["LastModified"].timestamp()
-                    yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'), mtime)
+            yield page
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
+
+    def page_objects(
+        self, page: dict, suffixes: tuple[str, ...] | None = None, *, include_unsafe: bool = False
+    ) -> Iterator[ObjectInfo]:
+        """The objects of one `list_pages` page, as `list` yields them."""
+        cut = len(self.prefix)
+        for obj in page.get("Contents", ()):
+            key = obj["Key"][cut:]
+            if not key or key.endswith("/") or TMP_MARK in key.rpartition("/")[2]:
+                continue  # folder markers and probes
+            if not include_unsafe and not _usable(key, self):
+                continue
+            if _matches(key, suffixes):
+                yield ObjectInfo(key, obj["Size"], obj["ETag"].strip('"'), obj["LastModified"].timestamp())
 
     def _get(self, key: str, **kw) -> dict:
         try:

@@ -21,7 +21,10 @@ from prefect.cache_policies import NO_CACHE
 from ..config import VIDEO_SUFFIXES
 from ..storage.objects import ObjectInfo, check_key, printable_key
 
-LIST_THREADS = 16
+LIST_THREADS = 16  # prefix groups listed at once where pages hold 1000 keys (AWS S3)
+BIG_PAGE_THREADS = 2  # ... on a server that sends bigger pages: it answers one while we parse the other
+GROUPS_PER_THREAD = 4  # a few groups a thread, so one slow group does not hold up the listing
+S3_PAGE_KEYS = 1000  # the most keys an AWS S3 listing page holds, whatever MaxKeys asks
 MAX_ROOT_OBJECTS = 64
 
 
@@ -78,50 +81,77 @@ def discover(store, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> Discovery:
 
 
 def list_objects(store, **options) -> list[ObjectInfo]:
-    """Every object of the store in key order; an S3 bucket with folders is listed one folder per thread.
+    """Every object of the store in key order; a big S3 bucket is listed in prefix groups side by side.
 
-    A LIST page holds 1000 keys and the pages of one listing come one after another, so 100k keys are
-    100 round trips in a row; listing the top-level folders side by side overlaps them (moto, 20k keys
-    in 100 folders: 23.8 s in a row, 10.9 s by folder, bench/bench_planning.py). The folders come from
-    one listing with a delimiter; objects beside them (a captions manifest) are listed by their own
-    names. A store without folders, or with many objects at its root, is listed in one go.
+    The pages of one listing come one after another. On AWS S3 a page holds at most 1000 keys, so
+    100k keys are 100 round trips in a row; listing groups of top-level folders side by side
+    overlaps them (20k keys in 100 folders on moto with 1000-key pages: 23.8 s in a row, 10.9 s by
+    folder). A server that sends bigger pages (moto) is asked for a few big ones instead, two at a
+    time, so it answers one while we parse the other (each moto request scans the whole bucket:
+    100k keys took 45-57 s of its CPU as 100 folder requests, 26 s as two pages). A first page of
+    just over 1000 keys tells the two kinds apart, and answers a small bucket whole.
     """
-    split = _s3_top_level(store)
-    if split is None:
-        return list(store.list(**options))
-    folders, root = split
-    with ThreadPoolExecutor(min(LIST_THREADS, len(folders) + len(root))) as pool:
-        found = [info for part in pool.map(lambda p: list(store.list(p, **options)), folders) for info in part]
-        for name, part in zip(root, pool.map(lambda p: list(store.list(p, **options)), root), strict=True):
-            found.extend(info for info in part if info.key == name)  # 'a.json' also lists 'a.json.bak'
-    found.sort(key=lambda info: info.key)
-    return found
-
-
-def _s3_top_level(store) -> tuple[list[str], list[str]] | None:
-    """(folder prefixes, object names) at the root of an S3 store, or None when one listing is better."""
     from ..storage.objects import S3Store
 
     if not isinstance(store, S3Store):
-        return None
-    folders: list[str] = []
-    root: list[str] = []
+        return list(store.list(**options))
+    probe = next(store.list_pages(page_keys=S3_PAGE_KEYS + 1))
+    if not probe.get("IsTruncated"):
+        return list(store.page_objects(probe, **options))
+    threads = BIG_PAGE_THREADS if len(probe.get("Contents", ())) > S3_PAGE_KEYS else LIST_THREADS
+    groups = _prefix_groups(store, GROUPS_PER_THREAD * threads)
+    if groups is None:
+        return list(store.list(**options))
+    with ThreadPoolExecutor(min(threads, len(groups))) as pool:
+        found = [info for part in pool.map(lambda p: list(store.list(p, **options)), groups) for info in part]
+    found.sort(key=lambda info: info.key)  # already in order (disjoint prefixes, sorted): a linear pass
+    return found
+
+
+def _prefix_groups(store, want: int) -> list[str] | None:
+    """About `want` disjoint key prefixes that together cover the S3 store, or None when one listing is better.
+
+    The top-level names (folders and objects) come from one listing with a delimiter. A group is
+    split on the character after its names' common prefix until there are enough: 'clips00/' ...
+    'clips99/' become 'clips0' ... 'clips9', then 'clips00/' ... as needed. A name that is the whole
+    common prefix of its group ('a' beside 'a/') cannot be split off, and stays with it.
+    """
+    names: list[str] = []
+    root = 0
     cut = len(store.prefix)
     try:
         pages = store.client.get_paginator("list_objects_v2").paginate(
             Bucket=store.bucket, Prefix=store.prefix, Delimiter="/"
         )
         for page in pages:
-            folders += [p["Prefix"][cut:] for p in page.get("CommonPrefixes", ())]
-            root += [o["Key"][cut:] for o in page.get("Contents", ())]
-            if len(root) > MAX_ROOT_OBJECTS:
-                return None
+            names += [p["Prefix"][cut:] for p in page.get("CommonPrefixes", ())]
+            objects = [o["Key"][cut:] for o in page.get("Contents", ())]
+            names += [name for name in objects if name]  # '' is the prefix's own folder marker
+            root += len(objects)
+            if root > MAX_ROOT_OBJECTS:
+                return None  # a flat bucket: the delimiter listing would already be the whole listing
     except Exception:  # the plain listing retries, and reports a fault it cannot get past
         return None
-    root = [name for name in root if name]  # '' is the prefix's own folder marker
-    if len(folders) < 2 or any(key_problem(name) for name in root + [f.rstrip("/") for f in folders]):
+    if len(names) < 2 or any(key_problem(name.rstrip("/")) for name in names):
         return None  # an unsafe name cannot be a listing prefix; the plain listing reports it
-    return folders, root
+    groups: dict[str, list[str]] = {"": sorted(names)}
+    whole: set[str] = set()
+    while len(groups) < want:
+        splittable = [p for p, members in groups.items() if len(members) > 1 and p not in whole]
+        if not splittable:
+            break
+        prefix = max(splittable, key=lambda p: len(groups[p]))
+        members = groups[prefix]
+        common = posixpath.commonprefix(members)
+        if common in members:
+            whole.add(prefix)
+            continue
+        del groups[prefix]
+        for name in members:
+            groups.setdefault(name[: len(common) + 1], []).append(name)
+    if any(key_problem(p.rstrip("/")) for p in groups if p.rstrip("/")):
+        return None
+    return sorted(groups)
 
 
 def pending(videos: list[VideoItem], done: Mapping[str, str]) -> tuple[list[VideoItem], list[VideoItem]]:
