@@ -13,7 +13,7 @@ separately: it is not part of the target.
 The planning itself runs in a fresh subprocess per store, so its peak memory
 (ru_maxrss) is the planner's own, imports included; it does what `run_round`
 does before the first label batch: list the bucket, read the catalog's done
-set, walk the videos in stable order through the caption filter, record the
+set (while listing), walk the videos in stable order through the caption filter, record the
 filter verdicts in the catalog, cut the batches. A second pass over the same
 workspace (everything planned already recorded as filtered) shows a re-run.
 
@@ -101,10 +101,11 @@ def plan_once(bucket_uri: str, workspace_uri: str) -> dict:
     t = (time.perf_counter(), time.process_time(), server_cpu(server))
     bucket, workspace = open_workspace(config)
     catalog = Catalog(workspace)
-    done = catalog.done()
-    t = stage("catalog done set", t)
-    discovery = discover(bucket)
-    t = stage("discover (list)", t)
+    with ThreadPoolExecutor(1) as pool:  # as run_round does
+        done_set = pool.submit(catalog.done)
+        discovery = discover(bucket)
+        done = done_set.result()
+    t = stage("list + catalog done set", t)
     planned, rows, reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done)
     t = stage("caption filter + plan", t)
     if rows:
@@ -160,7 +161,7 @@ def free_port() -> int:
 
 
 # moto 5.2 formats each key's LastModified as text, then its response serializer parses that text back
-# with dateutil (0.3 ms a call, two calls a key: about 60 s of moto's CPU for a 100k listing). With
+# with dateutil, once a key: a third of moto's CPU for a listing (a profile of its app in process). With
 # --moto-timestamps fast the server parses ISO 8601 text with datetime.fromisoformat instead (the same
 # datetime, anything else still goes to botocore's parser): a diagnostic of what the planning costs when
 # the test server is not the bottleneck, never the default and never in the tests.

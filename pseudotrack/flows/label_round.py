@@ -13,6 +13,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
@@ -192,13 +193,15 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
 
     summary.recovered = recover_committed(workspace, catalog)
     checkpoint("round.recovered")
-    if discovery is None:
-        discovery = discover_task(bucket) if _in_flow() else discover_task.fn(bucket)
+    with ThreadPoolExecutor(1) as pool:  # the done set is read while the bucket is listed (1-2 s on S3)
+        done_set = pool.submit(catalog.done, statuses=("labelled", "filtered") if config.retry_failed else None)
+        if discovery is None:
+            discovery = discover_task(bucket) if _in_flow() else discover_task.fn(bucket)
+        done = done_set.result()
     checkpoint("round.discovered")
     summary.discovered = len(discovery.videos)
     if not discovery.videos and log:
         log.warning("no videos found in %s", config.bucket)
-    done = catalog.done(statuses=("labelled", "filtered") if config.retry_failed else None)
     planned, rows, summary.reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done)
     if rows:
         catalog.append([dict(r, round_id=round_id, batch_id="plan") for r in rows])
