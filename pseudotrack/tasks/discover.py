@@ -10,6 +10,7 @@ changed object (new ETag) is.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import posixpath
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,6 @@ from ..config import VIDEO_SUFFIXES
 from ..storage.objects import ObjectInfo, check_key, printable_key
 
 LIST_THREADS = 16  # prefix groups listed at once where pages hold 1000 keys (AWS S3)
-BIG_PAGE_THREADS = 2  # ... on a server that sends bigger pages: it answers one while we parse the other
 GROUPS_PER_THREAD = 4  # a few groups a thread, so one slow group does not hold up the listing
 S3_PAGE_KEYS = 1000  # the most keys an AWS S3 listing page holds, whatever MaxKeys asks
 MAX_ROOT_OBJECTS = 64
@@ -81,31 +81,33 @@ def discover(store, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> Discovery:
 
 
 def list_objects(store, **options) -> list[ObjectInfo]:
-    """Every object of the store in key order; a big S3 bucket is listed in prefix groups side by side.
+    """Every object of the store in key order; a big AWS S3 bucket is listed in prefix groups side by side.
 
     The pages of one listing come one after another. On AWS S3 a page holds at most 1000 keys, so
     100k keys are 100 round trips in a row; listing groups of top-level folders side by side
     overlaps them (20k keys in 100 folders on moto with 1000-key pages: 23.8 s in a row, 10.9 s by
-    folder). A server that sends bigger pages (moto) is asked for a few big ones instead, two at a
-    time, so it answers one while we parse the other (each moto request scans the whole bucket:
-    100k keys took 45-57 s of its CPU as 100 folder requests, 26 s as two pages). A first page of
-    just over 1000 keys tells the two kinds apart, and answers a small bucket whole.
+    folder). A server that sends bigger pages (moto) is listed on in a row from its first page
+    instead: each moto request scans the whole bucket, and concurrent ones cost it more CPU than
+    they save (100k keys: 26-39 s of its CPU as two pages; 45-57 s as 100 folder requests, 47-52 s
+    as eight groups two at a time). The first page tells the two kinds apart, and may be the whole
+    bucket.
     """
     from ..storage.objects import S3Store
 
     if not isinstance(store, S3Store):
         return list(store.list(**options))
-    probe = next(store.list_pages(page_keys=S3_PAGE_KEYS + 1))
-    if not probe.get("IsTruncated"):
-        return list(store.page_objects(probe, **options))
-    threads = BIG_PAGE_THREADS if len(probe.get("Contents", ())) > S3_PAGE_KEYS else LIST_THREADS
-    groups = _prefix_groups(store, GROUPS_PER_THREAD * threads)
-    if groups is None:
-        return list(store.list(**options))
-    with ThreadPoolExecutor(min(threads, len(groups))) as pool:
-        found = [info for part in pool.map(lambda p: list(store.list(p, **options)), groups) for info in part]
-    found.sort(key=lambda info: info.key)  # already in order (disjoint prefixes, sorted): a linear pass
-    return found
+    pages = store.list_pages()
+    first = next(pages)
+    if first.get("IsTruncated") and len(first.get("Contents", ())) <= S3_PAGE_KEYS:
+        groups = _prefix_groups(store, GROUPS_PER_THREAD * LIST_THREADS)
+        if groups is not None:
+            pages.close()
+            with ThreadPoolExecutor(min(LIST_THREADS, len(groups))) as pool:
+                parts = pool.map(lambda p: list(store.list(p, **options)), groups)
+                found = [info for part in parts for info in part]
+            found.sort(key=lambda info: info.key)  # already in order (disjoint prefixes, sorted): a linear pass
+            return found
+    return [info for page in itertools.chain([first], pages) for info in store.page_objects(page, **options)]
 
 
 def _prefix_groups(store, want: int) -> list[str] | None:
