@@ -635,10 +635,10 @@ class S3Store(ObjectStore):
         for page in self.list_pages(prefix):
             yield from self.page_objects(page, suffixes, include_unsafe=include_unsafe)
 
-    def list_pages(self, prefix: str = "", page_keys: int | None = None) -> Iterator[dict]:
+    def list_pages(self, prefix: str = "") -> Iterator[dict]:
         """The raw ListObjectsV2 pages under `prefix`, each fetched (and retried) on its own.
 
-        Each request asks for `page_keys` keys (default: the class's). AWS S3 sends at most 1000
+        Each request asks for `page_keys` keys. AWS S3 sends at most 1000
         whatever is asked, so this costs nothing there; a server that allows bigger pages (moto does)
         answers a big bucket in a few requests instead of hundreds, and moto scans the whole bucket
         for every request.
@@ -647,7 +647,7 @@ class S3Store(ObjectStore):
         request: dict[str, Any] = {
             "Bucket": self.bucket,
             "Prefix": self.prefix + prefix,
-            "MaxKeys": page_keys or self.page_keys,
+            "MaxKeys": self.page_keys,
         }
         while True:  # page by page, so a fault costs one page again, not the whole listing
             page = self._retrying("listing", prefix, lambda: self.client.list_objects_v2(**request))

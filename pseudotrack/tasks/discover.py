@@ -115,7 +115,7 @@ def _prefix_groups(store, want: int) -> list[str] | None:
 
     The top-level names (folders and objects) come from one listing with a delimiter. A group is
     split on the character after its names' common prefix until there are enough: 'clips00/' ...
-    'clips99/' become 'clips0' ... 'clips9', then 'clips00/' ... as needed. A name that is the whole
+    'clips99/' become 'clips0' ... 'clips9', then 'clips00' ... as needed. A name that is the whole
     common prefix of its group ('a' beside 'a/') cannot be split off, and stays with it.
     """
     names: list[str] = []
