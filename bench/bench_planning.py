@@ -13,7 +13,8 @@ separately: it is not part of the target.
 The planning itself runs in a fresh subprocess per store, so its peak memory
 (ru_maxrss) is the planner's own, imports included; it does what `run_round`
 does before the first label batch: list the bucket, read the catalog's done
-set (while listing), walk the videos in stable order through the caption filter, record the
+set and start the caption stage (while listing: the manifest is read and judged,
+sidecars are read as pages arrive), walk the videos in stable order through the caption filter, record the
 filter verdicts in the catalog, cut the batches. A second pass over the same
 workspace (everything planned already recorded as filtered) shows a re-run.
 
@@ -83,7 +84,7 @@ def plan_once(bucket_uri: str, workspace_uri: str) -> dict:
     import resource
 
     from pseudotrack.config import RoundConfig
-    from pseudotrack.flows.label_round import open_workspace, plan_round
+    from pseudotrack.flows.label_round import open_workspace, plan_round, start_captions
     from pseudotrack.storage.catalog import Catalog
     from pseudotrack.tasks.discover import batches, discover
 
@@ -101,13 +102,13 @@ def plan_once(bucket_uri: str, workspace_uri: str) -> dict:
     t = (time.perf_counter(), time.process_time(), server_cpu(server))
     bucket, workspace = open_workspace(config)
     catalog = Catalog(workspace)
-    with ThreadPoolExecutor(1) as pool:  # as run_round does
+    with start_captions(config, bucket) as captions, ThreadPoolExecutor(1) as pool:  # as run_round does
         done_set = pool.submit(catalog.done)
-        discovery = discover(bucket)
+        discovery = discover(bucket, on_page=captions.add)
         done = done_set.result()
-    t = stage("list + catalog done set", t)
-    planned, rows, reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done)
-    t = stage("caption filter + plan", t)
+        t = stage("list (+ done set, captions)", t)
+        planned, rows, reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done, captions)
+        t = stage("caption filter + plan", t)
     if rows:
         catalog.append([dict(r, round_id=config.round_id, batch_id="plan") for r in rows])
     work = batches(planned, config.batch_size)

@@ -28,7 +28,8 @@ from ..faults import checkpoint
 from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import new_round_id
 from ..storage.objects import open_store
-from ..tasks.caption_filter import CaptionIndex, CaptionRules, filter_captions
+from ..tasks.caption_filter import CaptionRules, filter_captions
+from ..tasks.caption_prefetch import CaptionPrefetch
 from ..tasks.discover import Discovery, VideoItem, batches, discover_task, pending
 from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resolve_checkpoints
 from ..tasks.shards import recover_committed as _recover_committed
@@ -95,16 +96,26 @@ def recover_committed(workspace, catalog: Catalog) -> int:
 
 
 def plan_round(
-    config: RoundConfig, bucket, videos: list[VideoItem], all_keys: list[str], done: dict[str, str]
+    config: RoundConfig,
+    bucket,
+    videos: list[VideoItem],
+    all_keys: list[str],
+    done: dict[str, str],
+    captions: CaptionPrefetch | None = None,
 ) -> tuple[list[PlannedVideo], list[dict], int]:
     """Walk videos in stable order: (to label, filter/caption rows to record, reused count).
 
     With `config.videos = N` the walk stops once N videos passed the caption
     filter (labelled earlier or to be labelled now), so a larger round holds a
-    smaller one.
+    smaller one. captions: the caption stage started while the bucket was listed (`start_captions`);
+    None starts it here.
     """
-    rules = CaptionRules.load(config.rules)
-    index = CaptionIndex.build(bucket, all_keys, config.captions)
+    if captions is None:
+        with start_captions(config, bucket, sidecars=False) as captions:
+            return plan_round(config, bucket, videos, all_keys, done, captions)
+    rules = captions.rules
+    index = captions.index(all_keys)
+    judged = captions.judged()
     todo_all, _ = pending(videos, done)
     todo_keys = {v.key for v in todo_all}
     planned: list[PlannedVideo] = []
@@ -115,7 +126,7 @@ def plan_round(
     chunk = max(256, 2 * limit) if limit else 8192
     for start in range(0, len(videos), chunk):
         part = videos[start : start + chunk]
-        verdicts = filter_captions([v.key for v in part], index, rules, config.missing_caption)
+        verdicts = filter_captions([v.key for v in part], index, rules, config.missing_caption, judged)
         for video, verdict in zip(part, verdicts, strict=True):
             if limit is not None and eligible >= limit:
                 return planned, rows, reused
@@ -138,6 +149,14 @@ def plan_round(
             else:
                 reused += 1
     return planned, rows, reused
+
+
+def start_captions(config: RoundConfig, bucket, *, sidecars: bool = True) -> CaptionPrefetch:
+    """The round's caption stage, begun now: its manifest is read and judged, and (unless the round is
+    capped at N videos, which reads only the captions it walks) its sidecars are read as the listing shows
+    them. A rules file that cannot be read stops the round here, before the listing."""
+    rules = CaptionRules.load(config.rules)
+    return CaptionPrefetch(bucket, config.captions, rules, sidecars=sidecars and config.videos is None)
 
 
 def _row(video: VideoItem, status: str, **extra) -> dict:
@@ -193,16 +212,18 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
 
     summary.recovered = recover_committed(workspace, catalog)
     checkpoint("round.recovered")
-    with ThreadPoolExecutor(1) as pool:  # the done set is read while the bucket is listed (1-2 s on S3)
+    # the done set and the captions are read while the bucket is listed (seconds each on S3)
+    with start_captions(config, bucket, sidecars=discovery is None) as captions, ThreadPoolExecutor(1) as pool:
         done_set = pool.submit(catalog.done, statuses=("labelled", "filtered") if config.retry_failed else None)
         if discovery is None:
-            discovery = discover_task(bucket) if _in_flow() else discover_task.fn(bucket)
+            listing = discover_task if _in_flow() else discover_task.fn
+            discovery = listing(bucket, on_page=captions.add)
         done = done_set.result()
-    checkpoint("round.discovered")
-    summary.discovered = len(discovery.videos)
-    if not discovery.videos and log:
-        log.warning("no videos found in %s", config.bucket)
-    planned, rows, summary.reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done)
+        checkpoint("round.discovered")
+        summary.discovered = len(discovery.videos)
+        if not discovery.videos and log:
+            log.warning("no videos found in %s", config.bucket)
+        planned, rows, summary.reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done, captions)
     if rows:
         catalog.append([dict(r, round_id=round_id, batch_id="plan") for r in rows])
     checkpoint("round.planned")

@@ -16,8 +16,9 @@ import posixpath
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import tomllib
@@ -224,79 +225,125 @@ def parse_manifest(data: bytes, name: str) -> dict[str, str]:
     return read_manifest(data, name)[0]
 
 
-class CaptionIndex:
-    """Finds each video's caption: manifest entries first, then sidecar files."""
+class Manifest:
+    """A caption manifest's entries, matched to video keys the way people name files.
 
-    def __init__(
-        self,
-        manifest: Mapping[str, str],
-        sidecars: Mapping[str, str],
-        read_bytes,
-        manifest_name: str = "",
-        manifest_errors: Mapping[str, str] | None = None,
-    ):
-        self._manifest = dict(manifest)
-        self._errors = dict(manifest_errors or {})
+    Matching needs only the manifest, not the listing, so a round builds this while its bucket is
+    listed (`caption_prefetch`).
+    """
+
+    def __init__(self, captions: Mapping[str, str], errors: Mapping[str, str] | None = None, name: str = ""):
+        self.captions = dict(captions)
+        self.errors = dict(errors or {})
+        self.name = name
         self._by_basename: dict[str, str | None] = {}
         self._by_nfc: dict[str, str | None] = {}
-        for key in [*self._manifest, *self._errors]:
+        for key in [*self.captions, *self.errors]:
             base = posixpath.basename(key)
             self._by_basename[base] = None if base in self._by_basename else key  # None marks ambiguity
             nfc = unicodedata.normalize("NFC", key)
             self._by_nfc[nfc] = None if nfc in self._by_nfc else key
-        self._sidecars = sidecars
-        self._sidecars_nfc = {unicodedata.normalize("NFC", stem): key for stem, key in sidecars.items()}
-        self._read_bytes = read_bytes
-        self._manifest_name = manifest_name
 
     @classmethod
-    def build(cls, store, all_keys: Iterable[str], manifest_uri: str | None = None) -> CaptionIndex:
-        """`store` is the bucket; `all_keys` is every key listed in it (for sidecars and manifests)."""
-        keys = set(all_keys)
-        manifest: dict[str, str] = {}
-        name = ""
-        errors: dict[str, str] = {}
+    def find(cls, store, manifest_uri: str | None = None) -> Manifest:
+        """The manifest given to the round, else the first of MANIFEST_NAMES at the bucket's top; else empty.
+
+        Read by name rather than looked up in the listing, so it can be read while the bucket is listed.
+        """
         if manifest_uri:
             data, name = _read_manifest_uri(store, manifest_uri)
-            manifest, errors = read_manifest(data, name)
-        else:
-            for candidate in MANIFEST_NAMES:
-                if candidate in keys:
-                    name = store.uri(candidate)
-                    manifest, errors = read_manifest(store.read_bytes(candidate), candidate)
-                    break
-        sidecars: dict[str, str] = {}
-        for key in keys:
-            stem, suffix = posixpath.splitext(key)  # string ops: PurePosixPath costs seconds at 100k keys
-            if suffix.lower() in SIDECAR_SUFFIXES and posixpath.basename(key) not in MANIFEST_NAMES:
-                sidecars.setdefault(stem, key)
-        # sidecars are read no further than the limit: a multi-gigabyte "caption" must not fill memory
-        return cls(manifest, sidecars, lambda key: store.read_range(key, 0, MAX_CAPTION_BYTES + 1), name, errors)
+            return cls(*read_manifest(data, name), name=name)
+        for candidate in MANIFEST_NAMES:
+            try:
+                data = store.read_bytes(candidate)
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            return cls(*read_manifest(data, candidate), name=store.uri(candidate))
+        return cls({})
 
-    def _manifest_key(self, key: str) -> str | None:
-        """The manifest entry of a video: the same key, the same key in NFC (a name typed on another system
-        may arrive in NFD, or the other way round), or the only entry with the same file name."""
-        if key in self._manifest or key in self._errors:
+    def match(self, key: str) -> str | None:
+        """The entry of a video: the same key, the same key in NFC (a name typed on another system may
+        arrive in NFD, or the other way round), or the only entry with the same file name."""
+        if key in self.captions or key in self.errors:
             return key
         match = self._by_nfc.get(unicodedata.normalize("NFC", key))
         return match or self._by_basename.get(posixpath.basename(key))
 
+
+def sidecar_candidate(key: str) -> tuple[str, int] | None:
+    """(stem, preference) when `key` can be a caption sidecar; `.txt` is preferred to `.json` for a stem."""
+    stem, suffix = posixpath.splitext(key)  # string ops: PurePosixPath costs seconds at 100k keys
+    suffix = suffix.lower()
+    if suffix not in SIDECAR_SUFFIXES or posixpath.basename(key) in MANIFEST_NAMES:
+        return None
+    return stem, SIDECAR_SUFFIXES.index(suffix)
+
+
+def sidecar_map(keys: Iterable[str]) -> dict[str, str]:
+    """Stem -> the sidecar a video with that stem takes; the same choice whatever order the keys come in."""
+    best: dict[str, tuple[int, str]] = {}
+    for key in keys:
+        found = sidecar_candidate(key)
+        if found is not None:
+            stem, rank = found
+            if stem not in best or (rank, key) < best[stem]:
+                best[stem] = (rank, key)
+    return {stem: key for stem, (_, key) in best.items()}
+
+
+class CaptionIndex:
+    """Finds each video's caption: manifest entries first, then sidecar files.
+
+    prefetched: sidecar key -> a read already under way (`caption_prefetch`); its bytes, or the error the
+    read raised, stand for a read made now.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        sidecars: Mapping[str, str],
+        read_bytes,
+        prefetched: Mapping[str, Future] | None = None,
+    ):
+        self.manifest = manifest
+        self._sidecars = sidecars
+        self._sidecars_nfc = {unicodedata.normalize("NFC", stem): key for stem, key in sidecars.items()}
+        self._read_bytes = read_bytes
+        self._prefetched = dict(prefetched or {})
+
+    @classmethod
+    def build(
+        cls,
+        store,
+        all_keys: Iterable[str],
+        manifest_uri: str | None = None,
+        *,
+        manifest: Manifest | None = None,
+        prefetched: Mapping[str, Future] | None = None,
+    ) -> CaptionIndex:
+        """`store` is the bucket; `all_keys` is every key listed in it (for sidecars)."""
+        if manifest is None:
+            manifest = Manifest.find(store, manifest_uri)
+        # sidecars are read no further than the limit: a multi-gigabyte "caption" must not fill memory
+        return cls(manifest, sidecar_map(all_keys), partial(read_sidecar, store), prefetched)
+
     def _manifest_text(self, key: str) -> str | None:
-        match = self._manifest_key(key)
-        return self._manifest.get(match) if match else None
+        match = self.manifest.match(key)
+        return self.manifest.captions.get(match) if match else None
 
     def lookup(self, key: str) -> Caption:
-        match = self._manifest_key(key)
-        if match in self._errors:
-            return Caption(None, self._manifest_name, self._errors[match])
-        text = self._manifest.get(match) if match else None
+        match = self.manifest.match(key)
+        if match in self.manifest.errors:
+            return Caption(None, self.manifest.name, self.manifest.errors[match])
+        text = self.manifest.captions.get(match) if match else None
         if text is not None:
-            return Caption(text, self._manifest_name)
+            return Caption(text, self.manifest.name)
         sidecar = self._sidecar_of(key)
         if sidecar is None:
             return Caption(None)
         try:
-            raw = self._read_bytes(sidecar)
+            early = self._prefetched.pop(sidecar, None)
+            raw = early.result() if early is not None else self._read_bytes(sidecar)
             text = _decode_caption(raw, sidecar)
             if sidecar.lower().endswith(".json"):
                 record = json.loads(text)
@@ -304,6 +351,12 @@ class CaptionIndex:
                 if text is None:
                     return Caption(None, sidecar, f"caption sidecar {sidecar} has no 'caption' field")
             return Caption(text.strip() or None, sidecar)
+        except FileNotFoundError:
+            return Caption(
+                None,
+                sidecar,
+                f"caption sidecar {sidecar} was removed after the bucket was listed: run again with --retry-failed",
+            )
         except json.JSONDecodeError as exc:
             return Caption(None, sidecar, f"caption sidecar {sidecar} is not valid JSON ({exc.msg})")
         except ValueError as exc:
@@ -321,12 +374,21 @@ class CaptionIndex:
         (Sending every key through a pool cost 10 s per 100k videos in thread hand-offs alone,
         bench/bench_planning.py.)
         """
-        reads = [i for i, k in enumerate(keys) if self._manifest_text(k) is None and self._sidecar_of(k)]
+        reads = [
+            i
+            for i, k in enumerate(keys)
+            if self._manifest_text(k) is None and (s := self._sidecar_of(k)) and s not in self._prefetched
+        ]
         if len(reads) < 2:
             return [self.lookup(k) for k in keys]
         with ThreadPoolExecutor(min(threads, len(reads))) as pool:
             found = dict(zip(reads, pool.map(lambda i: self.lookup(keys[i]), reads), strict=True))
         return [found[i] if i in found else self.lookup(k) for i, k in enumerate(keys)]
+
+
+def read_sidecar(store, key: str) -> bytes:
+    """A sidecar's bytes, one past the caption limit at most, so an oversized one is told apart."""
+    return store.read_range(key, 0, MAX_CAPTION_BYTES + 1)
 
 
 def _read_manifest_uri(bucket_store, uri: str) -> tuple[bytes, str]:
@@ -351,9 +413,17 @@ class FilterResult:
 
 
 def filter_captions(
-    keys: list[str], index: CaptionIndex, rules: CaptionRules, missing_caption: str | None = None
+    keys: list[str],
+    index: CaptionIndex,
+    rules: CaptionRules,
+    missing_caption: str | None = None,
+    judged: Mapping[str, Verdict] | None = None,
 ) -> list[FilterResult]:
-    """Judge each video by its caption; the order of `keys` is kept."""
+    """Judge each video by its caption; the order of `keys` is kept.
+
+    judged: caption text -> the rules' verdict, worked out beforehand (`caption_prefetch` judges the
+    manifest's captions while the bucket is listed); other captions are judged here.
+    """
     policy = missing_caption or rules.missing_caption
     results = []
     for key, caption in zip(keys, index.lookup_many(keys), strict=True):
@@ -369,7 +439,9 @@ def filter_captions(
                     FilterResult(key, False, None, None, failure="no caption found (add a sidecar or manifest entry)")
                 )
         else:
-            verdict = rules.judge(caption.text)
+            verdict = judged.get(caption.text) if judged else None
+            if verdict is None:
+                verdict = rules.judge(caption.text)
             results.append(FilterResult(key, verdict.keep, caption.text, None if verdict.keep else verdict.rule))
     return results
 

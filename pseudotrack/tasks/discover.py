@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -66,10 +66,16 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-def discover(store, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> Discovery:
-    """List the bucket once; videos are the keys with a video suffix, unsafe keys included (with their problem)."""
+def discover(
+    store, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, on_page: Callable[[list[ObjectInfo]], None] | None = None
+) -> Discovery:
+    """List the bucket once; videos are the keys with a video suffix, unsafe keys included (with their problem).
+
+    on_page: shown each part of the listing as it arrives, so work can start before the listing ends
+    (`caption_prefetch`).
+    """
     videos, keys = [], []
-    for info in list_objects(store, include_unsafe=True):
+    for info in list_objects(store, include_unsafe=True, on_page=on_page):
         problem = key_problem(info.key)
         if problem is None:
             keys.append(info.key)
@@ -80,7 +86,7 @@ def discover(store, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> Discovery:
     return Discovery(videos, keys)
 
 
-def list_objects(store, **options) -> list[ObjectInfo]:
+def list_objects(store, *, on_page: Callable[[list[ObjectInfo]], None] | None = None, **options) -> list[ObjectInfo]:
     """Every object of the store in key order; a big AWS S3 bucket is listed in prefix groups side by side.
 
     The pages of one listing come one after another. On AWS S3 a page holds at most 1000 keys, so
@@ -91,11 +97,19 @@ def list_objects(store, **options) -> list[ObjectInfo]:
     they save (100k keys: 26-39 s of its CPU as two pages; 45-57 s as 100 folder requests, 47-52 s
     as eight groups two at a time). The first page tells the two kinds apart, and may be the whole
     bucket.
+
+    on_page: called with each page's objects (with each group's, when groups are listed side by
+    side: then from several threads at once).
     """
     from ..storage.objects import S3Store
 
+    def shown(objects: list[ObjectInfo]) -> list[ObjectInfo]:
+        if on_page is not None:
+            on_page(objects)
+        return objects
+
     if not isinstance(store, S3Store):
-        return list(store.list(**options))
+        return shown(list(store.list(**options)))
     pages = store.list_pages()
     first = next(pages)
     if first.get("IsTruncated") and len(first.get("Contents", ())) <= S3_PAGE_KEYS:
@@ -103,11 +117,14 @@ def list_objects(store, **options) -> list[ObjectInfo]:
         if groups is not None:
             pages.close()
             with ThreadPoolExecutor(min(LIST_THREADS, len(groups))) as pool:
-                parts = pool.map(lambda p: list(store.list(p, **options)), groups)
+                parts = pool.map(lambda p: shown(list(store.list(p, **options))), groups)
                 found = [info for part in parts for info in part]
             found.sort(key=lambda info: info.key)  # already in order (disjoint prefixes, sorted): a linear pass
             return found
-    return [info for page in itertools.chain([first], pages) for info in store.page_objects(page, **options)]
+    found = []
+    for page in itertools.chain([first], pages):
+        found += shown(list(store.page_objects(page, **options)))
+    return found
 
 
 def _prefix_groups(store, want: int) -> list[str] | None:
@@ -169,5 +186,7 @@ def batches(items: list, size: int) -> list[list]:
 
 
 @task(name="discover", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
-def discover_task(store, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> Discovery:
-    return discover(store, suffixes)
+def discover_task(
+    store, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, on_page: Callable[[list[ObjectInfo]], None] | None = None
+) -> Discovery:
+    return discover(store, suffixes, on_page)
