@@ -561,7 +561,9 @@ def _is_missing(exc: Exception) -> bool:
 class S3Store(ObjectStore):
     """A bucket and a key prefix; PUTs and completed multipart uploads make objects appear whole."""
 
-    page_keys = 50_000  # MaxKeys of a listing request; see list_pages
+    # MaxKeys of a listing request; see list_pages. 12k keys: a page moto builds in about 4 s and we parse
+    # in under 1 s, so turn-taking streams (tasks/discover.py) keep it busy
+    page_keys = 12_000
 
     def __init__(self, bucket: str, prefix: str = ""):
         self.bucket = bucket
@@ -635,8 +637,9 @@ class S3Store(ObjectStore):
         for page in self.list_pages(prefix):
             yield from self.page_objects(page, suffixes, include_unsafe=include_unsafe)
 
-    def list_pages(self, prefix: str = "") -> Iterator[dict]:
-        """The raw ListObjectsV2 pages under `prefix`, each fetched (and retried) on its own.
+    def list_pages(self, prefix: str = "", start_after: str = "") -> Iterator[dict]:
+        """The raw ListObjectsV2 pages under `prefix` (of the keys after `start_after`, if given), each
+        fetched (and retried) on its own.
 
         Each request asks for `page_keys` keys. AWS S3 sends at most 1000
         whatever is asked, so this costs nothing there; a server that allows bigger pages (moto does)
@@ -649,6 +652,8 @@ class S3Store(ObjectStore):
             "Prefix": self.prefix + prefix,
             "MaxKeys": self.page_keys,
         }
+        if start_after:
+            request["StartAfter"] = self.prefix + start_after
         while True:  # page by page, so a fault costs one page again, not the whole listing
             page = self._retrying("listing", prefix, lambda: self.client.list_objects_v2(**request))
             yield page
