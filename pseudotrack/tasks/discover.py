@@ -122,7 +122,7 @@ def list_objects(store, *, on_page: Callable[[list[ObjectInfo]], None] | None = 
         return shown(list(store.page_objects(first, **options)))
     capped = len(first.get("Contents", ())) <= S3_PAGE_KEYS
     groups = _prefix_groups(store, GROUPS_PER_THREAD * LIST_THREADS if capped else BIG_PAGE_GROUPS)
-    if groups is None:
+    if groups is None or not first.get("Contents"):
         found = []
         for page in itertools.chain([first], pages):
             found += shown(list(store.page_objects(page, **options)))
