@@ -13,9 +13,10 @@ separately: it is not part of the target.
 The planning itself runs in a fresh subprocess per store, so its peak memory
 (ru_maxrss) is the planner's own, imports included; it does what `run_round`
 does before the first label batch: list the bucket, read the catalog's done
-set and start the caption stage (while listing: the manifest is read and judged,
-sidecars are read as pages arrive), walk the videos in stable order through the caption filter, record the
-filter verdicts in the catalog, cut the batches. A second pass over the same
+set and start the caption stage (while listing: the manifest is read and
+judged, sidecars are read as pages arrive), walk the videos in stable order
+through the caption filter, record the filter verdicts in the catalog, cut the
+batches. A second pass over the same
 workspace (everything planned already recorded as filtered) shows a re-run.
 
 Targets (issue 6): under 60 s and 2 GB for 100,000 videos.

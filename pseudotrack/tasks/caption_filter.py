@@ -279,15 +279,24 @@ def sidecar_candidate(key: str) -> tuple[str, int] | None:
     return stem, SIDECAR_SUFFIXES.index(suffix)
 
 
+def offer_sidecar(best: dict[str, tuple[int, str]], key: str) -> str | None:
+    """Record `key` in `best` (stem -> (preference, sidecar)) if it beats the stem's sidecar so far; its stem
+    if it did. The choice is the same whatever order the keys come in."""
+    found = sidecar_candidate(key)
+    if found is None:
+        return None
+    stem, rank = found
+    if stem in best and best[stem] <= (rank, key):
+        return None
+    best[stem] = (rank, key)
+    return stem
+
+
 def sidecar_map(keys: Iterable[str]) -> dict[str, str]:
-    """Stem -> the sidecar a video with that stem takes; the same choice whatever order the keys come in."""
+    """Stem -> the sidecar a video with that stem takes."""
     best: dict[str, tuple[int, str]] = {}
     for key in keys:
-        found = sidecar_candidate(key)
-        if found is not None:
-            stem, rank = found
-            if stem not in best or (rank, key) < best[stem]:
-                best[stem] = (rank, key)
+        offer_sidecar(best, key)
     return {stem: key for stem, (_, key) in best.items()}
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..config import VIDEO_SUFFIXES
-from .caption_filter import CaptionIndex, CaptionRules, Manifest, Verdict, read_sidecar, sidecar_candidate
+from .caption_filter import CaptionIndex, CaptionRules, Manifest, Verdict, offer_sidecar, read_sidecar
 from .discover import key_problem
 
 
@@ -77,22 +77,16 @@ class CaptionPrefetch:
 
     def _scan(self, keys: list[str]) -> None:
         manifest = self._manifest.result()
-        videos, sidecars = [], []
+        keys = [key for key in keys if not key_problem(key)]  # discovery records those as failed; none is read
+        videos = []
         for key in keys:
-            if key_problem(key):
-                continue  # discovery records it as failed; nothing of it is read
-            found = sidecar_candidate(key)
-            if found is not None:
-                sidecars.append((found[0], found[1], key))
-            elif posixpath.splitext(key)[1].lower() in self._suffixes and manifest.match(key) is None:
-                videos.append(posixpath.splitext(key)[0])
+            stem, suffix = posixpath.splitext(key)
+            if suffix.lower() in self._suffixes and manifest.match(key) is None:
+                videos.append(stem)
         with self._lock:
-            touched = set(videos)
             self._uncaptioned.update(videos)
-            for stem, rank, key in sidecars:
-                if stem not in self._sidecar or (rank, key) < self._sidecar[stem]:
-                    self._sidecar[stem] = (rank, key)
-                    touched.add(stem)
+            touched = set(videos)
+            touched.update(stem for key in keys if (stem := offer_sidecar(self._sidecar, key)) is not None)
             for stem in touched:
                 if stem in self._uncaptioned and stem in self._sidecar:
                     key = self._sidecar[stem][1]
