@@ -16,7 +16,7 @@ from pseudotrack.errors import ConfigError
 from pseudotrack.flows.label_round import plan_round, start_captions
 from pseudotrack.storage.objects import ObjectInfo, S3Store, open_store
 from pseudotrack.tasks import discover as discover_module
-from pseudotrack.tasks.caption_filter import MANIFEST_NAMES
+from pseudotrack.tasks.caption_filter import MANIFEST_NAMES, sidecar_map
 from pseudotrack.tasks.discover import discover, list_objects
 
 KEEP, DROP = "A dog runs across a park.", "An animated cartoon fox."
@@ -135,11 +135,23 @@ def test_pages_in_any_split_and_order_give_the_same_plan(bucket, order):
     with start_captions(config, store) as captions:
         for page in pages:
             captions.add(page)
+        # the scans saw every key: their sidecar choice stands for the one made over the whole listing
+        assert captions.index(discovery.all_keys)._sidecars == sidecar_map(discovery.all_keys)
         got = outcome(*plan_round(config, store, discovery.videos, discovery.all_keys, {}, captions))
     assert got == expected
     assert len(store.reads) == len(set(store.reads))  # nothing read twice
     # in key order s/e.json shows up before s/e.txt, and is read before the better sidecar is seen
     assert SIDECARS_NEEDED <= set(store.reads) <= {"captions.jsonl", "s/e.json", *SIDECARS_NEEDED}
+
+
+def test_a_listing_the_scans_did_not_all_see_has_its_sidecars_found_from_the_keys(bucket):
+    """The watcher passes its own listing: what the prefetch saw of pages does not decide the sidecars."""
+    config, store = bucket
+    keys = discover(store).all_keys
+    with start_captions(config, store) as captions:
+        captions.add([ObjectInfo(k, 1, "e", 0.0) for k in keys if k != "s/e.txt"])  # s/e.json would win
+        assert captions.index(keys)._sidecars == sidecar_map(keys)
+        assert captions.index(keys)._sidecars["s/e"] == "s/e.txt"
 
 
 def test_a_sidecar_removed_after_the_listing_fails_its_video_with_the_reason(bucket):

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -114,6 +115,9 @@ def test_s3_listing_by_prefix_groups_equals_the_plain_listing(s3_uri, layout, pa
     parallel = list_objects(store)
     assert parallel == plain and sorted(i.key for i in parallel) == sorted(keys)
     assert list_objects(store, include_unsafe=True) == list(store.list(include_unsafe=True))
+    found = discover(store)  # pages sorted out as they arrive, from side-by-side groups in any order
+    assert found.all_keys == [i.key for i in plain]
+    assert [v.key for v in found.videos] == sorted((k for k in keys if k.endswith(".mp4")), key=stable_order)
     if pages == "one page":
         assert groups == []  # the first page held the bucket
     else:
@@ -156,16 +160,17 @@ def test_groups_after_the_first_page_hold_exactly_the_keys_it_did_not():
         assert rest == [k for k in keys if k > last]
 
 
-def test_listing_requests_take_turns_and_the_next_goes_while_the_last_is_parsed():
-    """Two streams of requests on botocore's own event emitter, as a client emits them."""
+@pytest.mark.parametrize("given_back", ["with the headers", "before the parse"])
+def test_listing_requests_take_turns_and_the_next_goes_while_the_last_is_parsed(given_back):
+    """Two streams of requests on botocore's own event emitter, as a client emits them: with an HTTP session
+    the turn-taking sends each request itself and gives the turn back once the headers are in; without one
+    botocore sends it and the turn goes back before the body is parsed."""
     from botocore.hooks import HierarchicalEmitter
 
     events = HierarchicalEmitter()
-    client = type("Client", (), {"meta": type("Meta", (), {"events": events})()})()
     at_server, most, lock = [0], [0], threading.Lock()
 
-    def request(fail: bool = False) -> None:
-        events.emit("before-call.s3.ListObjectsV2")
+    def build_page(fail: bool) -> str:
         with lock:
             at_server[0] += 1
             most[0] = max(most[0], at_server[0])
@@ -173,6 +178,25 @@ def test_listing_requests_take_turns_and_the_next_goes_while_the_last_is_parsed(
         with lock:
             at_server[0] -= 1
         if fail:
+            raise ConnectionError("connection reset")
+        return "page"
+
+    meta = SimpleNamespace(events=events)
+    if given_back == "with the headers":
+        client = SimpleNamespace(meta=meta, _endpoint=SimpleNamespace(http_session=SimpleNamespace(send=build_page)))
+    else:
+        client = SimpleNamespace(meta=meta)
+
+    def request(fail: bool = False) -> None:
+        try:
+            responses = events.emit("before-send.s3.ListObjectsV2", request=fail)
+            sent = next((r for _, r in responses if r is not None), None)
+            if given_back == "with the headers":
+                assert sent == "page"
+            else:
+                assert sent is None
+                build_page(fail)
+        except ConnectionError:
             events.emit("after-call-error.s3.ListObjectsV2")
             return
         events.emit("before-parse.s3.ListObjectsV2")
@@ -186,10 +210,35 @@ def test_listing_requests_take_turns_and_the_next_goes_while_the_last_is_parsed(
     started = time.perf_counter()
     with discover_module._TakingTurns(client) as turns, ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda f: stream(turns, f), [True, False]))
-        outsider = threading.Thread(target=request)  # not a member: goes at once
+        outsider = threading.Thread(target=lambda: build_page(False))  # not a member: goes at once
         outsider.start()
         outsider.join(timeout=5)
     seconds = time.perf_counter() - started
     assert most[0] == 1  # never two pages built at once, a failed request included
     assert seconds < 12 * 0.1 * 0.8  # yet faster than one stream doing both: parsing overlapped the server
-    events.emit("before-call.s3.ListObjectsV2")  # after the listing the handlers are gone
+    assert events.emit("before-send.s3.ListObjectsV2", request=False) == []  # after the listing the handlers are gone
+
+
+def test_on_a_real_client_a_turn_holds_while_the_request_goes_and_ends_with_its_headers(s3_uri):
+    store = open_store(s3_uri)
+    keys = [f"v{i}.mp4" for i in range(5)]
+    for key in keys:
+        store.write_bytes(key, b"x")
+    client, seen = store.client, []
+    with discover_module._TakingTurns(client) as turns:
+        session = turns._http
+        turns._http = SimpleNamespace(
+            send=lambda request: seen.append(("send", turns._turn.locked())) or session.send(request)
+        )
+        spy = "test-spy-before-parse"
+        client.meta.events.register_first(
+            "before-parse.s3.ListObjectsV2", lambda **_: seen.append(("parse", turns._turn.locked())), unique_id=spy
+        )
+        try:
+            with turns.joined():
+                page = client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix)
+            client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix)  # not a member: botocore sends it
+        finally:
+            client.meta.events.unregister("before-parse.s3.ListObjectsV2", unique_id=spy)
+    assert seen == [("send", True), ("parse", False), ("parse", False)]
+    assert [o["Key"][len(store.prefix) :] for o in page["Contents"]] == keys

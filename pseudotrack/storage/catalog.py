@@ -343,44 +343,52 @@ def rows_to_table(rows: list[Mapping[str, Any]], stem: str, now: datetime) -> pa
     """Validate rows and build the event table.
 
     Event ids are `<stem>-<row index>`, so of two rows of one batch for the same video the later wins.
+    Built column by column: a round's plan records tens of thousands of verdicts in one go.
     """
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    round_ids: set[str] = set()
     for i, row in enumerate(rows):
-        where = f"catalog row {i} (video_key={row.get('video_key')!r})"
-        unknown = set(row) - COLUMNS
+        unknown = row.keys() - COLUMNS
         if unknown:
             raise ValueError(
-                f"{where}: unknown columns {sorted(unknown)}; the catalog schema is fixed in "
+                f"{_where(i, row)}: unknown columns {sorted(unknown)}; the catalog schema is fixed in "
                 f"pseudotrack/storage/catalog.py (columns: {', '.join(SCHEMA.names)})"
             )
         for name in REQUIRED:
             if row.get(name) is None or (name != "etag" and row.get(name) == ""):
-                raise ValueError(f"{where}: required field {name!r} is missing")
+                raise ValueError(f"{_where(i, row)}: required field {name!r} is missing")
         status = row["status"]
         if status not in STATUSES:
-            raise ValueError(f"{where}: status {status!r} is not one of {', '.join(STATUSES)}")
+            raise ValueError(f"{_where(i, row)}: status {status!r} is not one of {', '.join(STATUSES)}")
         for name in REQUIRED_BY_STATUS[status]:
             if row.get(name) in (None, "", [], ()):
-                raise ValueError(f"{where}: a {status!r} row needs {name!r}")
-        validate_round_id(row["round_id"])
-        for name in SCHEMA.names:
-            value = row.get(name)
-            if name == "event_id" and value is None:
-                value = f"{stem}-{i:06d}"
-            elif name == "created_at":
-                value = _timestamp(value, where) if value is not None else now
-            elif name == "query_stats" and value is not None and not isinstance(value, str):
-                value = json.dumps(value, sort_keys=True, default=_json_default)
-            elif name in ("fps", "duration_s") and isinstance(value, float) and math.isnan(value):
-                value = None
-            columns[name].append(value)
+                raise ValueError(f"{_where(i, row)}: a {status!r} row needs {name!r}")
+        if row["round_id"] not in round_ids:
+            validate_round_id(row["round_id"])
+            round_ids.add(row["round_id"])
     arrays = []
     for field in SCHEMA:
+        name = field.name
+        values = [row.get(name) for row in rows]
+        if name == "event_id":
+            values = [f"{stem}-{i:06d}" if v is None else v for i, v in enumerate(values)]
+        elif name == "created_at":
+            values = [now if v is None else _timestamp(v, _where(i, rows[i])) for i, v in enumerate(values)]
+        elif name == "query_stats":
+            values = [
+                v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True, default=_json_default)
+                for v in values
+            ]
+        elif name in ("fps", "duration_s"):
+            values = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
         try:
-            arrays.append(pa.array(columns[field.name], type=field.type, from_pandas=True))
+            arrays.append(pa.array(values, type=field.type, from_pandas=True))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-            raise ValueError(f"catalog column {field.name!r} ({field.type}): a row has a bad value: {exc}") from None
+            raise ValueError(f"catalog column {name!r} ({field.type}): a row has a bad value: {exc}") from None
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _where(i: int, row: Mapping[str, Any]) -> str:
+    return f"catalog row {i} (video_key={row.get('video_key')!r})"
 
 
 def conform(table: pa.Table) -> pa.Table:

@@ -637,20 +637,20 @@ class S3Store(ObjectStore):
         for page in self.list_pages(prefix):
             yield from self.page_objects(page, suffixes, include_unsafe=include_unsafe)
 
-    def list_pages(self, prefix: str = "", start_after: str = "") -> Iterator[dict]:
+    def list_pages(self, prefix: str = "", start_after: str = "", first_keys: int | None = None) -> Iterator[dict]:
         """The raw ListObjectsV2 pages under `prefix` (of the keys after `start_after`, if given), each
         fetched (and retried) on its own.
 
-        Each request asks for `page_keys` keys. AWS S3 sends at most 1000
-        whatever is asked, so this costs nothing there; a server that allows bigger pages (moto does)
-        answers a big bucket in a few requests instead of hundreds, and moto scans the whole bucket
+        Each request asks for `page_keys` keys (the first for `first_keys`, if given). AWS S3 sends at
+        most 1000 whatever is asked, so this costs nothing there; a server that allows bigger pages (moto
+        does) answers a big bucket in a few requests instead of hundreds, and moto scans the whole bucket
         for every request.
         """
         check_key(prefix, allow_empty=True)
         request: dict[str, Any] = {
             "Bucket": self.bucket,
             "Prefix": self.prefix + prefix,
-            "MaxKeys": self.page_keys,
+            "MaxKeys": first_keys or self.page_keys,
         }
         if start_after:
             request["StartAfter"] = self.prefix + start_after
@@ -660,6 +660,7 @@ class S3Store(ObjectStore):
             if not page.get("IsTruncated"):
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
+            request["MaxKeys"] = self.page_keys
 
     def page_objects(
         self, page: dict, suffixes: tuple[str, ...] | None = None, *, include_unsafe: bool = False
@@ -829,7 +830,9 @@ class S3Store(ObjectStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+            # with a delimiter: moto sorts only the top-level names for this, not every key (0.2 s, not
+            # 0.7 s, at 100k keys); to AWS S3 it is the same one-key request
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, Delimiter="/", MaxKeys=1)
         except (ClientError, BotoCoreError) as exc:
             raise self._config_error(exc, "list objects") from None
 

@@ -336,11 +336,8 @@ class CaptionIndex:
         # sidecars are read no further than the limit: a multi-gigabyte "caption" must not fill memory
         return cls(manifest, sidecar_map(all_keys), partial(read_sidecar, store), prefetched)
 
-    def _manifest_text(self, key: str) -> str | None:
-        match = self.manifest.match(key)
-        return self.manifest.captions.get(match) if match else None
-
-    def lookup(self, key: str) -> Caption:
+    def _resolve(self, key: str) -> Caption | str:
+        """The caption of a video found without a read, or the sidecar to read for it."""
         match = self.manifest.match(key)
         if match in self.manifest.errors:
             return Caption(None, self.manifest.name, self.manifest.errors[match])
@@ -348,8 +345,13 @@ class CaptionIndex:
         if text is not None:
             return Caption(text, self.manifest.name)
         sidecar = self._sidecar_of(key)
-        if sidecar is None:
-            return Caption(None)
+        return Caption(None) if sidecar is None else sidecar
+
+    def lookup(self, key: str) -> Caption:
+        found = self._resolve(key)
+        return found if isinstance(found, Caption) else self._read_caption(found)
+
+    def _read_caption(self, sidecar: str) -> Caption:
         try:
             early = self._prefetched.pop(sidecar, None)
             raw = early.result() if early is not None else self._read_bytes(sidecar)
@@ -383,16 +385,13 @@ class CaptionIndex:
         (Sending every key through a pool cost 10 s per 100k videos in thread hand-offs alone,
         bench/bench_planning.py.)
         """
-        reads = [
-            i
-            for i, k in enumerate(keys)
-            if self._manifest_text(k) is None and (s := self._sidecar_of(k)) and s not in self._prefetched
-        ]
-        if len(reads) < 2:
-            return [self.lookup(k) for k in keys]
-        with ThreadPoolExecutor(min(threads, len(reads))) as pool:
-            found = dict(zip(reads, pool.map(lambda i: self.lookup(keys[i]), reads), strict=True))
-        return [found[i] if i in found else self.lookup(k) for i, k in enumerate(keys)]
+        found = [self._resolve(k) for k in keys]
+        reads = [i for i, f in enumerate(found) if isinstance(f, str) and f not in self._prefetched]
+        if len(reads) >= 2:
+            with ThreadPoolExecutor(min(threads, len(reads))) as pool:
+                for i, caption in zip(reads, pool.map(lambda i: self._read_caption(found[i]), reads), strict=True):
+                    found[i] = caption
+        return [f if isinstance(f, Caption) else self._read_caption(f) for f in found]
 
 
 def read_sidecar(store, key: str) -> bytes:

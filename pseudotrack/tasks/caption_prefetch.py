@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import posixpath
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 from ..config import VIDEO_SUFFIXES
 from .caption_filter import CaptionIndex, CaptionRules, Manifest, Verdict, offer_sidecar, read_sidecar
@@ -55,6 +56,7 @@ class CaptionPrefetch:
         self._uncaptioned: set[str] = set()  # stems of videos the manifest does not caption
         self._reads: dict[str, Future[bytes]] = {}
         self._scans: list[Future[None]] = []
+        self._scanned = 0  # keys the scans have seen
 
     def __enter__(self) -> CaptionPrefetch:
         return self
@@ -84,6 +86,7 @@ class CaptionPrefetch:
             if suffix.lower() in self._suffixes and manifest.match(key) is None:
                 videos.append(stem)
         with self._lock:
+            self._scanned += len(keys)
             self._uncaptioned.update(videos)
             touched = set(videos)
             touched.update(stem for key in keys if (stem := offer_sidecar(self._sidecar, key)) is not None)
@@ -106,6 +109,10 @@ class CaptionPrefetch:
             scan.result()
         with self._lock:
             reads = dict(self._reads)
+            scanned, best = self._scanned, dict(self._sidecar)
+        if isinstance(all_keys, Sized) and scanned == len(all_keys):  # the scans saw the whole listing
+            sidecars = {stem: key for stem, (_, key) in best.items()}  # what sidecar_map(all_keys) gives
+            return CaptionIndex(manifest, sidecars, partial(read_sidecar, self._store), reads)
         return CaptionIndex.build(self._store, all_keys, manifest=manifest, prefetched=reads)
 
     def judged(self) -> dict[str, Verdict]:

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import posixpath
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ from ..storage.objects import ObjectInfo, check_key, printable_key
 LIST_THREADS = 16  # prefix groups listed at once where pages hold 1000 keys (AWS S3)
 GROUPS_PER_THREAD = 4  # a few groups a thread, so one slow group does not hold up the listing
 S3_PAGE_KEYS = 1000  # the most keys an AWS S3 listing page holds, whatever MaxKeys asks
+FIRST_PAGE_KEYS = 2000  # more than S3_PAGE_KEYS, so the first page tells a server that sends bigger pages
 MAX_ROOT_OBJECTS = 64
 BIG_PAGE_GROUPS = 8  # groups for the two turn-taking streams on a server that sends big pages (moto)
 TURN_WAIT = 30.0  # seconds a listing request waits for its turn before it goes anyway
+HEAD_START = 0.02  # seconds the next listing request is given to go out before this one's page is parsed
 
 
 @dataclass(frozen=True)
@@ -75,19 +78,41 @@ def discover(
 ) -> Discovery:
     """List the bucket once; videos are the keys with a video suffix, unsafe keys included (with their problem).
 
+    Each page is sorted out as it arrives, while the server builds the next one, so that after the
+    last page only that page is left to do.
+
     on_page: shown each part of the listing as it arrives, so work can start before the listing ends
     (`caption_prefetch`).
     """
+    parts: list[tuple[str, list[str], list[tuple[str, VideoItem]]]] = []
+    lock = threading.Lock()
+
+    def sort_out(objects: list[ObjectInfo]) -> None:
+        if on_page is not None:
+            on_page(objects)
+        if objects:
+            part = _sort_out(objects, suffixes)
+            with lock:
+                parts.append(part)
+
+    list_objects(store, include_unsafe=True, on_page=sort_out)
+    parts.sort(key=lambda part: part[0])  # each page is a run of keys in order, and no two runs overlap
+    keys = [key for _, part_keys, _ in parts for key in part_keys]
+    videos = sorted((v for _, _, part_videos in parts for v in part_videos), key=lambda ordered: ordered[0])
+    return Discovery([video for _, video in videos], keys)
+
+
+def _sort_out(objects: list[ObjectInfo], suffixes: tuple[str, ...]) -> tuple[str, list[str], list]:
+    """(first key, safe keys, (stable order, video) of each video) of one page of the listing."""
     videos, keys = [], []
-    for info in list_objects(store, include_unsafe=True, on_page=on_page):
+    for info in objects:
         problem = key_problem(info.key)
         if problem is None:
             keys.append(info.key)
         if posixpath.splitext(info.key)[1].lower() in suffixes:  # PurePosixPath: seconds at 100k keys
             key = info.key if problem is None else printable_key(info.key)
-            videos.append(VideoItem(key, info.size, info.etag, problem))
-    videos.sort(key=lambda v: v.order)
-    return Discovery(videos, keys)
+            videos.append((stable_order(key), VideoItem(key, info.size, info.etag, problem)))
+    return objects[0].key, keys, videos
 
 
 def list_objects(store, *, on_page: Callable[[list[ObjectInfo]], None] | None = None, **options) -> list[ObjectInfo]:
@@ -101,8 +126,8 @@ def list_objects(store, *, on_page: Callable[[list[ObjectInfo]], None] | None = 
     at once than it saves (100k keys: 45-57 s of its CPU as 100 folder requests side by side), but
     one request at a time, the next sent as soon as the last has arrived, it builds a page while we
     parse the one before (100k keys, four runs each: 37-46 s in 12k-key pages by turns against
-    47-51 s in 50k-key pages in a row). The first page tells the two kinds of server apart, and may
-    be the whole bucket.
+    47-51 s in 50k-key pages in a row). The first page, of FIRST_PAGE_KEYS, tells the two kinds of
+    server apart, and may be the whole bucket.
 
     on_page: called with each page's objects (with each group's, when groups are listed side by
     side: then from several threads at once).
@@ -116,7 +141,8 @@ def list_objects(store, *, on_page: Callable[[list[ObjectInfo]], None] | None = 
 
     if not isinstance(store, S3Store):
         return shown(list(store.list(**options)))
-    pages = store.list_pages()
+    # a small first page (a capped server's whole page) is soon parsed, so the rest starts soon after it
+    pages = store.list_pages(first_keys=min(store.page_keys, FIRST_PAGE_KEYS))
     first = next(pages)
     if not first.get("IsTruncated"):
         return shown(list(store.page_objects(first, **options)))
@@ -166,29 +192,39 @@ def _groups_after(groups: list[str], last: str) -> list[tuple[str, str]]:
 class _TakingTurns:
     """Listing requests on one client take turns: a request is sent once the one before it has arrived.
 
-    The turn is taken as a request is made and given back as soon as its response has been received,
-    before botocore parses it, so the server builds the next page while this side parses the last.
-    A request that fails gives the turn back too, and a turn not given back within TURN_WAIT seconds is
-    not waited for: taking turns only saves time, it is never needed for a correct listing.
+    The turn is taken as a request is sent, once botocore has built and signed it, so the next request
+    is ready to go the moment the turn comes. It is given back as soon as the response's headers are
+    in: a server like moto builds the whole page before it answers, so it can build the next page while
+    this one's body comes over and is parsed. (The request is sent from botocore's `before-send` event
+    through the client's own HTTP session, exactly as botocore would send it; a client without one
+    gives the turn back once the body is in, before botocore parses it.) A request that fails gives the
+    turn back too, and a turn not given back within TURN_WAIT seconds is not waited for: taking turns
+    only saves time, it is never needed for a correct listing.
+
+    A member that has handed the turn on lets the next request out before it parses its page: the XML
+    parse holds the GIL in one long C call (a third of a second for a 12k-key page), and the next
+    request waited behind it.
     """
 
     EVENT = "s3.ListObjectsV2"
+    HANDLERS = (("before-send", "_send"), ("before-parse", "_parse"), ("after-call-error", "_give"))
 
     def __init__(self, client):
         self._events = client.meta.events
+        self._http = getattr(getattr(client, "_endpoint", None), "http_session", None)
         self._turn = threading.Lock()
+        self._waiting = 0  # members waiting for the turn
+        self._count = threading.Lock()
         self._held = threading.local()
         self._id = f"pseudotrack-turns-{id(self)}"
 
     def __enter__(self) -> _TakingTurns:
-        self._events.register(f"before-call.{self.EVENT}", self._take, unique_id=self._id + "-take")
-        for event in ("before-parse", "after-call-error"):
-            self._events.register(f"{event}.{self.EVENT}", self._give, unique_id=f"{self._id}-{event}")
+        for event, handler in self.HANDLERS:
+            self._events.register(f"{event}.{self.EVENT}", getattr(self, handler), unique_id=f"{self._id}-{event}")
         return self
 
     def __exit__(self, *exc) -> None:
-        self._events.unregister(f"before-call.{self.EVENT}", unique_id=self._id + "-take")
-        for event in ("before-parse", "after-call-error"):
+        for event, _ in self.HANDLERS:
             self._events.unregister(f"{event}.{self.EVENT}", unique_id=f"{self._id}-{event}")
 
     @contextlib.contextmanager
@@ -201,15 +237,36 @@ class _TakingTurns:
             self._give()
             self._held.member = False
 
-    def _take(self, **_) -> None:
-        if getattr(self._held, "member", False):
-            self._give()  # a retried request whose first try got no response
+    def _send(self, request=None, **_):
+        """The response of a member's request, sent in its turn; None (botocore sends it) for others."""
+        if not getattr(self._held, "member", False):
+            return None
+        self._give()  # a retried request whose first try got no response
+        with self._count:
+            self._waiting += 1
+        try:
             self._held.turn = self._turn.acquire(timeout=TURN_WAIT)
+        finally:
+            with self._count:
+                self._waiting -= 1
+        if self._http is None:
+            return None  # botocore sends it, and the turn is given back before the body is parsed
+        try:
+            return self._http.send(request)  # returns with the headers; the body is read later by botocore
+        finally:
+            self._give()
 
     def _give(self, **_) -> None:
         if getattr(self._held, "turn", False):
             self._held.turn = False
+            self._held.handed = self._waiting > 0
             self._turn.release()
+
+    def _parse(self, **_) -> None:
+        self._give()
+        if getattr(self._held, "handed", False):
+            self._held.handed = False
+            time.sleep(HEAD_START)
 
 
 def _prefix_groups(store, want: int) -> list[str] | None:
