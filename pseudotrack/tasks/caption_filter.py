@@ -292,12 +292,17 @@ def offer_sidecar(best: dict[str, tuple[int, str]], key: str) -> str | None:
     return stem
 
 
+def chosen_sidecars(best: Mapping[str, tuple[int, str]]) -> dict[str, str]:
+    """Stem -> the sidecar a video with that stem takes, from what `offer_sidecar` recorded."""
+    return {stem: key for stem, (_, key) in best.items()}
+
+
 def sidecar_map(keys: Iterable[str]) -> dict[str, str]:
     """Stem -> the sidecar a video with that stem takes."""
     best: dict[str, tuple[int, str]] = {}
     for key in keys:
         offer_sidecar(best, key)
-    return {stem: key for stem, (_, key) in best.items()}
+    return chosen_sidecars(best)
 
 
 class CaptionIndex:
@@ -329,12 +334,16 @@ class CaptionIndex:
         *,
         manifest: Manifest | None = None,
         prefetched: Mapping[str, Future] | None = None,
+        sidecars: Mapping[str, str] | None = None,
     ) -> CaptionIndex:
-        """`store` is the bucket; `all_keys` is every key listed in it (for sidecars)."""
+        """`store` is the bucket; `all_keys` is every key listed in it (for sidecars, unless `sidecars`, the
+        choice over those keys, was made already)."""
         if manifest is None:
             manifest = Manifest.find(store, manifest_uri)
+        if sidecars is None:
+            sidecars = sidecar_map(all_keys)
         # sidecars are read no further than the limit: a multi-gigabyte "caption" must not fill memory
-        return cls(manifest, sidecar_map(all_keys), partial(read_sidecar, store), prefetched)
+        return cls(manifest, sidecars, partial(read_sidecar, store), prefetched)
 
     def _resolve(self, key: str) -> Caption | str:
         """The caption of a video found without a read, or the sidecar to read for it."""

@@ -19,10 +19,17 @@ import posixpath
 import threading
 from collections.abc import Iterable, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 
 from ..config import VIDEO_SUFFIXES
-from .caption_filter import CaptionIndex, CaptionRules, Manifest, Verdict, offer_sidecar, read_sidecar
+from .caption_filter import (
+    CaptionIndex,
+    CaptionRules,
+    Manifest,
+    Verdict,
+    chosen_sidecars,
+    offer_sidecar,
+    read_sidecar,
+)
 from .discover import key_problem
 
 
@@ -110,10 +117,10 @@ class CaptionPrefetch:
         with self._lock:
             reads = dict(self._reads)
             scanned, best = self._scanned, dict(self._sidecar)
-        if isinstance(all_keys, Sized) and scanned == len(all_keys):  # the scans saw the whole listing
-            sidecars = {stem: key for stem, (_, key) in best.items()}  # what sidecar_map(all_keys) gives
-            return CaptionIndex(manifest, sidecars, partial(read_sidecar, self._store), reads)
-        return CaptionIndex.build(self._store, all_keys, manifest=manifest, prefetched=reads)
+        # when the scans saw the whole listing, their choice is what sidecar_map(all_keys) would give
+        whole = isinstance(all_keys, Sized) and scanned == len(all_keys)
+        sidecars = chosen_sidecars(best) if whole else None
+        return CaptionIndex.build(self._store, all_keys, manifest=manifest, prefetched=reads, sidecars=sidecars)
 
     def judged(self) -> dict[str, Verdict]:
         """Manifest caption text -> the rules' verdict."""
