@@ -126,7 +126,7 @@ def main() -> None:
         timed("latest() cold after compact", after.latest, results)
         timed("summary() warm after compact", after.summary, results)
 
-        from pseudotrack.flows.dashboard import Dashboard
+        from pseudotrack.dashboard.app import Dashboard
 
         board = Dashboard(store.uri())
         timed("dashboard summary() cold", board.summary, results)
@@ -176,7 +176,7 @@ def as_a_round_writes_it(args, results: dict) -> None:
         summary = timed("status: summary() cold", Catalog(store).summary, results)
         assert summary["videos"] == args.videos, summary["videos"]
         timed("latest() cold", Catalog(store).latest, results)
-        from pseudotrack.flows.dashboard import Dashboard
+        from pseudotrack.dashboard.app import Dashboard
 
         timed("dashboard summary() cold", Dashboard(store.uri()).summary, results)
 

@@ -85,8 +85,9 @@ def plan_once(bucket_uri: str, workspace_uri: str) -> dict:
     import resource
 
     from pseudotrack.config import RoundConfig
-    from pseudotrack.flows.label_round import open_workspace, plan_round, start_captions
+    from pseudotrack.flows.label_round import plan_round, start_captions
     from pseudotrack.storage.catalog import Catalog
+    from pseudotrack.storage.objects import open_workspace
     from pseudotrack.tasks.discover import batches, discover
 
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,10 +1,10 @@
-"""Named checkpoints where fault-injection tests kill, slow or hold the process; free when none is configured.
+"""Named fault points where fault-injection tests kill, slow or hold the process; free when none is configured.
 
 The crash-safety tests must kill a round at exact places (mid-tar, after a
 shard's upload but before its manifest, between a manifest and its catalog
 event...) many times over, and tell each place apart. A signal sent from
-outside lands wherever the process happens to be; a checkpoint in the code
-lands where it says. Production code calls `checkpoint(name)` at each stage
+outside lands wherever the process happens to be; a fault point in the code
+lands where it says. Production code calls `fault_point(name)` at each stage
 boundary; unless a variable below is set, that is one global lookup.
 
     PSEUDOTRACK_FAULT_POINT="name:n[,name:n...]"  SIGKILL this process the n-th time `name` is reached
@@ -58,7 +58,7 @@ _tracing = False
 _trace: Counter[str] = Counter()
 
 
-def checkpoint(name: str) -> None:
+def fault_point(name: str) -> None:
     """A stage boundary named `name`: the place a configured fault happens."""
     if _plan is None and not _tracing:
         return
@@ -69,7 +69,7 @@ def checkpoint(name: str) -> None:
 
 
 def configure_from_env(env: dict[str, str] | None = None) -> None:
-    """(Re)read the fault variables; with none set, checkpoints cost nothing."""
+    """(Re)read the fault variables; with none set, fault points cost nothing."""
     global _plan
     env = os.environ if env is None else env
     kills = {name: int(n) for name, n in _pairs(env.get(POINT_VAR, ""))}
@@ -82,7 +82,7 @@ def configure_from_env(env: dict[str, str] | None = None) -> None:
 
 
 def start_trace() -> None:
-    """Count every checkpoint reached from now on (the tests list a run's reachable kill points this way)."""
+    """Count every fault point reached from now on (the tests list a run's reachable kill points this way)."""
     global _tracing
     _trace.clear()
     _tracing = True

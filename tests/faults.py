@@ -1,9 +1,9 @@
-"""Fault injection for the reliability tests: rounds killed at named checkpoints, an S3 proxy that breaks
+"""Fault injection for the reliability tests: rounds killed at named fault points, an S3 proxy that breaks
 requests on a schedule, and the invariants every run must keep whatever happened to it.
 
 - `RoundRunner` runs rounds in child processes forked from a forkserver that has imported pseudotrack
   once (a cold import costs ~10 s here; a fork costs milliseconds), so dozens of rounds can be killed
-  with SIGKILL at exact places (`pseudotrack.faults.checkpoint`) within a test's budget. Each child is
+  with SIGKILL at exact places (`pseudotrack.faults.fault_point`) within a test's budget. Each child is
   a real separate process: what it leaves behind is what a killed round leaves behind.
 - `FaultProxy` sits on 127.0.0.1 in front of the moto S3 server and answers chosen requests with
   500/503, delays them, drops the connection before or after the server acted, cuts a response body
@@ -141,7 +141,7 @@ class RoundRunner:
         self.ctx.set_forkserver_preload(self.PRELOAD)
 
     def start(self, config: dict, *, kill: str | None = None, env: dict | None = None, **job) -> tuple:
-        """Start a round; `kill` = "checkpoint:n" SIGKILLs it the n-th time it reaches that checkpoint."""
+        """Start a round; `kill` = "point:n" SIGKILLs it the n-th time it reaches that fault point."""
         env = dict(env or {})
         unset = ["PSEUDOTRACK_FAULT_POINT", "PSEUDOTRACK_FAULT_PAUSE", "PSEUDOTRACK_FAULT_BARRIER"]
         if kill:

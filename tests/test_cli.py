@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pseudotrack.flows.cli import app
+from pseudotrack.cli.main import app
 
 runner = CliRunner()
 
@@ -62,7 +62,7 @@ def test_main_command_runs_a_round_on_the_ephemeral_api(tmp_path):
     """The README's main command: demo data, then a round, with no Prefect server started."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="160")
-    cli = [sys.executable, "-m", "pseudotrack.flows.cli"]
+    cli = [sys.executable, "-m", "pseudotrack.cli.main"]
     bucket, workspace = tmp_path / "bucket", tmp_path / "ws"
     subprocess.run(
         [
@@ -136,17 +136,17 @@ def test_main_command_runs_a_round_on_the_ephemeral_api(tmp_path):
 
 def test_the_summary_shows_videos_left_to_another_run(capsys, monkeypatch):
     """Videos a concurrent round had claimed are neither labelled nor failed here: the summary says where they went."""
-    from pseudotrack.flows import cli
-    from pseudotrack.flows.label_round import RoundSummary
+    from pseudotrack.cli import common as cli
+    from pseudotrack.flows.summary import RoundSummary
 
     monkeypatch.setenv("COLUMNS", "160")
     summary = RoundSummary("r1", labelled=3, seconds=2.0)
     summary.skipped = {"claimed by round r0 (contended)": 2}
-    cli._print_summary(summary.to_dict())
+    cli.print_summary(summary.to_dict())
     text = capsys.readouterr().out
     assert "left to another run" in text and "claimed by round r0" in text and " 2 " in text
     summary.skipped = {}
-    cli._print_summary(summary.to_dict())
+    cli.print_summary(summary.to_dict())
     assert "left to another run" not in capsys.readouterr().out
 
 

@@ -26,9 +26,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from pseudotrack.dashboard import app as dash
+from pseudotrack.dashboard import charts
 from pseudotrack.errors import ConfigError
-from pseudotrack.flows import dashboard as dash
-from pseudotrack.flows import dashboard_charts as charts
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SUFFIX, Catalog
 from pseudotrack.storage.objects import open_store
 from pseudotrack.synthetic import render_scene

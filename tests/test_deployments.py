@@ -18,7 +18,7 @@ import yaml
 from pseudotrack.config import RoundConfig, dataclass_from_dict
 from pseudotrack.flows.events import ROUND_COMPLETED, round_payload, round_resource
 from pseudotrack.flows.label_batch import batch_parameters
-from pseudotrack.flows.label_round import RoundSummary
+from pseudotrack.flows.summary import RoundSummary
 from pseudotrack.tasks.labelling import PlannedVideo
 
 REPO = Path(__file__).resolve().parents[1]

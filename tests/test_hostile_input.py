@@ -24,8 +24,8 @@ import pytest
 import videos  # tests/videos.py
 
 from pseudotrack.config import RoundConfig
+from pseudotrack.dashboard import app as dash
 from pseudotrack.errors import SampleError
-from pseudotrack.flows import dashboard as dash
 from pseudotrack.flows.label_round import run_round
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pseudotrack.cli.main import app
 from pseudotrack.demo import write_demo_bucket
-from pseudotrack.flows.cli import app
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.objects import open_store

@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pseudotrack.cli.main import app
 from pseudotrack.config import RoundConfig
 from pseudotrack.demo import write_demo_bucket
 from pseudotrack.errors import ConfigError
-from pseudotrack.flows.cli import app
 from pseudotrack.flows.scaling_round import (
     METRICS,
     EvalSettings,

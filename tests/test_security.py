@@ -33,10 +33,10 @@ import torch
 import videos  # tests/videos.py
 from typer.testing import CliRunner
 
+from pseudotrack.cli.main import app
 from pseudotrack.config import RoundConfig
+from pseudotrack.dashboard import app as dash
 from pseudotrack.errors import CheckpointError, ConfigError
-from pseudotrack.flows import dashboard as dash
-from pseudotrack.flows.cli import app
 from pseudotrack.flows.label_round import run_round
 from pseudotrack.storage.objects import open_store
 from pseudotrack.tasks.shards import committed_shards, read_shard

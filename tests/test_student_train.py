@@ -394,7 +394,7 @@ def test_two_rank_ddp_run_under_torchrun(workspace: str, tmp_path: Path) -> None
 def _cli():
     import typer
 
-    from pseudotrack.flows.student_cli import eval_command, train_command
+    from pseudotrack.cli.student import eval_command, train_command
 
     app = typer.Typer()
     app.command("train")(train_command)
@@ -428,7 +428,7 @@ def test_train_command_runs_the_train_student_flow(prefect_server: str, workspac
     import sys
 
     program = (
-        "import typer; from pseudotrack.flows.student_cli import train_command; "
+        "import typer; from pseudotrack.cli.student import train_command; "
         "app = typer.Typer(); app.command('train')(train_command); app.command('other')(lambda: None); app()"
     )
     args = [

@@ -19,9 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pseudotrack import faults
+from pseudotrack.cli.main import app
 from pseudotrack.config import RoundConfig
 from pseudotrack.demo import write_demo_bucket
-from pseudotrack.flows.cli import app
 from pseudotrack.flows.label_round import run_round
 from pseudotrack.flows.watch_bucket import (
     LEASE_PREFIX,

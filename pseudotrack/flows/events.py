@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from prefect.events import Event
 
-    from .label_round import RoundSummary
+    from .summary import RoundSummary
 
 ROUND_COMPLETED = "pseudotrack.round.completed"
 ROUND_FAILED = "pseudotrack.round.failed"

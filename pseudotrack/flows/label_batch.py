@@ -32,7 +32,7 @@ from prefect.artifacts import create_markdown_artifact
 from ..config import RoundConfig
 from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import runs_prefix
-from ..storage.objects import open_store
+from ..storage.objects import open_store, open_workspace
 from ..tasks.labelling import BatchResult, PlannedVideo, batch_id_for, label_batch
 
 DEPLOYMENT = "label-batch/label-batch"
@@ -50,8 +50,6 @@ def batch_result_key(round_id: str, batch_id: str) -> str:
 
 
 def run_batch(config: RoundConfig, videos: list[PlannedVideo], checkpoints: dict[str, str | None]) -> dict:
-    from .label_round import open_workspace
-
     bucket, workspace = open_workspace(config)
     result = asdict(label_batch(videos, config, checkpoints, bucket, workspace, Catalog(workspace)))
     workspace.write_bytes(

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -24,15 +23,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..config import RoundConfig
 from ..errors import ConfigError
-from ..faults import checkpoint
+from ..faults import fault_point
 from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import new_round_id
-from ..storage.objects import open_store
+from ..storage.objects import open_workspace
 from ..tasks.caption_filter import CaptionRules, filter_captions
 from ..tasks.caption_prefetch import CaptionPrefetch
 from ..tasks.discover import Discovery, VideoItem, batches, discover_task, pending
 from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resolve_checkpoints
 from ..tasks.shards import recover_committed as _recover_committed
+from .summary import RoundSummary, artifact_key
 
 ProgressListener = Callable[[str, dict], None]
 _listeners: list[ProgressListener] = []
@@ -49,45 +49,8 @@ def _notify(event: str, payload: dict) -> None:
         listener(event, payload)
 
 
-@dataclass
-class RoundSummary:
-    round_id: str
-    discovered: int = 0
-    planned: int = 0
-    reused: int = 0  # already labelled/filtered/failed with the same ETag
-    filtered: int = 0
-    labelled: int = 0
-    failed: int = 0
-    recovered: int = 0  # samples of shards committed by an interrupted run, catalogued now
-    shards: list[str] = field(default_factory=list)
-    teachers: dict[str, int] = field(default_factory=dict)
-    failure_reasons: dict[str, int] = field(default_factory=dict)
-    filter_rules: dict[str, int] = field(default_factory=dict)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    failed_batches: list[dict] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)  # planned videos left to another round, by why
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
-
-
 def _in_flow() -> bool:
     return FlowRunContext.get() is not None
-
-
-def open_workspace(config: RoundConfig):
-    """Open and check both stores; a missing bucket or unwritable workspace stops the round at once."""
-    bucket = open_store(config.bucket)
-    bucket.check_readable()
-    workspace = open_store(config.workspace)
-    workspace.check_writable()
-    return bucket, workspace
 
 
 def recover_committed(workspace, catalog: Catalog) -> int:
@@ -211,7 +174,7 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
     log = get_run_logger() if _in_flow() else None
 
     summary.recovered = recover_committed(workspace, catalog)
-    checkpoint("round.recovered")
+    fault_point("round.recovered")
     # the done set and the captions are read while the bucket is listed (seconds each on S3)
     with start_captions(config, bucket, sidecars=discovery is None) as captions, ThreadPoolExecutor(1) as pool:
         done_set = pool.submit(catalog.done, statuses=("labelled", "filtered") if config.retry_failed else None)
@@ -219,14 +182,14 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
             listing = discover_task if _in_flow() else discover_task.fn
             discovery = listing(bucket, on_page=captions.add)
         done = done_set.result()
-        checkpoint("round.discovered")
+        fault_point("round.discovered")
         summary.discovered = len(discovery.videos)
         if not discovery.videos and log:
             log.warning("no videos found in %s", config.bucket)
         planned, rows, summary.reused = plan_round(config, bucket, discovery.videos, discovery.all_keys, done, captions)
     if rows:
         catalog.append([dict(r, round_id=round_id, batch_id="plan") for r in rows])
-    checkpoint("round.planned")
+    fault_point("round.planned")
     for row in rows:
         if row["status"] == "filtered":
             summary.filtered += 1
@@ -274,7 +237,7 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
         summary.skipped = dict(Counter(summary.skipped) + Counter(result.skipped))
     summary.failed_batches = failures
     summary.seconds = time.perf_counter() - started
-    checkpoint("round.summary")
+    fault_point("round.summary")
     workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
     if _in_flow():
         if progress_id:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 
+METRICS = {"AJ": "average_jaccard", "δ_avg": "average_pts_within_thresh", "OA": "occlusion_accuracy"}
 COLOURS = {"AJ": "tab:blue", "δ_avg": "tab:orange", "OA": "tab:green"}
 
 
@@ -16,8 +17,6 @@ def figure_png(rows: list[dict], baseline: dict | None, study: str, benchmark: s
     """One panel per metric (in percent), number of videos on a log axis, the starting checkpoint as a dashed line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg on this figure only: no global backend
     from matplotlib.figure import Figure
-
-    from .scaling_round import METRICS
 
     figure = Figure(figsize=(12, 3.8), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

@@ -38,10 +38,10 @@ from ..errors import ConfigError
 from ..storage.layout import manifest_key, validate_round_id
 from ..storage.objects import open_store
 from ..student.train import TrainConfig
-from .label_round import artifact_key
+from .scaling_plot import METRICS
+from .summary import artifact_key
 
 SCALING = "scaling"
-METRICS = {"AJ": "average_jaccard", "δ_avg": "average_pts_within_thresh", "OA": "occlusion_accuracy"}
 PAPER_SIZES = (100, 1000, 5000, 15000, 30000, 100000)
 
 ScalingListener = Callable[[str, dict], None]

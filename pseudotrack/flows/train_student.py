@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.context import FlowRunContext
 
 from ..student.train import TrainConfig, TrainResult, run_training
-from .label_round import artifact_key
+from .summary import artifact_key
 
 REPORT_NAME = "report.json"
 

@@ -50,10 +50,11 @@ from ..config import RoundConfig
 from ..errors import ConfigError
 from ..storage.catalog import TERMINAL, Catalog
 from ..storage.claims import HOST, pid_alive
-from ..storage.objects import ObjectStore
+from ..storage.objects import ObjectStore, open_workspace
 from ..tasks.discover import Discovery, VideoItem, discover_task
 from ..tasks.labelling import resolve_checkpoints
-from .label_round import BatchesFailed, artifact_key, open_workspace, run_round
+from .label_round import BatchesFailed, run_round
+from .summary import artifact_key
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..faults import checkpoint
+from ..faults import fault_point
 from .layout import CATALOG, validate_round_id
 from .objects import ObjectStore, open_store
 
@@ -141,9 +141,9 @@ class Catalog:
         table = rows_to_table(rows, stem, now)
         key = f"{EVENTS}{stem}{SUFFIX}"
         data = _to_parquet(table)
-        checkpoint("catalog.before_write")
+        fault_point("catalog.before_write")
         self.store.write_bytes(key, data)
-        checkpoint("catalog.written")
+        fault_point("catalog.written")
         self._cache[key] = table
         return key
 

@@ -34,10 +34,12 @@ from urllib.request import url2pathname
 
 from ..config import has_userinfo
 from ..errors import ConfigError
-from ..faults import checkpoint
+from ..faults import fault_point
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
+
+    from ..config import RoundConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -292,7 +294,7 @@ class LocalStore(ObjectStore):
                     shutil.copyfileobj(data, fh, 1 << 20)
                 fh.flush()
                 os.fsync(fh.fileno())
-            checkpoint("store.tmp_written")  # crash tests: the bytes are down, not yet under their name
+            fault_point("store.tmp_written")  # crash tests: the bytes are down, not yet under their name
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -911,3 +913,12 @@ def register_s3_gopen() -> None:
     from webdataset.gopen import gopen_schemes  # `webdataset.gopen` is also a function name
 
     gopen_schemes["s3"] = gopen_s3
+
+
+def open_workspace(config: RoundConfig) -> tuple[ObjectStore, ObjectStore]:
+    """Open and check both stores; a missing bucket or unwritable workspace stops the round at once."""
+    bucket = open_store(config.bucket)
+    bucket.check_readable()
+    workspace = open_store(config.workspace)
+    workspace.check_writable()
+    return bucket, workspace

@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from .. import __version__
 from ..config import RoundConfig
 from ..errors import ConfigError, SampleError
-from ..faults import checkpoint
+from ..faults import fault_point
 from ..storage.claims import ClaimSet
 from ..storage.layout import sample_key
 from ..teachers.base import Teacher, TeacherOutput, create_teacher, predict_clips, teacher_spec
@@ -384,7 +384,7 @@ def label_batch(
     batch_id = batch_id_for(config.round_id, [v.key for v in videos])
     with ClaimSet(workspace, config.round_id, batch_id, config.claim_lease_seconds) as claims:
         mine = claimed_videos(videos, config, workspace, catalog, claims)
-        checkpoint("batch.claimed")
+        fault_point("batch.claimed")
         result = _label_claimed(mine, batch_id, claims, config, checkpoints, bucket, workspace, catalog, on_video)
     for reason in claims.skipped.values():
         result.skipped[reason] = result.skipped.get(reason, 0) + 1
@@ -461,7 +461,7 @@ def _label_claimed(
                 log.warning("labelling %s failed unexpectedly:\n%s", video.key, traceback.format_exc())
                 row = failed_row(video, "internal", f"unexpected {type(exc).__name__}: {exc}")
             else:
-                checkpoint("video.labelled")
+                fault_point("video.labelled")
                 t = time.perf_counter()
                 committed = sink.add(sample, dict(row, round_id=config.round_id, batch_id=batch_id))
                 timings["shard"] = timings.get("shard", 0.0) + time.perf_counter() - t
@@ -483,7 +483,7 @@ def _label_claimed(
         timings["shard"] = timings.get("shard", 0.0) + time.perf_counter() - t
         commit(committed)
         record(pending_failures)
-        checkpoint("batch.recorded")
+        fault_point("batch.recorded")
     except BaseException:
         sink.abort()
         raise

@@ -26,7 +26,7 @@ import numpy as np
 import webdataset as wds
 
 from .. import __version__
-from ..faults import checkpoint
+from ..faults import fault_point
 from ..storage.layout import MANIFEST_SUFFIX, is_manifest, manifest_key, shard_key, shards_prefix
 from ..teachers.base import TeacherOutput
 
@@ -130,7 +130,7 @@ class ShardSink:
         assert self._writer is not None
         record = sample.to_record()
         self._writer.write(record)
-        checkpoint("shard.sample_written")  # crash tests: a tar half written, in a local temporary folder
+        fault_point("shard.sample_written")  # crash tests: a tar half written, in a local temporary folder
         self._bytes += sum(len(v) if isinstance(v, bytes) else getattr(v, "nbytes", 0) for v in record.values())
         self._samples.append(sample.key)
         self._teachers.update(list(sample.labels))
@@ -156,13 +156,13 @@ class ShardSink:
         assert self._writer is not None and self._path is not None
         self._writer.close()
         self._writer = None
-        checkpoint("shard.closed")
+        fault_point("shard.closed")
         key = shard_key(self.round_id, self.batch_id, self._index)
         self._index += 1
         size = self._path.stat().st_size
         digest = _sha256(self._path)
         self.workspace.put_file(str(self._path), key)
-        checkpoint("shard.uploaded")  # crash tests: the tar is there, its manifest (the commit) is not
+        fault_point("shard.uploaded")  # crash tests: the tar is there, its manifest (the commit) is not
         # event ids fixed by the shard, so a recovery after a crash cannot double an event
         rows = [dict(row, shard_id=key, event_id=f"{key}#{i}") for i, row in enumerate(self._rows)]
         manifest = {
@@ -179,7 +179,7 @@ class ShardSink:
         }
         marker = manifest_key(key)
         self.workspace.write_bytes(marker, json.dumps(manifest, indent=1).encode("utf-8"))
-        checkpoint("shard.committed")  # crash tests: committed, its catalog events not yet written
+        fault_point("shard.committed")  # crash tests: committed, its catalog events not yet written
         os.unlink(self._path)
         return CommittedShard(key, marker, list(self._samples), size, rows)
 

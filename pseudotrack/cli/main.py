@@ -7,16 +7,15 @@ is instant and Prefect's settings can be defaulted before Prefect loads.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from . import round_options as ro
+from . import options as ro
+from .common import console, counts_table, fail, out, print_summary, quiet_prefect
 
 app = typer.Typer(
     name="pseudotrack",
@@ -25,33 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
-
-
-def _quiet_prefect(verbose: bool) -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if verbose:  # asked for on this command line, so it wins over a level left in the environment
-        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
-    else:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    # the ephemeral API's cold start can exceed Prefect's 20 s default on a busy 2-core machine
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    raise typer.Exit(code)
-
-
-def _counts_table(title: str, counts: dict, column: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column(column)
-    table.add_column("videos", justify="right")
-    for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))):
-        table.add_row(str(name), str(count))
-    return table
 
 
 @app.command("round")
@@ -99,7 +71,7 @@ def round_command(
     verbose: ro.Verbose = False,
 ) -> None:
     """Run a labelling round: discover, filter captions, sample queries, run teachers, write shards."""
-    _quiet_prefect(verbose)
+    quiet_prefect(verbose)
     from ..config import RoundConfig
 
     summary = ro.run_labelling(
@@ -129,79 +101,9 @@ def round_command(
             executor=executor,
         )
     )
-    _print_summary(summary)
+    print_summary(summary)
     if summary["failed"] and not summary["labelled"]:
         raise typer.Exit(1)
-
-
-def _run_with_progress(config, run=None) -> dict:
-    """`run(config)` (default: the label-round flow) with a progress bar fed by the round's listeners."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from ..tasks.labelling import resolve_checkpoints
-    from .label_round import add_progress_listener, open_workspace, run_label_round_flow
-
-    open_workspace(config)  # a missing bucket, unwritable workspace or checkpoint stops here, before Prefect starts
-    resolve_checkpoints(config)
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("labelled {task.fields[labelled]} failed {task.fields[failed]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-    state = {"task": None, "labelled": 0, "failed": 0}
-
-    def listener(event: str, payload: dict) -> None:
-        if event == "planned":
-            state["task"] = progress.add_task(
-                f"round {payload['round_id']}", total=payload["total"], labelled=0, failed=0
-            )
-            console.print(
-                f"planned {payload['total']} videos to label "
-                f"({payload['filtered']} filtered by caption, {payload['reused']} already done)"
-            )
-        elif event in ("labelled", "failed") and state["task"] is not None:
-            state[event] += 1
-            progress.update(state["task"], advance=1, labelled=state["labelled"], failed=state["failed"])
-
-    remove = add_progress_listener(listener)
-    try:
-        console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
-        with progress:
-            return (run or run_label_round_flow)(config)
-    finally:
-        remove()
-
-
-def _print_summary(summary: dict) -> None:
-    table = Table(title=f"round {summary['round_id']}", title_justify="left")
-    table.add_column("state")
-    table.add_column("videos", justify="right")
-    for name in ("labelled", "filtered", "failed", "reused", "recovered"):
-        table.add_row(name, str(summary[name]))
-    out.print(table)
-    if summary["teachers"]:
-        out.print(_counts_table("teachers", summary["teachers"], "teacher"))
-    if summary["failure_reasons"]:
-        out.print(_counts_table("failure reasons", summary["failure_reasons"], "reason"))
-    if summary["filter_rules"]:
-        out.print(_counts_table("caption filter", summary["filter_rules"], "rule"))
-    if summary.get("skipped"):  # claimed by a round running beside this one, which labels them
-        out.print(_counts_table("left to another run", summary["skipped"], "why"))
-    rate = (summary["labelled"] + summary["failed"]) / max(summary["seconds"], 1e-9)
-    out.print(f"{len(summary['shards'])} shards written in {summary['seconds']:.1f} s ({rate * 3600:.0f} videos/hour)")
 
 
 @app.command()
@@ -220,7 +122,7 @@ def status(
         store.check_readable()
         summary = Catalog(store).summary(round_id=round_id)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     if as_json:
         out.print_json(json.dumps(summary, default=str))
@@ -238,13 +140,13 @@ def _print_status(summary: dict) -> None:
         table.add_row(name, *(str(counts.get(s, 0)) for s in ("labelled", "filtered", "failed")))
     out.print(table)
     if summary.get("by_status"):
-        out.print(_counts_table("all videos (latest state)", summary["by_status"], "state"))
+        out.print(counts_table("all videos (latest state)", summary["by_status"], "state"))
     if summary.get("by_teacher"):
-        out.print(_counts_table("teachers", summary["by_teacher"], "teacher"))
+        out.print(counts_table("teachers", summary["by_teacher"], "teacher"))
     if summary.get("by_reason"):
-        out.print(_counts_table("failure reasons", summary["by_reason"], "reason"))
+        out.print(counts_table("failure reasons", summary["by_reason"], "reason"))
     if summary.get("by_filter_rule"):
-        out.print(_counts_table("caption filter", summary["by_filter_rule"], "rule"))
+        out.print(counts_table("caption filter", summary["by_filter_rule"], "rule"))
 
 
 @app.command("demo-data")
@@ -286,23 +188,23 @@ def show(
     from ..render import render_sample_file
 
     if (video is None) == (sample is None):
-        _fail("give exactly one of --video KEY or --sample KEY")
+        fail("give exactly one of --video KEY or --sample KEY")
     try:
         info = render_sample_file(
             workspace, output, video_key=video, sample_key=sample, teacher=teacher, max_tracks=max_tracks
         )
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     out.print(f"wrote {output} ({info['teacher']} labels of {info['source_key']}, {info['frames']} frames)")
 
 
 def _register_other_commands() -> None:
     """Commands that live beside the flows they drive (training, evaluation, the dashboard)."""
-    from .dashboard import dashboard_command
-    from .scaling_cli import scaling_study_command
-    from .student_cli import eval_command, train_command
-    from .watch_cli import watch_command
+    from ..dashboard.app import dashboard_command
+    from .scaling import scaling_study_command
+    from .student import eval_command, train_command
+    from .watch import watch_command
 
     app.command("watch")(watch_command)
     app.command("scaling-study")(scaling_study_command)

@@ -48,7 +48,7 @@ import typer
 from ..storage.catalog import Catalog
 from ..storage.layout import REPORTS, RUNS, SHARDS, is_manifest, is_sample_key
 from ..storage.objects import ObjectInfo, ObjectStore, open_store
-from . import dashboard_charts as charts
+from . import charts
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
-out = Console()
+from .common import console, fail, out
 
 
 def _size_pair(text: str, what: str) -> tuple[int, int]:
@@ -93,14 +91,14 @@ def scaling_study_command(
     verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
 ) -> None:
     """Label, train and evaluate a student per number of videos; write Figure 1 (PNG), a table and results.json."""
-    from .cli import _fail, _quiet_prefect
+    from .common import quiet_prefect
 
-    _quiet_prefect(verbose)
+    quiet_prefect(verbose)
     from ..config import RoundConfig
     from ..errors import ConfigError
+    from ..flows.label_round import BatchesFailed
+    from ..flows.scaling_round import EvalSettings, ScalingConfig, parse_sizes
     from ..student.train import TrainConfig
-    from .label_round import BatchesFailed
-    from .scaling_round import EvalSettings, ScalingConfig, parse_sizes
 
     try:
         size_list = parse_sizes(sizes)
@@ -159,10 +157,10 @@ def scaling_study_command(
             )
         results = _run_with_progress(scaling, size_list)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     except BatchesFailed as exc:
-        _fail(f"{exc}; run the study again to resume", code=1)
+        fail(f"{exc}; run the study again to resume", code=1)
         return
     out.print(results["table"], markup=False, highlight=False)
     for name, uri in results["uris"].items():
@@ -172,8 +170,8 @@ def scaling_study_command(
 def _run_with_progress(scaling, sizes: list[int]) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .label_round import add_progress_listener
-    from .scaling_round import add_scaling_listener, scaling_study
+    from ..flows.label_round import add_progress_listener
+    from ..flows.scaling_round import add_scaling_listener, scaling_study
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),

@@ -12,16 +12,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
-out = Console()
-
-
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
+from .common import console, fail, out
 
 
 def _progress():
@@ -102,8 +95,8 @@ def train_command(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     from ..errors import ConfigError
+    from ..flows.train_student import add_log_listener, train_student_flow
     from ..student.train import TrainConfig
-    from .train_student import add_log_listener, train_student_flow
 
     try:
         config = TrainConfig(
@@ -126,7 +119,7 @@ def train_command(
             device=device,
         )
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     bench = None if (evaluate_on or "").lower() in ("", "none") else evaluate_on
     progress = _progress()
@@ -147,7 +140,7 @@ def train_command(
         with progress:
             report = train_student_flow(config, bench, eval_videos)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     finally:
         remove()
@@ -204,12 +197,12 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint with the TAP-Vid metrics (AJ, δ_avg, OA), print them and save a JSON report."""
     from ..errors import ConfigError
-    from .train_student import evaluate_student
+    from ..flows.train_student import evaluate_student
 
     if query_mode not in ("first", "strided"):
-        _fail(f"query mode {query_mode!r}: choose first or strided")
+        fail(f"query mode {query_mode!r}: choose first or strided")
     if not Path(checkpoint).is_file():
-        _fail(f"checkpoint {checkpoint} does not exist")
+        fail(f"checkpoint {checkpoint} does not exist")
     path = report or Path(f"{checkpoint}.eval-{Path(benchmark).stem}-{query_mode}.json")
     progress = _progress()
     with progress:
@@ -232,7 +225,7 @@ def eval_command(
                 progress=on_video,
             )
         except (ConfigError, FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
             return
     protocol = result["info"]["protocol"]
     out.print(

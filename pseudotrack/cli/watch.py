@@ -10,12 +10,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from . import round_options as ro
-
-console = Console(stderr=True)
-out = Console()
+from . import options as ro
+from .common import console, out
 
 
 def watch_command(
@@ -58,11 +55,11 @@ def watch_command(
     verbose: ro.Verbose = False,
 ) -> None:
     """Label what is new or changed in the bucket since the last watch run; a run that overlaps one exits at once."""
-    from .cli import _print_summary, _quiet_prefect
+    from .common import print_summary, quiet_prefect
 
-    _quiet_prefect(verbose)
+    quiet_prefect(verbose)
     from ..config import RoundConfig
-    from .watch_bucket import run_watch_flow
+    from ..flows.watch_bucket import run_watch_flow
 
     result = ro.run_labelling(
         lambda: RoundConfig(
@@ -91,7 +88,7 @@ def watch_command(
         lambda c: run_watch_flow(c, lease_seconds),
     )
     if result["round"]:
-        _print_summary(result["round"])
+        print_summary(result["round"])
     style = "yellow" if result["status"] in ("busy", "lease-lost") else "green"
     console.print(f"[{style}]watch: {result['status']}[/]: {result['message']}", highlight=False)
     out.print(

@@ -50,19 +50,19 @@ def run_labelling(make_config: Callable, run: Callable | None = None) -> dict:
     outage past every retry exits 1 saying how to resume: everything committed is kept.
     """
     from ..errors import ConfigError
+    from ..flows.label_round import BatchesFailed
     from ..storage.objects import StorageUnavailable
-    from .cli import _fail, _print_summary, _run_with_progress
-    from .label_round import BatchesFailed
+    from .common import fail, print_summary, run_with_progress
 
     try:
         config = make_config()
-        return _run_with_progress(config, run)
+        return run_with_progress(config, run)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except BatchesFailed as exc:
-        _print_summary(exc.summary.to_dict())
-        _fail(str(exc), code=1)
+        print_summary(exc.summary.to_dict())
+        fail(str(exc), code=1)
     except StorageUnavailable as exc:
         resume = f" --round-id {config.round_id}" if config.round_id else ""
-        _fail(f"{exc}\nEverything committed is kept; run the same command again{resume} once the store answers.", 1)
+        fail(f"{exc}\nEverything committed is kept; run the same command again{resume} once the store answers.", 1)
     raise AssertionError("unreachable: _fail exits")

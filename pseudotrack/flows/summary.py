@@ -1,0 +1,34 @@
+"""What a round reports when it ends: its summary, and the artifact keys the flows publish it under."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RoundSummary:
+    round_id: str
+    discovered: int = 0
+    planned: int = 0
+    reused: int = 0  # already labelled/filtered/failed with the same ETag
+    filtered: int = 0
+    labelled: int = 0
+    failed: int = 0
+    recovered: int = 0  # samples of shards committed by an interrupted run, catalogued now
+    shards: list[str] = field(default_factory=list)
+    teachers: dict[str, int] = field(default_factory=dict)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    filter_rules: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    failed_batches: list[dict] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # planned videos left to another round, by why
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
