@@ -273,6 +273,34 @@ def test_collect_matches_what_was_written(workspace):
     json.dumps(data, allow_nan=False)  # the API serves it as strict JSON
 
 
+def test_catalog_read_state_and_labelled_sample(tmp_path):
+    """The catalog queries the dashboard uses: one read, three views of it, and a sample's video."""
+    catalog = Catalog(open_store(str(tmp_path)))
+    t0 = datetime(2026, 2, 1, tzinfo=UTC)
+    catalog.append(
+        [
+            {**labelled_row("a.mp4", "a1_00", "r1", t0), "shard_id": "s1"},
+            {"video_key": "b.mp4", "etag": "e", "status": "failed", "reason": "x", "round_id": "r1", "created_at": t0},
+            {**labelled_row("a.mp4", "a2_00", "r2", t0 + timedelta(hours=1)), "shard_id": "s2"},
+            {**labelled_row("b.mp4", "b2_00", "r2", t0 + timedelta(hours=2)), "shard_id": "s2"},
+        ]
+    )
+    state = catalog.read_state(["status", "sample_key"])
+    assert state.events.num_rows == 4 and "caption" not in state.events.column_names
+    assert {r["video_key"]: r["sample_key"] for r in state.latest.to_pylist()} == {"a.mp4": "a2_00", "b.mp4": "b2_00"}
+    per_round = {(r["round_id"], r["video_key"]): r["status"] for r in state.latest_in_rounds.to_pylist()}
+    assert per_round == {
+        ("r1", "a.mp4"): "labelled",
+        ("r1", "b.mp4"): "failed",
+        ("r2", "a.mp4"): "labelled",
+        ("r2", "b.mp4"): "labelled",
+    }
+    assert state.round_spans == {"r1": (t0, t0), "r2": (t0 + timedelta(hours=1), t0 + timedelta(hours=2))}
+    assert catalog.labelled_sample("a2_00")["shard_id"] == "s2"
+    assert catalog.labelled_sample("a1_00") is None  # relabelled since: no longer the catalog's answer
+    assert catalog.labelled_sample("zz_00") is None
+
+
 def assert_same_counts_as_catalog_summary(data: dict, catalog: Catalog) -> None:
     """The dashboard counts on integer codes for speed; its answers must be the catalog's own."""
     summary = catalog.summary()
@@ -325,6 +353,9 @@ def test_fingerprint_changes_only_with_data(workspace, tmp_path):
     board = dash.Dashboard(str(root))
     first, again = board.summary(), board.summary()
     assert first["fingerprint"] == again["fingerprint"]
+    board.page()
+    drawn = board._drawn
+    assert board.page() and board._drawn is drawn  # the same data: the charts are not drawn again
     Catalog(open_store(str(root))).append(
         [
             {
@@ -339,6 +370,7 @@ def test_fingerprint_changes_only_with_data(workspace, tmp_path):
     )
     after = board.summary()  # the same Dashboard re-reads the catalog on every request
     assert after["fingerprint"] != first["fingerprint"]
+    assert "teacher: out of memory" in board.page() and board._drawn[0] == after["fingerprint"]
     assert after["reasons"]["teacher: out of memory"] == 1
 
 

@@ -161,8 +161,11 @@ def page_charts(data: dict) -> dict:
     }
 
 
-def render_page(data: dict, workspace: str, refresh_s: float) -> str:
-    """The whole page as one HTML string; `workspace` must already be display_uri()'d."""
+def render_page(data: dict, workspace: str, refresh_s: float, drawn: dict | None = None) -> str:
+    """The whole page as one HTML string; `workspace` must already be display_uri()'d.
+
+    `drawn`: page_charts(data), when the caller kept them from an earlier render of the same data.
+    """
     now = datetime.fromisoformat(data["generated_at"])
     width = data["throughput"]["bucket_seconds"]
     bucket = f", {width // 3600} h buckets" if width >= 3600 else f", {width // 60} min buckets" if width else ""
@@ -176,7 +179,7 @@ def render_page(data: dict, workspace: str, refresh_s: float) -> str:
             now_text=now.strftime("%Y-%m-%d %H:%M:%S UTC"),
             by_status=data["totals"]["by_status"],
             bucket_text=bucket,
-            charts=page_charts(data),
+            charts=drawn if drawn is not None else page_charts(data),
             speed_definition=VIDEOS_PER_HOUR,
             ago=lambda iso: ago(iso, now),
             runs_folder=RUNS,
@@ -202,6 +205,7 @@ class Dashboard:
         self._render_lock = threading.Lock()  # decoding clips is CPU-heavy: one at a time
         self._pngs: OrderedDict[str, bytes] = OrderedDict()
         self._samples: dict[str, tuple[str, str | None]] = {}  # sample key -> (shard, teacher) of shown previews
+        self._drawn: tuple[str, dict] | None = None  # (fingerprint, page_charts) of the last page
 
     def redact(self, text: str) -> str:
         return redact(text, self._raw_uri)
@@ -220,7 +224,12 @@ class Dashboard:
         return data
 
     def page(self) -> str:
-        return render_page(self.summary(), self.workspace, self.refresh_s)
+        data = self.summary()
+        with self._lock:  # drawing is most of a page's time; the same data draws the same charts
+            if self._drawn is None or self._drawn[0] != data["fingerprint"]:
+                self._drawn = (data["fingerprint"], page_charts(data))
+            drawn = self._drawn[1]
+        return render_page(data, self.workspace, self.refresh_s, drawn)
 
     def _locate(self, sample_key: str) -> tuple[str, str | None] | None:
         found = self._samples.get(sample_key)
