@@ -104,9 +104,13 @@ def redact(text: str, raw_uri: str | None = None) -> str:
 
 
 def escape_html(value: Any) -> Markup:
-    """Escape as html.escape does (&quot;, &#x27;), before autoescaping's own (&#34;) would: the same text either way,
-    and the entities our tests and log searches look for."""
-    return value if isinstance(value, Markup) else Markup(html.escape(str(value), quote=True))
+    """Escape as html.escape does (&quot;, &#x27;) before autoescaping's own (&#34;) would, and show None as nothing.
+
+    The same text in a browser either way; these are the entities the security tests look for.
+    """
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape("" if value is None else str(value), quote=True))
 
 
 @cache
