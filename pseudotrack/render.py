@@ -9,11 +9,15 @@ import numpy as np
 
 from .errors import ConfigError
 
+OUTLINE = (0, 0, 0)
+
 
 def track_colors(n: int) -> np.ndarray:
-    """[n, 3] uint8 RGB, hues spread so neighbouring tracks differ."""
+    """[n, 3] uint8 RGB, fully saturated and bright, hues spread so neighbouring tracks differ."""
+    if n == 0:
+        return np.zeros((0, 3), np.uint8)
     hues = (np.arange(n) * 0.618033988749895 % 1.0 * 179).astype(np.uint8)
-    hsv = np.stack([hues, np.full(n, 220, np.uint8), np.full(n, 255, np.uint8)], axis=-1)[None]
+    hsv = np.stack([hues, np.full(n, 255, np.uint8), np.full(n, 255, np.uint8)], axis=-1)[None]
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
 
 
@@ -22,24 +26,36 @@ def draw_tracks(
 ) -> np.ndarray:
     """frames uint8 [T,H,W,3]; tracks [T,N,2]; visibility [T,N] -> frames with tracks drawn.
 
-    Visible points are filled dots with a short trail; occluded ones are hollow.
+    Visible points are filled dots with a trail; occluded ones are rings. Dots and trails are
+    a few pixels thick with a dark outline, so they read on bright and busy footage alike.
     """
     t_len, n = tracks.shape[:2]
     pick = np.linspace(0, n - 1, min(n, max_tracks)).round().astype(int) if n else np.zeros(0, int)
     colors = track_colors(len(pick))
     out = frames.copy()
-    radius = max(2, round(min(frames.shape[1:3]) / 160))
+    short_side = min(frames.shape[1:3])
+    radius = max(3, round(short_side / 80))
+    thickness = max(2, round(short_side / 160))
     for t in range(t_len):
         canvas = np.ascontiguousarray(out[t])
         for c, i in enumerate(pick):
             color = tuple(int(v) for v in colors[c])
-            for s in range(max(0, t - trail), t):
-                if visibility[s, i] and visibility[s + 1, i]:
-                    p0 = tuple(np.round(tracks[s, i]).astype(int))
-                    p1 = tuple(np.round(tracks[s + 1, i]).astype(int))
-                    cv2.line(canvas, p0, p1, color, 1, cv2.LINE_AA)
+            segments = [
+                (tuple(np.round(tracks[s, i]).astype(int)), tuple(np.round(tracks[s + 1, i]).astype(int)))
+                for s in range(max(0, t - trail), t)
+                if visibility[s, i] and visibility[s + 1, i]
+            ]
+            for p0, p1 in segments:
+                cv2.line(canvas, p0, p1, OUTLINE, thickness + 2, cv2.LINE_AA)
+            for p0, p1 in segments:
+                cv2.line(canvas, p0, p1, color, thickness, cv2.LINE_AA)
             center = tuple(np.round(tracks[t, i]).astype(int))
-            cv2.circle(canvas, center, radius, color, -1 if visibility[t, i] else 1, cv2.LINE_AA)
+            if visibility[t, i]:
+                cv2.circle(canvas, center, radius + 1, OUTLINE, -1, cv2.LINE_AA)
+                cv2.circle(canvas, center, radius, color, -1, cv2.LINE_AA)
+            else:
+                cv2.circle(canvas, center, radius, OUTLINE, thickness + 2, cv2.LINE_AA)
+                cv2.circle(canvas, center, radius, color, thickness, cv2.LINE_AA)
         out[t] = canvas
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -27,12 +28,12 @@ import typer
 from typer.testing import CliRunner
 
 from pseudotrack.dashboard import app as dash
-from pseudotrack.dashboard import charts
+from pseudotrack.dashboard import charts, previews, views
 from pseudotrack.errors import ConfigError
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SUFFIX, Catalog
 from pseudotrack.storage.objects import open_store
 from pseudotrack.synthetic import render_scene
-from pseudotrack.tasks.decode import encode_clip
+from pseudotrack.tasks.decode import decode_clip_bytes, encode_clip
 from pseudotrack.tasks.shards import Sample, ShardSink
 from pseudotrack.teachers.base import TeacherOutput
 
@@ -53,6 +54,11 @@ def scene_sample(seed: int, key: str) -> Sample:
     label = TeacherOutput(tracks, visibility, np.ones(visibility.shape, np.float16))
     queries = np.column_stack([np.zeros(len(tracks[0])), tracks[0]]).astype(np.float32)
     return Sample(key, encode_clip(scene.frames, 12.0), queries, {"lk": label}, {"source_key": key, "fps": 12.0})
+
+
+def first_frame(sample: Sample) -> np.ndarray:
+    """Frame 0 of the stored clip, BGR like cv2.imdecode's images."""
+    return cv2.cvtColor(decode_clip_bytes(sample.clip)[0], cv2.COLOR_RGB2BGR)
 
 
 def labelled_row(
@@ -229,7 +235,7 @@ def request(url: str, method: str = "GET", headers: dict | None = None) -> tuple
 def test_collect_matches_what_was_written(workspace):
     root, built = workspace
     store = open_store(str(root))
-    data = dash.collect(store, Catalog(store), dash.FileCache())
+    data = views.collect(store, Catalog(store), views.FileCache())
     rounds = {r["round_id"]: r for r in data["rounds"]}
     assert rounds["r1"]["labelled"] == 43 and rounds["r1"]["filtered"] == 7 and rounds["r1"]["failed"] == 6
     # summary.json: 48 planned to label; 43 labelled + 5 decode failures done -> finished
@@ -257,12 +263,42 @@ def test_collect_matches_what_was_written(workspace):
     # newest first, and only from committed shards (r2's rows and the 40 others point at missing shards)
     assert [p["sample_key"] for p in data["previews"]] == ["cccccccccccc_00", "bbbbbbbbbbbb_00", "aaaaaaaaaaaa_00"]
     assert data["recent_failures"][0]["video_key"] == "videos/bad-4.mp4"
-    # videos/hour: the buckets' rates add back up to the labelled and failed events (caption failures excluded)
+    # videos/hour: the buckets' rates times their running time add back up to the labelled and failed
+    # videos of each round (caption failures excluded), as the rounds table counts them
     tp = data["throughput"]
-    hours = tp["bucket_seconds"] / 3600
-    assert round(sum(tp["series"]["labelled"]) * hours) == 47
-    assert round(sum(tp["series"]["failed"]) * hours) == 5
+    hours = [r / 3600 for r in tp["running_seconds"]]
+    assert round(sum(v * h for v, h in zip(tp["series"]["labelled"], hours, strict=True))) == 47
+    assert round(sum(v * h for v, h in zip(tp["series"]["failed"], hours, strict=True))) == 5
+    assert sum(r["finished"] for r in data["rounds"]) == 52
     json.dumps(data, allow_nan=False)  # the API serves it as strict JSON
+
+
+def test_catalog_read_state_and_labelled_sample(tmp_path):
+    """The catalog queries the dashboard uses: one read, three views of it, and a sample's video."""
+    catalog = Catalog(open_store(str(tmp_path)))
+    t0 = datetime(2026, 2, 1, tzinfo=UTC)
+    catalog.append(
+        [
+            {**labelled_row("a.mp4", "a1_00", "r1", t0), "shard_id": "s1"},
+            {"video_key": "b.mp4", "etag": "e", "status": "failed", "reason": "x", "round_id": "r1", "created_at": t0},
+            {**labelled_row("a.mp4", "a2_00", "r2", t0 + timedelta(hours=1)), "shard_id": "s2"},
+            {**labelled_row("b.mp4", "b2_00", "r2", t0 + timedelta(hours=2)), "shard_id": "s2"},
+        ]
+    )
+    state = catalog.read_state(["status", "sample_key"])
+    assert state.events.num_rows == 4 and "caption" not in state.events.column_names
+    assert {r["video_key"]: r["sample_key"] for r in state.latest.to_pylist()} == {"a.mp4": "a2_00", "b.mp4": "b2_00"}
+    per_round = {(r["round_id"], r["video_key"]): r["status"] for r in state.latest_in_rounds.to_pylist()}
+    assert per_round == {
+        ("r1", "a.mp4"): "labelled",
+        ("r1", "b.mp4"): "failed",
+        ("r2", "a.mp4"): "labelled",
+        ("r2", "b.mp4"): "labelled",
+    }
+    assert state.round_spans == {"r1": (t0, t0), "r2": (t0 + timedelta(hours=1), t0 + timedelta(hours=2))}
+    assert catalog.labelled_sample("a2_00")["shard_id"] == "s2"
+    assert catalog.labelled_sample("a1_00") is None  # relabelled since: no longer the catalog's answer
+    assert catalog.labelled_sample("zz_00") is None
 
 
 def assert_same_counts_as_catalog_summary(data: dict, catalog: Catalog) -> None:
@@ -293,7 +329,7 @@ def test_counts_agree_with_catalog_summary(workspace):
     root, _ = workspace
     store = open_store(str(root))
     catalog = Catalog(store)
-    assert_same_counts_as_catalog_summary(dash.collect(store, catalog, dash.FileCache()), catalog)
+    assert_same_counts_as_catalog_summary(views.collect(store, catalog, views.FileCache()), catalog)
 
 
 def test_empty_workspace_renders(tmp_path):
@@ -317,6 +353,9 @@ def test_fingerprint_changes_only_with_data(workspace, tmp_path):
     board = dash.Dashboard(str(root))
     first, again = board.summary(), board.summary()
     assert first["fingerprint"] == again["fingerprint"]
+    board.page()
+    drawn = board._drawn
+    assert board.page() and board._drawn is drawn  # the same data: the charts are not drawn again
     Catalog(open_store(str(root))).append(
         [
             {
@@ -331,6 +370,7 @@ def test_fingerprint_changes_only_with_data(workspace, tmp_path):
     )
     after = board.summary()  # the same Dashboard re-reads the catalog on every request
     assert after["fingerprint"] != first["fingerprint"]
+    assert "teacher: out of memory" in board.page() and board._drawn[0] == after["fingerprint"]
     assert after["reasons"]["teacher: out of memory"] == 1
 
 
@@ -354,22 +394,98 @@ def test_unreadable_files_are_named_not_fatal(workspace, tmp_path):
 
 
 def test_throughput_bucket_width():
-    assert dash.bucket_width(30 * 60) == 60
-    assert dash.bucket_width(10 * 3600) == 900
-    assert dash.bucket_width(30 * 86400) == 12 * 3600 and dash.bucket_width(60 * 86400) == 86400
+    assert views.bucket_width(30 * 60) == 60
+    assert views.bucket_width(10 * 3600) == 900
+    assert views.bucket_width(30 * 86400) == 12 * 3600 and views.bucket_width(60 * 86400) == 86400
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     times = [t0 + timedelta(seconds=s) for s in (0, 10, 20, 70, 3000)]
     table = pa.table(
         {
-            "round_id": ["r"] * 5,
             "status": ["labelled", "labelled", "failed", "labelled", "labelled"],
             "created_at": pa.array(times, pa.timestamp("us", tz="UTC")),
         }
     )
-    out = dash.throughput(table)
+    out = views.throughput(table, {"r": (times[0], times[-1])})
     assert out["bucket_seconds"] == 60 and out["start"] == int(t0.timestamp())
-    assert out["series"]["labelled"][:2] == [120.0, 60.0]  # 2 and 1 videos in a minute
+    assert out["series"]["labelled"][:2] == [120.0, 60.0]  # 2 and 1 videos in a minute the round ran throughout
     assert out["series"]["failed"][0] == 60.0 and len(out["series"]["labelled"]) == 51
+    assert out["running_seconds"][:2] == [60.0, 60.0] and out["running_seconds"][-1] == 0.0
+
+
+def test_videos_per_hour_is_one_figure_in_table_and_chart(tmp_path):
+    """Issue 18: a round that ran 83 s showed 4.34k/h in the table and 540/h in the chart (15 min buckets).
+
+    Both now use views.videos_per_hour over the time a round was running: the chart's buckets,
+    weighted by their running time, give the table's figure, whatever the bucket width.
+    """
+    catalog = Catalog(open_store(str(tmp_path)))
+    t0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+    old = [
+        {**labelled_row(f"old/{i}.mp4", f"old{i:03d}_00", "old", t0 + timedelta(minutes=i)), "shard_id": "s"}
+        for i in range(0, 600, 20)
+    ]  # an earlier round over ten hours: the chart's buckets are 15 minutes wide
+    start = t0 + timedelta(hours=11, minutes=3, seconds=20)
+    fast = [{**labelled_row("new/plan.mp4", "x", "fast", start), "status": "filtered", "filter_rule": "cgi"}]
+    fast += [
+        {
+            **labelled_row(f"new/{i}.mp4", f"new{i:03d}_00", "fast", start + timedelta(seconds=1 + i * 0.82)),
+            "shard_id": "s",
+        }
+        for i in range(100)
+    ]
+    catalog.append(old + fast)
+    data = views.collect(catalog.store, catalog, views.FileCache())
+    fast_row = next(r for r in data["rounds"] if r["round_id"] == "fast")
+    running = 1 + 99 * 0.82  # seconds from the round's first event (planning) to its last
+    assert fast_row["videos_per_hour"] == views.videos_per_hour(100, running) == pytest.approx(4380.6, abs=0.1)
+    tp = data["throughput"]
+    assert tp["bucket_seconds"] == 900
+    first = (int(start.timestamp()) - tp["start"]) // 900  # the fast round lies in one or two buckets
+    buckets = [i for i in range(first, first + 2) if i < len(tp["running_seconds"]) and tp["running_seconds"][i] > 0]
+    seconds = sum(tp["running_seconds"][i] for i in buckets)
+    assert seconds == pytest.approx(running)
+    weighted = sum(tp["series"]["labelled"][i] * tp["running_seconds"][i] for i in buckets) / seconds
+    assert weighted == pytest.approx(fast_row["videos_per_hour"], rel=1e-3)
+    # and the page says what the figure means, beside the table and the chart
+    page = dash.render_page(data, "ws", 0)
+    assert page.count(views.VIDEOS_PER_HOUR) >= 2
+
+
+def test_running_seconds_counts_overlapping_rounds_once():
+    spans = [(0.0, 100.0), (50.0, 150.0), (300.0, 400.0)]
+    assert views.running_seconds(spans, 0, 1000) == 250.0
+    assert views.running_seconds(spans, 120, 350) == 80.0
+    assert views.videos_per_hour(10, 0) is None and views.videos_per_hour(10, 1800) == 20.0
+
+
+def test_metric_columns_sort_by_threshold_and_keep_oa(tmp_path):
+    """Issue 18: columns sorted as text (jaccard_1, jaccard_16, jaccard_2) and left OA out."""
+    names = ["jaccard_16", "jaccard_2", "pts_within_4", "occlusion_accuracy", "jaccard_1", "pts_within_1"]
+    names += ["average_pts_within_thresh", "average_jaccard", "jaccard_8", "jaccard_4"]
+    students = [{"metrics": {"trained": {n: 0.5 for n in names}, "initial": {"jaccard_1": 0.4}}}]
+    students.append({"metrics": {"trained": {"aj": 0.7, "oa": 0.9}}})  # short names share the long names' columns
+    columns = views.metric_columns(students)
+    assert [c["names"][0] for c in columns] == [
+        "average_jaccard",
+        "average_pts_within_thresh",
+        "occlusion_accuracy",
+        "jaccard_1",
+        "jaccard_2",
+        "jaccard_4",
+        "jaccard_8",
+        "jaccard_16",
+        "pts_within_1",
+        "pts_within_4",
+    ]
+    assert [c["label"] for c in columns[:5]] == ["AJ", "δ_avg", "OA", "J@1", "J@2"]
+    assert columns[0]["names"] == ["average_jaccard", "aj"] and views.metric_value({"aj": 0.7}, columns[0]) == 0.7
+    # and the page shows them in that order, OA included
+    data = {**views.collect(*(lambda s: (s, Catalog(s)))(open_store(str(tmp_path))), views.FileCache())}
+    data.update(students=[{"name": "s", "steps": 1.0, "first_loss": 2.0, "final_loss": 1.0, **students[0]}])
+    data["metric_columns"] = columns
+    page = dash.render_page(data, "ws", 0)
+    headings = re.findall(r'<th class="metric"[^>]*>([^<]*)</th>', page)
+    assert headings[:8] == ["AJ", "δ_avg", "OA", "J@1", "J@2", "J@4", "J@8", "J@16"]
 
 
 def test_display_uri_and_redact(monkeypatch):
@@ -384,15 +500,24 @@ def test_display_uri_and_redact(monkeypatch):
 
 
 def test_charts_escape_labels_and_drop_bad_points():
-    svg = charts.hbar_chart({"<b>x</b>": 3, "plain": 1}, "things")
-    assert "<b>" not in svg and "&lt;b&gt;x&lt;/b&gt;" in svg and svg.startswith("<svg")
+    svg = charts.hbar_chart({"<b>x</b> costs $5 and $6": 3, "plain": 1}, "things")
+    assert svg.startswith("<svg") and 'class="chart"' in svg
+    assert "<b>" not in svg and "&lt;b&gt;x&lt;/b&gt; costs $5 and $6" in svg  # escaped, and no mathtext
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert "plain" in texts and " 3 (75%)" in texts
+    assert charts.fold_items({f"r{i}": i + 1 for i in range(30)}, 5)[-1] == ("(26 others)", sum(range(1, 27)))
     many = charts.hbar_chart({f"r{i}": i + 1 for i in range(30)}, "reasons", max_items=5)
-    assert "(26 others)" in many and many.count("<rect") == 5
+    assert "(26 others)" in many and "r29" in many and "r25" not in many
     line = charts.line_chart([1, 2, 3, 4, 5], [1.0, float("nan"), 3.0, float("inf"), None], "loss")
-    assert line.count("L") >= 1 and "nan" not in line.lower().replace("aria", "")
-    assert "no loss points yet" in charts.line_chart([], [], "loss")
-    assert charts.nice_ticks(0, 87) == [0, 20, 40, 60, 80, 100]
+    (path,) = re.findall(r'<path d="([^"]+)"[^>]*style="fill: none; stroke: #3b6fd4', line)
+    assert path.count("L") == 1 and "nan" not in line.lower()  # two finite points, one segment
+    assert charts.line_chart([], [], "loss") is None and charts.line_chart([1], [float("nan")], "loss") is None
+    # several charts share one page: their element ids must not collide
+    ids = re.findall(r'id="([^"]+)"', line + many)
+    assert len(ids) == len(set(ids))
     assert charts.fmt_bytes(3 * 1024 * 1024) == "3.0 MB" and charts.fmt_count(12500) == "12.5k"
+    segments = charts.stacked_bar([("labelled", 3), ("failed", 1), ("filtered", 0)], total=8, width=240)
+    assert [(s["name"], s["x"], s["width"]) for s in segments] == [("labelled", 0.0, 90.0), ("failed", 90.0, 30.0)]
 
 
 def test_page_html_escapes_data(workspace):
@@ -437,27 +562,57 @@ def test_default_bind_is_loopback():
     import inspect
 
     assert inspect.signature(dash.make_server).parameters["host"].default == "127.0.0.1"
-    params = inspect.signature(dash.dashboard_command).parameters
-    assert params["host"].default == "127.0.0.1" and params["port"].default == 8765
+    for function in (dash.dashboard_command, dash.serve):
+        params = inspect.signature(function).parameters
+        assert params["host"].default == "127.0.0.1" and params["port"].default == 8765
+        assert params["refresh"].default == 10.0
+
+
+def test_serve_says_which_port_is_busy(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as info:
+            dash.serve(str(tmp_path), port=port)
+    message = str(info.value)
+    assert "\n" not in message and f"port {port}" in message and "--port" in message
+    app = typer.Typer()
+    app.command()(dash.dashboard_command)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["--workspace", str(tmp_path), "--port", str(port)])
+    assert result.exit_code == 2 and f"port {port}" in " ".join(result.output.split())
 
 
 def test_preview_png_draws_tracks_and_is_cached(served):
-    board, url, _, built = served
+    board, url, root, built = served
     key = built["previews"][0][1]
     status, headers, png = request(url + f"preview/{key}.png")
     assert status == 200 and headers["Content-Type"] == "image/png" and png[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (480, 960, 3)  # six frames, three a row, enlarged from 192x256 and fit to 960 wide
-    # the tracks are drawn: where the first frame's visible points are, the tile shows a saturated dot;
-    # elsewhere the dimmed frame rarely is that saturated
+    # issue 18: tracks clearly visible over frames barely dimmed. The same preview drawn with no tracks
+    # is the background: tracks are where the two differ, in bright saturated colours, a few pixels wide
     sample = scene_sample(0, key)
+    shard_id = Catalog(open_store(str(root))).labelled_sample(key)["shard_id"]
+    bare = cv2.imdecode(
+        np.frombuffer(previews.render_preview(open_store(str(root)), shard_id, key, "lk", 0), np.uint8), 1
+    )
+    drawn = np.abs(image[:240, :320].astype(int) - bare[:240, :320]).max(axis=-1) > 60
     tile = cv2.cvtColor(image[:240, :320], cv2.COLOR_BGR2HSV)
-    lit = (tile[..., 1] >= 120) & (tile[..., 2] >= 150)
+    bright = drawn & (tile[..., 1] >= 200) & (tile[..., 2] >= 200)
     points = sample.labels["lk"].tracks[0][sample.labels["lk"].visibility[0]] * (320 / 256)
-    inside = [(round(y), round(x)) for x, y in points if 1 <= x < 319 and 1 <= y < 239]
-    hits = [lit[y - 1 : y + 2, x - 1 : x + 2].any() for y, x in inside]
-    assert len(inside) > 20 and np.mean(hits) > 0.8, np.mean(hits)
-    assert lit.mean() < 0.1
+    inside = [(round(y), round(x)) for x, y in points if 2 <= x < 318 and 2 <= y < 238]
+    hits = [bright[y - 1 : y + 2, x - 1 : x + 2].all() for y, x in inside]  # a filled dot, not a pixel
+    assert len(inside) > 20 and np.mean(hits) > 0.9, np.mean(hits)
+    assert drawn.sum() > 25 * len(inside) and drawn.mean() < 0.5  # dots of several pixels, the frame still shows
+    original = cv2.resize(first_frame(sample), (320, 240))
+    assert bare[:240, :320].mean() > 0.8 * original.mean()  # not dimmed much (it was 0.7 of the brightness)
     assert request(url + f"preview/{key}.png")[2] == png
     assert len(board._pngs) == 1  # served from the cache, not rendered twice
 

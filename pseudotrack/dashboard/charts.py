@@ -1,17 +1,31 @@
-"""Hand-written SVG charts for the dashboard: no plotting library, no JavaScript, nothing fetched.
+"""The dashboard's charts, drawn by matplotlib as inline SVG: no display, no JavaScript, nothing fetched.
 
-Why by hand: the page must render from a plain `http.server` with the project's
-dependencies only, and inline SVG needs no second request and scales with the page.
-Every label that can come from data (teacher names, reasons, rules, run names) goes
-through `html.escape`, since captions and reasons are written by whoever filled the bucket.
+Why matplotlib's SVG backend: it is a dependency already (the scaling study's
+figure), it draws axes and ticks properly, and inline SVG needs no second request
+and scales with the page. Text stays text (`svg.fonttype: none`) so the page can be
+searched and read by a screen reader; matplotlib XML-escapes it, and mathtext is
+off for every label from data (captions, reasons and run names are written by
+whoever filled the bucket; a `$` must stay a dollar sign). Each chart's element ids
+get a prefix of their own, since several SVGs share one HTML document.
+
+Every function returns None when there is nothing to draw; the template says so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import html
+import io
 import math
+import re
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from html import escape
+
+import matplotlib
+from markupsafe import Markup
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 GREEN, AMBER, RED, GREY, BLUE, INK, MUTED, GRID = (
     "#2e9d5b",
@@ -24,7 +38,25 @@ GREEN, AMBER, RED, GREY, BLUE, INK, MUTED, GRID = (
     "#e8eaef",
 )
 STATUS_COLORS = {"labelled": GREEN, "filtered": AMBER, "failed": RED, "planned": GREY}
-FONT = 'font-family="system-ui, -apple-system, Segoe UI, sans-serif" font-size="12"'
+DPI = 72  # one SVG unit per CSS pixel of the requested width
+STYLE = {
+    "svg.fonttype": "none",  # <text>, not glyph outlines
+    "svg.hashsalt": "pseudotrack",  # the same data gives the same SVG
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans", "Helvetica", "Arial"],
+    "font.size": 11,
+    "text.color": INK,
+    "text.parse_math": False,
+    "axes.edgecolor": GREY,
+    "axes.labelcolor": MUTED,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "xtick.color": MUTED,
+    "ytick.color": MUTED,
+    "axes.grid": False,
+}
+_LOCK = threading.Lock()  # rc_context changes matplotlib's global settings; server threads draw one at a time
+_ID = re.compile(r'\bid="([^"]+)"')
 
 
 def fmt_count(value: float) -> str:
@@ -45,112 +77,98 @@ def fmt_bytes(value: float) -> str:
     return f"{value:.1f} TB"
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2, 5 x 10^k steps), so axes read at a glance.
-
-    `integer` keeps steps whole, for axes that count things (no "0.25 shards").
-    """
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return [0.0, 1.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(count, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-    if integer:
-        step = max(1, math.ceil(step))
-    start = math.floor(lo / step) * step
-    ticks = [round(start, 12)]
-    while ticks[-1] < hi - step * 1e-9:  # the last tick covers the maximum, so nothing is drawn off the axis
-        ticks.append(round(start + len(ticks) * step, 12))
-    return ticks if len(ticks) >= 2 else [start, start + step]
-
-
-def _svg(width: int, height: int, body: list[str], label: str) -> str:
-    return (
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="{escape(label)}" '
-        f'preserveAspectRatio="xMinYMin meet" xmlns="http://www.w3.org/2000/svg" {FONT}>' + "".join(body) + "</svg>"
-    )
-
-
-def _shorten(text: str, limit: int) -> str:
+def shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def empty_chart(message: str, width: int = 560, height: int = 60) -> str:
-    body = [f'<text x="{width / 2}" y="{height / 2 + 4}" text-anchor="middle" fill="{MUTED}">{escape(message)}</text>']
-    return _svg(width, height, body, message)
-
-
-def hbar_chart(
-    counts: dict[str, int], label: str, color: str = BLUE, max_items: int = 12, width: int = 560, label_chars: int = 34
-) -> str:
-    """Horizontal bars, largest first; the rest folded into one '(N others)' bar so long tails stay readable."""
-    if not counts:
-        return empty_chart(f"no {label} yet", width)
+def fold_items(counts: dict[str, int], max_items: int) -> list[tuple[str, int]]:
+    """Largest first; beyond max_items the rest become one '(N others)' item, so long tails stay readable."""
     items = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
     if len(items) > max_items:
         rest = items[max_items - 1 :]
         items = items[: max_items - 1] + [(f"({len(rest)} others)", sum(c for _, c in rest))]
+    return items
+
+
+def _figure(width: int, height: int) -> Figure:
+    return Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+
+
+def _to_svg(figure: Figure, label: str) -> Markup:
+    """The figure as an <svg class="chart"> element to inline, ids prefixed so charts on one page do not clash."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", metadata={"Date": None}, transparent=True)
+    text = buffer.getvalue()
+    text = text[text.index("<svg") :]
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text, count=1, flags=re.DOTALL)
+    prefix = "c" + hashlib.sha1(text.encode()).hexdigest()[:8] + "-"
+    ids = set(_ID.findall(text))
+    text = _ID.sub(lambda m: f'id="{prefix}{m.group(1)}"', text)
+    text = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}{m.group(1)})" if m.group(1) in ids else m[0], text)
+    text = re.sub(
+        r'xlink:href="#([^"]+)"', lambda m: f'xlink:href="#{prefix}{m.group(1)}"' if m.group(1) in ids else m[0], text
+    )
+    root_end = text.index(">")
+    root = re.sub(r'\s(width|height)="[^"]*"', "", text[:root_end])
+    root += f' class="chart" width="100%" role="img" aria-label="{html.escape(label, quote=True)}"'
+    return Markup(root + text[root_end:])
+
+
+def _draw(width: int, height: int, label: str, draw) -> Markup:
+    with _LOCK, matplotlib.rc_context(STYLE):
+        figure = _figure(width, height)
+        draw(figure)
+        return _to_svg(figure, label)
+
+
+def _count_axis(axis, integer: bool = True) -> None:
+    axis.set_major_locator(MaxNLocator(nbins=5, integer=integer, min_n_ticks=2))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: fmt_count(v)))
+
+
+def hbar_chart(
+    counts: dict[str, int], label: str, color: str = BLUE, max_items: int = 12, width: int = 560, label_chars: int = 34
+) -> Markup | None:
+    """Horizontal bars, largest first, each with its count and share of the whole."""
+    if not counts:
+        return None
+    items = fold_items(counts, max_items)
     total = sum(c for _, c in items) or 1
     top = max(c for _, c in items) or 1
-    row, left, right = 22, min(int(width * 0.42), 40 + 7 * label_chars), 76
-    label_chars = min(label_chars, int((left - 10) / 7))  # about 7 px a character at 12 px
-    height = row * len(items) + 8
-    span = width - left - right
-    body = []
-    for i, (name, count) in enumerate(items):
-        y = 4 + i * row
-        bar = max(1.0, span * count / top)
-        text = str(name)
-        shown = escape(_shorten(text, label_chars))
-        body.append(
-            f"<g><title>{escape(text)}: {count}</title>"
-            f'<text x="{left - 8}" y="{y + 14}" text-anchor="end" fill="{INK}">{shown}</text>'
-            f'<rect x="{left}" y="{y + 3}" width="{bar:.1f}" height="{row - 8}" rx="3" fill="{color}"/>'
-            f'<text x="{left + bar + 6:.1f}" y="{y + 14}" fill="{MUTED}">{fmt_count(count)} '
-            f"({100 * count / total:.0f}%)</text></g>"
-        )
-    return _svg(width, height, body, label)
+    height = 22 * len(items) + 16
 
-
-def stacked_bar(parts: Sequence[tuple[str, int]], total: int | None = None, width: int = 240, height: int = 14) -> str:
-    """One thin bar split by status; with a planned `total` the unfinished remainder shows grey."""
-    done = sum(c for _, c in parts)
-    whole = max(total or 0, done) or 1
-    body = [f'<rect x="0" y="0" width="{width}" height="{height}" rx="3" fill="{GRID}"/>']
-    x = 0.0
-    for name, count in parts:
-        w = width * count / whole
-        if w > 0:
-            body.append(
-                f'<rect x="{x:.2f}" y="0" width="{w:.2f}" height="{height}" '
-                f'fill="{STATUS_COLORS.get(name, BLUE)}"><title>{escape(name)}: {count}</title></rect>'
+    def draw(figure: Figure) -> None:
+        left = min(0.45, (12 + 6.5 * min(label_chars, max(len(str(n)) for n, _ in items))) / width)
+        ax = figure.add_axes((left, 8 / height, 1 - left - 90 / width, 1 - 16 / height))
+        y = list(range(len(items)))
+        ax.barh(y, [c for _, c in items], color=color, height=0.7)
+        ax.set_yticks(y, labels=[shorten(str(n), label_chars) for n, _ in items], parse_math=False)
+        ax.invert_yaxis()
+        ax.set_xlim(0, top)
+        ax.xaxis.set_visible(False)
+        ax.spines[["bottom", "top", "right"]].set_visible(False)
+        ax.tick_params(axis="y", length=0, labelcolor=INK)
+        for i, (_, count) in enumerate(items):
+            ax.text(
+                count,
+                i,
+                f" {fmt_count(count)} ({100 * count / total:.0f}%)",
+                va="center",
+                color=MUTED,
+                parse_math=False,
+                clip_on=False,
             )
-        x += w
-    label = ", ".join(f"{n} {c}" for n, c in parts)
-    return (
-        f'<svg class="bar" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-label="{escape(label)}" xmlns="http://www.w3.org/2000/svg">' + "".join(body) + "</svg>"
-    )
+
+    return _draw(width, height, label, draw)
 
 
-def _time_label(seconds: float, step_s: float) -> str:
+def time_label(seconds: float, step_s: float) -> str:
     when = datetime.fromtimestamp(seconds, UTC)
     if step_s >= 86400:
         return when.strftime("%m-%d")
     if step_s >= 3600:
         return when.strftime("%m-%d %H:%M")
     return when.strftime("%H:%M")
-
-
-def _y_axis(body: list[str], ticks: list[float], y_of, left: int, right_x: float, fmt=fmt_count) -> None:
-    for tick in ticks:
-        y = y_of(tick)
-        body.append(
-            f'<line x1="{left}" x2="{right_x}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>'
-            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{MUTED}">{fmt(tick)}</text>'
-        )
 
 
 def rate_chart(
@@ -161,58 +179,31 @@ def rate_chart(
     unit: str = "videos/hour",
     width: int = 1120,
     height: int = 240,
-) -> str:
+) -> Markup | None:
     """Stacked columns over time (one per bucket), e.g. labelled and failed videos per hour."""
     names = [n for n, v in series.items() if any(v)]
     length = max((len(v) for v in series.values()), default=0)
     if not names or length == 0:
-        return empty_chart(f"no {label} yet", width)
-    totals = [sum(series[n][i] for n in names if i < len(series[n])) for i in range(length)]
-    ticks = nice_ticks(0, max(totals), integer=True)
-    left, right, top, bottom = 64, 16, 26, 30
-    plot_w, plot_h = width - left - right, height - top - bottom
-    y_max = ticks[-1]
+        return None
 
-    def y_of(v: float) -> float:
-        return top + plot_h * (1 - v / y_max)
-
-    body: list[str] = [f'<text x="{left}" y="14" fill="{MUTED}">{escape(unit)}</text>']
-    _y_axis(body, ticks, y_of, left, width - right)
-    col = plot_w / length
-    for i in range(length):
-        base = 0.0
-        when = _time_label(start_s + i * step_s, step_s)
+    def draw(figure: Figure) -> None:
+        ax = figure.add_axes((64 / width, 30 / height, 1 - 80 / width, 1 - 60 / height))
+        base = [0.0] * length
         for name in names:
-            value = series[name][i] if i < len(series[name]) else 0
-            if value <= 0:
-                continue
-            y0, y1 = y_of(base), y_of(base + value)
-            body.append(
-                f'<rect x="{left + i * col + col * 0.1:.1f}" y="{y1:.1f}" width="{max(col * 0.8, 1):.1f}" '
-                f'height="{max(y0 - y1, 0.5):.1f}" fill="{STATUS_COLORS.get(name, BLUE)}">'
-                f"<title>{escape(when)} {escape(name)}: {fmt_count(value)} {escape(unit)}</title></rect>"
-            )
-            base += value
-    every = max(1, math.ceil(length / 8))
-    for i in range(0, length, every):
-        x = left + (i + 0.5) * col
-        body.append(
-            f'<text x="{x:.1f}" y="{height - 10}" text-anchor="middle" fill="{MUTED}">'
-            f"{escape(_time_label(start_s + i * step_s, step_s))}</text>"
-        )
-    _legend(body, [(n, STATUS_COLORS.get(n, BLUE)) for n in names], width - right, 14)
-    return _svg(width, height, body, label)
+            values = [float(series[name][i]) if i < len(series[name]) else 0.0 for i in range(length)]
+            ax.bar(range(length), values, bottom=base, width=0.8, color=STATUS_COLORS.get(name, BLUE), label=name)
+            base = [b + v for b, v in zip(base, values, strict=True)]
+        ax.set_xlim(-0.5, length - 0.5)
+        every = max(1, math.ceil(length / 8))
+        ticks = list(range(0, length, every))
+        ax.set_xticks(ticks, labels=[time_label(start_s + i * step_s, step_s) for i in ticks])
+        _count_axis(ax.yaxis, integer=False)
+        ax.yaxis.grid(True, color=GRID)
+        ax.set_axisbelow(True)
+        ax.set_title(unit, loc="left", color=MUTED, fontsize=11)
+        ax.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=len(names), frameon=False)
 
-
-def _legend(body: list[str], entries: list[tuple[str, str]], right_x: float, y: float) -> None:
-    x = right_x
-    for name, color in reversed(entries):
-        x -= 8 + 7 * len(name)
-        body.append(
-            f'<rect x="{x:.0f}" y="{y - 9}" width="10" height="10" rx="2" fill="{color}"/>'
-            f'<text x="{x + 14:.0f}" y="{y}" fill="{INK}">{escape(name)}</text>'
-        )
-        x -= 14
+    return _draw(width, height, label, draw)
 
 
 def line_chart(
@@ -224,7 +215,7 @@ def line_chart(
     width: int = 540,
     height: int = 220,
     color: str = BLUE,
-) -> str:
+) -> Markup | None:
     """One curve with axes, e.g. training loss against step; None, NaN and inf points are left out."""
     points = [
         (float(x), float(y))
@@ -232,35 +223,20 @@ def line_chart(
         if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
     ]
     if not points:
-        return empty_chart(f"no {label} points yet", width)
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    y_ticks = nice_ticks(min(0.0, y_lo) if y_lo >= 0 and y_lo < 0.2 * y_hi else y_lo, y_hi, 4)
-    x_ticks = [t for t in nice_ticks(x_lo, x_hi, 5) if x_lo <= t <= x_hi] or [x_lo]
-    left, right, top, bottom = 56, 14, 22, 34
-    plot_w, plot_h = width - left - right, height - top - bottom
-    x_span = (x_hi - x_lo) or 1.0
-    y_span = (y_ticks[-1] - y_ticks[0]) or 1.0
+        return None
 
-    def x_of(v: float) -> float:
-        return left + plot_w * (v - x_lo) / x_span
-
-    def y_of(v: float) -> float:
-        return top + plot_h * (1 - (v - y_ticks[0]) / y_span)
-
-    body: list[str] = [f'<text x="{left}" y="14" fill="{MUTED}">{escape(y_name)}</text>']
-    _y_axis(body, y_ticks, y_of, left, width - right)
-    for tick in x_ticks:
-        body.append(
-            f'<text x="{x_of(tick):.1f}" y="{height - 16}" text-anchor="middle" fill="{MUTED}">{fmt_count(tick)}</text>'
+    def draw(figure: Figure) -> None:
+        ax = figure.add_axes((56 / width, 40 / height, 1 - 72 / width, 1 - 66 / height))
+        ax.plot(
+            [p[0] for p in points], [p[1] for p in points], color=color, linewidth=1.8, marker="o" * (len(points) == 1)
         )
-    body.append(f'<text x="{width - right}" y="{height - 2}" text-anchor="end" fill="{MUTED}">{escape(x_name)}</text>')
-    path = " ".join(f"{'M' if i == 0 else 'L'}{x_of(x):.1f},{y_of(y):.1f}" for i, (x, y) in enumerate(points))
-    body.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.8" stroke-linejoin="round"/>')
-    if len(points) == 1:
-        x, y = points[0]
-        body.append(f'<circle cx="{x_of(x):.1f}" cy="{y_of(y):.1f}" r="3" fill="{color}"/>')
-    return _svg(width, height, body, label)
+        _count_axis(ax.xaxis)
+        _count_axis(ax.yaxis, integer=False)
+        ax.yaxis.grid(True, color=GRID)
+        ax.set_title(y_name, loc="left", color=MUTED, fontsize=11, parse_math=False)
+        ax.set_xlabel(x_name, loc="right", parse_math=False)
+
+    return _draw(width, height, label, draw)
 
 
 def histogram_chart(
@@ -271,36 +247,38 @@ def histogram_chart(
     width: int = 540,
     height: int = 220,
     color: str = BLUE,
-) -> str:
+) -> Markup | None:
     """Columns over value bins (`edges` has one more entry than `counts`), e.g. shard sizes."""
     if not counts or not any(counts):
-        return empty_chart(f"no {label} yet", width)
-    ticks = nice_ticks(0, max(counts), 4, integer=True)
-    left, right, top, bottom = 48, 14, 22, 34
-    plot_w, plot_h = width - left - right, height - top - bottom
+        return None
 
-    def y_of(v: float) -> float:
-        return top + plot_h * (1 - v / ticks[-1])
+    def draw(figure: Figure) -> None:
+        ax = figure.add_axes((48 / width, 40 / height, 1 - 70 / width, 1 - 66 / height))
+        widths = [edges[i + 1] - edges[i] for i in range(len(counts))]
+        ax.bar(edges[:-1], counts, width=widths, align="edge", color=color, edgecolor="white", linewidth=1)
+        ax.set_xlim(edges[0], edges[-1])
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v)))
+        _count_axis(ax.yaxis)
+        ax.yaxis.grid(True, color=GRID)
+        ax.set_axisbelow(True)
+        ax.set_title("shards", loc="left", color=MUTED, fontsize=11)
 
-    body: list[str] = [f'<text x="{left}" y="14" fill="{MUTED}">shards</text>']
-    _y_axis(body, ticks, y_of, left, width - right)
-    col = plot_w / len(counts)
-    for i, count in enumerate(counts):
-        if count:
-            y = y_of(count)
-            body.append(
-                f'<rect x="{left + i * col + 1:.1f}" y="{y:.1f}" width="{max(col - 2, 1):.1f}" '
-                f'height="{top + plot_h - y:.1f}" fill="{color}"><title>{fmt(edges[i])} – '
-                f"{fmt(edges[i + 1])}: {count}</title></rect>"
-            )
-    every = max(1, math.ceil(len(counts) / 5))
-    shown = sorted({*range(0, len(edges), every), len(edges) - 1})
-    for i in shown:
-        if i != len(edges) - 1 and len(edges) - 1 - i < every * 0.6:
-            continue  # too close to the last label
-        anchor = "start" if i == 0 else "end" if i == len(edges) - 1 else "middle"
-        body.append(
-            f'<text x="{left + i * col:.1f}" y="{height - 16}" text-anchor="{anchor}" fill="{MUTED}">'
-            f"{escape(fmt(edges[i]))}</text>"
-        )
-    return _svg(width, height, body, label)
+    return _draw(width, height, label, draw)
+
+
+def stacked_bar(parts: Sequence[tuple[str, int]], total: int | None = None, width: int = 240) -> list[dict]:
+    """The segments of a round's progress bar (drawn by the template): one per status, grey for the rest.
+
+    With a planned `total` the unfinished remainder shows as the grey background.
+    """
+    done = sum(c for _, c in parts)
+    whole = max(total or 0, done) or 1
+    segments, x = [], 0.0
+    for name, count in parts:
+        w = width * count / whole
+        if w > 0:
+            segments.append({"name": name, "count": count, "x": round(x, 2), "width": round(w, 2)})
+            segments[-1]["color"] = STATUS_COLORS.get(name, BLUE)
+        x += w
+    return segments

@@ -29,6 +29,7 @@ import math
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -104,6 +105,21 @@ MAX_RELISTS = 20
 # (bench/bench_catalog.py: 200 files 1.1 s, one snapshot 0.2 s at 100k videos), and a 100k-video round
 # writes one file per batch (3,000+), so rounds fold as they go and `status` stays under a second.
 COMPACT_AT_FILES = 32
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    """One read of the catalog seen three ways, for pages that show several views of the same moment.
+
+    `latest`: each video's latest event; `latest_in_rounds`: its latest event within each round it
+    has events in (a video relabelled in a later round counts in both, as `summary()['rounds']`);
+    `round_spans`: round id -> (first, last) event time, any status.
+    """
+
+    events: pa.Table
+    latest: pa.Table
+    latest_in_rounds: pa.Table
+    round_spans: dict[str, tuple[datetime, datetime]]
 
 
 class Catalog:
@@ -250,6 +266,46 @@ class Catalog:
             "by_filter_rule": _counts(filtered["filter_rule"]),
             "rounds": dict(sorted(rounds.items())),
         }
+
+    def read_state(self, columns: Iterable[str] | None = None) -> CatalogState:
+        """Events, latest per video, latest per (round, video) and round spans from one listing.
+
+        One listing, not one per view: on S3 each listing is a request, and a monitoring page
+        asks for all of these on every refresh. `columns` narrows the tables (the latest_by
+        keys are always kept); events are left unsorted, since the views aggregate them.
+        """
+        events = self._load()
+        if columns is not None:
+            keep = set(columns) | {"video_key", "round_id", "created_at", "event_id", "status"}
+            events = events.select([n for n in SCHEMA.names if n in keep])
+        spans: dict[str, tuple[datetime, datetime]] = {}
+        if events.num_rows:
+            grouped = events.group_by("round_id", use_threads=False).aggregate(
+                [("created_at", "min"), ("created_at", "max")]
+            )
+            for name, first, last in zip(
+                grouped["round_id"].to_pylist(),
+                grouped["created_at_min"].to_pylist(),
+                grouped["created_at_max"].to_pylist(),
+                strict=True,
+            ):
+                spans[name or "(none)"] = (first, last)
+        return CatalogState(
+            events=events,
+            latest=latest_by(events, ("video_key",)),
+            latest_in_rounds=latest_by(events, ("round_id", "video_key")),
+            round_spans=spans,
+        )
+
+    def labelled_sample(self, sample_key: str) -> dict | None:
+        """The latest event of the video whose labelled sample is `sample_key`, or None.
+
+        None also when that video has been relabelled or has failed since: its old sample is no
+        longer the catalog's answer for it.
+        """
+        latest = latest_by(self._load(), ("video_key",))
+        hit = latest.filter(pc.and_(pc.equal(latest["sample_key"], sample_key), pc.equal(latest["status"], "labelled")))
+        return hit.slice(0, 1).to_pylist()[0] if hit.num_rows else None
 
     def _events(self, round_id: str | None) -> pa.Table:
         table = self._load()
