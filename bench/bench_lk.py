@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pseudotrack.tasks.decode import decode_clip, encode_clip, probe_video
+from pseudotrack.tasks.clip_codec import encode_clip
+from pseudotrack.tasks.decode import decode_clip, probe_video
 from pseudotrack.tasks.queries import sample_queries
 from pseudotrack.teachers.lk import LKTeacher
 

@@ -101,7 +101,7 @@ def write_shards(root: str, samples: int, frames: int, height: int, width: int, 
     """Generated scenes with exact labels under two teacher names, as a labelling round would store them."""
     from pseudotrack.storage.objects import open_store
     from pseudotrack.synthetic import render_scene
-    from pseudotrack.tasks.decode import encode_clip
+    from pseudotrack.tasks.clip_codec import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
 

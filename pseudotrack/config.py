@@ -17,6 +17,8 @@ from .errors import ConfigError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg")
 MISSING_CAPTION_POLICIES = ("keep", "drop", "fail")
+# how a source frame becomes the label size (tasks/decode.py): scale whole, random crop at its aspect, or either
+RESIZE_MODES = ("squeeze", "crop", "mixed")
 
 
 def has_userinfo(uri: str | None) -> bool:
@@ -67,6 +69,8 @@ class RoundConfig:
     width: int = 512
     num_frames: int = 64
     max_stride: int = 4
+    # squeeze: whole frame scaled to height x width; crop: a random crop at the frame's aspect; mixed: either, per video
+    resize: str = "mixed"
     min_frames: int | None = None  # shorter clips fail; default min(16, num_frames)
     # queries (App. A): SIFT on 8 keyframes biased to the start, 384 tracks per clip
     num_queries: int = 384
@@ -130,6 +134,11 @@ class RoundConfig:
             problems.append(f"label resolution {self.height}x{self.width} must be even and at least 16x16")
         if not 1 <= self.min_frames <= self.num_frames:
             problems.append(f"min_frames={self.min_frames} must be between 1 and num_frames={self.num_frames}")
+        if self.resize not in RESIZE_MODES:
+            problems.append(
+                f"resize={self.resize!r}: choose squeeze (whole frame scaled to the clip size), crop (a random "
+                "crop at the video's own aspect) or mixed (either, drawn per video)"
+            )
         if self.missing_caption is not None and self.missing_caption not in MISSING_CAPTION_POLICIES:
             problems.append(
                 f"missing_caption={self.missing_caption!r}: choose one of {', '.join(MISSING_CAPTION_POLICIES)}"

@@ -109,14 +109,14 @@ def render_sample_file(
     max_tracks: int = 96,
 ) -> dict:
     from .demo import write_video
-    from .tasks.decode import decode_clip_bytes
+    from .tasks.clip_codec import decode_clip_bytes
 
     sample = find_sample(workspace_uri, video_key, sample_key)
     labels = sample["labels"]
     name = teacher or sorted(labels)[0]
     if name not in labels:
         raise ConfigError(f"sample has no labels from teacher {name!r}; it has: {', '.join(sorted(labels))}")
-    frames = decode_clip_bytes(sample["mp4"])
+    frames = decode_clip_bytes(sample["clip"])
     drawn = draw_tracks(frames, labels[name]["tracks"], labels[name]["visibility"], max_tracks)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

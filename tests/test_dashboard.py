@@ -33,7 +33,7 @@ from pseudotrack.errors import ConfigError
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SUFFIX, Catalog
 from pseudotrack.storage.objects import open_store
 from pseudotrack.synthetic import render_scene
-from pseudotrack.tasks.decode import decode_clip_bytes, encode_clip
+from pseudotrack.tasks.clip_codec import decode_clip_bytes, encode_clip
 from pseudotrack.tasks.shards import Sample, ShardSink
 from pseudotrack.teachers.base import TeacherOutput
 

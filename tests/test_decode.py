@@ -11,17 +11,8 @@ import videos
 
 from pseudotrack.errors import SampleError
 from pseudotrack.synthetic import render_scene
-from pseudotrack.tasks.decode import (
-    _decord,
-    _jpegs,
-    choose_stride,
-    decode_clip,
-    decode_clip_bytes,
-    encode_clip,
-    mjpeg_avi,
-    probe_video,
-    psnr,
-)
+from pseudotrack.tasks.clip_codec import decode_clip_bytes, encode_clip, jpegs, mux_jpegs, psnr
+from pseudotrack.tasks.decode import _decord, choose_stride, decode_clip, probe_video
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +92,17 @@ BAD_FILES = {
     "text": (videos.text_file(), r"not a video: .* holds text"),
     "png": (videos.png_file(), r"not a video: .* holds a PNG image"),
     "random": (videos.random_bytes(), r"not a video: .* no known video container"),
-    "ftyp then garbage": (videos.ftyp_then_garbage(), r"truncated or corrupt: unreadable box"),
-    "cut before the index": (videos.truncated(CLIP, 0.6), r"truncated or corrupt: the 'mdat' box"),
-    "cut after the index": (videos.truncated(videos.faststart(CLIP), 0.6), r"truncated or corrupt: the 'mdat' box"),
+    "ftyp then garbage": (videos.ftyp_then_garbage(), r"truncated or corrupt: .*no 'moov' index box.*re-upload"),
+    "cut before the index": (videos.truncated(CLIP, 0.6), r"truncated or corrupt: .*no 'moov' index box.*re-upload"),
+    "cut after the index": (
+        videos.truncated(videos.faststart(CLIP), 0.6),
+        r"truncated or corrupt: .* ends inside a frame .*re-upload the whole file",
+    ),
     "one frame": (videos.one_frame_video(), r"too short: only 1 frame; need at least 8"),
     # decord dies with SIGSEGV on an MJPEG AVI whose last frame is cut: the RIFF check must catch it first
     "avi cut short": (
-        videos.truncated(encode_clip(videos.translating_frames(8, 64, 64, 1, 0), 24.0), 0.7),
-        r"truncated or corrupt: the 'RIFF' chunk",
+        videos.truncated(videos.mjpeg_avi_file(videos.translating_frames(8, 64, 64, 1, 0)), 0.7),
+        r"truncated or corrupt: bad\.mp4 ends inside a frame .*re-upload the whole file",
     ),
 }
 
@@ -136,7 +130,7 @@ def test_damaged_frames_fail_while_decoding():
 
 def test_missing_frame_rate_is_assumed_not_fatal():
     frames = videos.translating_frames(12, 64, 64, 1, 0)
-    data = mjpeg_avi([j.tobytes() for j in _jpegs(frames, 95)], 64, 64, fps=0.0001)  # the file says 0.001 fps
+    data = mux_jpegs(jpegs(frames, 95), 64, 64, fps=0.001, container_format="avi")  # the file says 0.001 fps
     facts = probe_video(data, "slow.avi")
     assert facts.fps_assumed and facts.fps == 30.0 and facts.num_frames == 12
     clip = decode_clip(data, "slow.avi", 64, 64, 8, stride=1, rng=np.random.default_rng(0))
@@ -204,3 +198,68 @@ def test_sizes_the_decoders_scaler_gets_wrong_still_decode(shared_dir, width):
     np.testing.assert_array_equal(clip.frame_indices, reference.frame_indices)
     small = np.stack([cv2.resize(f, (width, 32), interpolation=cv2.INTER_AREA) for f in reference.frames])
     assert np.abs(clip.frames.astype(int) - small.astype(int)).mean() < 3.0
+
+
+# --------------------------------------------------------------------------- --resize squeeze | crop | mixed
+
+PORTRAIT = videos.translating_frames(12, 320, 136, 1, 0.5, seed=9)  # 136x320: a phone video standing up
+
+
+def test_a_portrait_video_is_cropped_at_its_own_aspect():
+    data = videos.mp4_bytes(PORTRAIT)
+    clip = decode_clip(data, "portrait", 48, 64, 8, stride=1, rng=np.random.default_rng(0), resize="crop")
+    assert clip.resize == "crop" and clip.frames.shape == (8, 48, 64, 3) and clip.source_size == (320, 136)
+    x0, y0, x1, y1 = clip.crop_box
+    assert (x0, x1) == (0.0, 136.0) and 0 <= y0 < y1 <= 320  # the crop spans the frame's width
+    assert (x1 - x0) / (y1 - y0) == pytest.approx(64 / 48, rel=0.02)  # the clip's aspect, not a squeeze
+    # the frames show that box of the source, scaled, not the whole frame squeezed
+    k = int(clip.frame_indices[3])
+    box = PORTRAIT[k, round(y0) : round(y1), round(x0) : round(x1)]
+    shown = cv2.resize(box, (64, 48), interpolation=cv2.INTER_AREA).astype(float)
+    squeezed = cv2.resize(PORTRAIT[k], (64, 48), interpolation=cv2.INTER_AREA).astype(float)
+    error = np.abs(clip.frames[3] - shown).mean()
+    assert error < 10 and error < np.abs(clip.frames[3] - squeezed).mean() / 2
+
+
+def test_squeeze_keeps_the_old_behaviour(real):
+    """squeeze is the resize of earlier rounds: the whole frame, and no draw from the generator."""
+    data = real["cat"]
+    rng = np.random.default_rng(3)
+    clip = decode_clip(data, "cat", 96, 128, 16, rng=rng, resize="squeeze")
+    assert clip.resize == "squeeze" and clip.crop_box == (0.0, 0.0, 368.0, 480.0)
+    plain = decode_clip(data, "cat", 96, 128, 16, rng=np.random.default_rng(3))  # the function's default
+    np.testing.assert_array_equal(plain.frames, clip.frames)
+    replay = np.random.default_rng(3)  # only stride and start were drawn, as before
+    stride = choose_stride(87, 16, 4, replay)
+    start = int(replay.integers(0, 87 - 15 * stride))
+    assert clip.stride == stride and int(clip.frame_indices[0]) == start
+    assert rng.random() == replay.random()
+    k = 5
+    here = source_frame(data, int(clip.frame_indices[k]), 96, 128).astype(float)
+    assert np.abs(clip.frames[k] - here).mean() < 4.0
+
+
+def test_mixed_is_deterministic_per_seed_and_draws_both():
+    data = videos.mp4_bytes(PORTRAIT)
+
+    def clip(seed: int):
+        return decode_clip(data, "portrait", 48, 64, 8, rng=np.random.default_rng(seed), resize="mixed")
+
+    clips = [clip(seed) for seed in range(12)]
+    again = [clip(seed) for seed in range(12)]
+    for a, b in zip(clips, again, strict=True):
+        assert (a.resize, a.crop_box) == (b.resize, b.crop_box)
+        np.testing.assert_array_equal(a.frames, b.frames)
+    assert {c.resize for c in clips} == {"squeeze", "crop"}
+    assert len({c.crop_box for c in clips if c.resize == "crop"}) > 1  # the crop's place is drawn too
+
+
+def test_unknown_resize_is_refused():
+    from pseudotrack.config import RoundConfig
+    from pseudotrack.errors import ConfigError
+
+    with pytest.raises(ValueError, match="resize='zoom': choose one of squeeze, crop, mixed"):
+        decode_clip(b"", "x", resize="zoom", rng=np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="resize='zoom': choose squeeze .* crop .* or mixed"):
+        RoundConfig(bucket="b", workspace="w", resize="zoom")
+    assert RoundConfig(bucket="b", workspace="w").resize == "mixed"

@@ -31,7 +31,9 @@ from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.objects import open_store
 from pseudotrack.tasks.caption_filter import MAX_CAPTION_BYTES, read_manifest
-from pseudotrack.tasks.decode import MAX_SOURCE_BYTES, check_container, decode_clip, decode_clip_bytes, probe_video
+from pseudotrack.tasks.clip_codec import decode_clip_bytes
+from pseudotrack.tasks.containers import MAX_SOURCE_BYTES, check_container
+from pseudotrack.tasks.decode import decode_clip, probe_video
 from pseudotrack.tasks.shards import committed_shards, read_shard
 from pseudotrack.teachers.base import TeacherSpec, register_teacher, teacher_names
 from pseudotrack.teachers.lk import LKTeacher
@@ -102,9 +104,15 @@ def build_corpus() -> tuple[dict[str, bytes], dict[str, tuple], dict[str, bytes]
         videos.truncated(good_clip(30), 0.6),
         "failed",
         "decode",
-        r"^truncated or corrupt: the 'mdat'",
+        r"^truncated or corrupt: FFmpeg cannot read .*cut short\.mp4: it has no 'moov' index box.*re-upload",
     )
-    add("bad/garbage.mp4", videos.ftyp_then_garbage(), "failed", "decode", r"^truncated or corrupt: unreadable box")
+    add(
+        "bad/garbage.mp4",
+        videos.ftyp_then_garbage(),
+        "failed",
+        "decode",
+        r"^truncated or corrupt: FFmpeg cannot read .*garbage\.mp4: it has no 'moov' index box",
+    )
     add(
         "bad/damaged frames.mp4",
         videos.damage_frames(h264),
@@ -229,23 +237,26 @@ def check_round(workspace: str, round_id: str, expect: dict[str, tuple]) -> dict
 
 def check_unusual_videos(rows: dict[str, dict], samples: dict[str, dict]) -> None:
     """The valid-but-unusual videos were labelled on the right frames, upright."""
-    # rotation metadata is applied: the clip shows the frames turned as a player shows them
+    # rotation metadata is applied: the clip shows the frames turned as a player shows them (the part of
+    # them its crop box names: the round's default resize is mixed)
     sample = samples["good/rotated portrait.mp4"]
-    stored = decode_clip_bytes(sample["mp4"])
+    stored = decode_clip_bytes(sample["clip"])
     source = videos.index_frames(24, 96, 128, seed=3)
     k = int(sample["meta"]["frame_indices"][0])
-    upright = cv2.resize(np.rot90(source[k], 1), (128, 96), interpolation=cv2.INTER_AREA).astype(float)
+    x0, y0, x1, y1 = (round(v) for v in sample["meta"]["crop_box"])
+    shown = np.rot90(source[k], 1)[y0:y1, x0:x1]
+    upright = cv2.resize(shown, (128, 96), interpolation=cv2.INTER_AREA).astype(float)
     as_stored = source[k].astype(float)
     assert np.abs(stored[0] - upright).mean() < 12 < np.abs(stored[0] - as_stored).mean()
     assert (rows["good/rotated portrait.mp4"]["width"], rows["good/rotated portrait.mp4"]["height"]) == (96, 128)
     # variable frame rate: frames are taken by index, each the one the metadata names
     sample = samples["good/variable frame rate.mp4"]
-    shown = [videos.frame_index_of(f) for f in decode_clip_bytes(sample["mp4"])]
+    shown = [videos.frame_index_of(f) for f in decode_clip_bytes(sample["clip"])]
     assert shown == sample["meta"]["frame_indices"]
     assert 0.5 < sample["meta"]["source_fps"] < 100
     # 100,000 frames: the clip is where it says it is, decoded without reading the whole video
     sample = samples["good/long 100k frames.mp4"]
-    shown = [videos.frame_index_of(f) for f in decode_clip_bytes(sample["mp4"])]
+    shown = [videos.frame_index_of(f) for f in decode_clip_bytes(sample["clip"])]
     assert shown == [i % GOP for i in sample["meta"]["frame_indices"]]
     assert rows["good/long 100k frames.mp4"]["num_frames"] == GOP * LONG_REPEATS
     # 4K frames are resized by the decoder to the label size

@@ -15,7 +15,7 @@ from pseudotrack.flows.label_round import run_label_round_flow, run_round
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.objects import open_store
-from pseudotrack.tasks.decode import decode_clip_bytes
+from pseudotrack.tasks.clip_codec import decode_clip_bytes
 from pseudotrack.tasks.shards import committed_shards, read_shard
 from pseudotrack.teachers.lk import LKTeacher
 
@@ -80,7 +80,7 @@ def check_round(bucket, workspace_uri: str, config: RoundConfig, summary) -> dic
     for key, sample in seen.items():
         meta, row = sample["meta"], labelled[key]
         assert meta["source_key"] == row["video_key"] and meta["teachers"] == ["lk"]
-        frames = decode_clip_bytes(sample["mp4"])
+        frames = decode_clip_bytes(sample["clip"])
         t = len(frames)
         assert frames.shape == (t, config.height, config.width, 3)
         assert sample["queries"].shape == (config.num_queries, 3) and sample["queries"].dtype == np.float32
@@ -107,7 +107,7 @@ def test_round_local_then_rerun_and_change(local_bucket, tmp_path):
     sample = next(iter(read_shard(shard_url(store, manifest["shard"]))))
     teacher = LKTeacher()
     teacher.setup("cpu")
-    again = teacher.predict(decode_clip_bytes(sample["mp4"]), sample["queries"])
+    again = teacher.predict(decode_clip_bytes(sample["clip"]), sample["queries"])
     assert np.mean(np.abs(again.tracks - sample["labels"]["lk"]["tracks"])) < 1.0
 
     # a re-run labels nothing twice

@@ -161,7 +161,7 @@ def test_shards_hold_only_documented_fields_and_no_pickles(tmp_path):
     store = open_store(workspace)
     manifests = committed_shards(store, "safe")
     assert sum(m["count"] for m in manifests) == 3
-    allowed = {"mp4", "json", "queries.npy"} | {f"lk.{f}.npy" for f in ("tracks", "visibility", "confidence")}
+    allowed = {"clip.mkv", "json", "queries.npy"} | {f"lk.{f}.npy" for f in ("tracks", "visibility", "confidence")}
     members = 0
     for manifest in manifests:
         with tarfile.open(store.local_path(manifest["shard"])) as tar:
@@ -182,7 +182,7 @@ def test_shards_hold_only_documented_fields_and_no_pickles(tmp_path):
                 elif field == "json":
                     json.loads(data)
                 else:
-                    assert data[:4] == b"RIFF" and data[8:12] == b"AVI "
+                    assert data[:4] == b"\x1a\x45\xdf\xa3"  # Matroska
                 members += 1
         assert json.loads(store.read_bytes(manifest["shard"] + ".json"))["shard"] == manifest["shard"]
     assert members == 3 * len(allowed)
@@ -211,7 +211,7 @@ def test_read_shard_never_unpickles(tmp_path):
         for field in ("pyd", "pickle", "pkl", "lk.extra.pyd"):
             member(tar, f"k1.{field}", payload)
     (sample,) = read_shard(str(ignored))
-    assert set(sample) == {"key", "mp4", "labels", "meta", "queries"} and not marker.exists()
+    assert set(sample) == {"key", "clip", "labels", "meta", "queries"} and not marker.exists()
 
     hostile = tmp_path / "hostile.tar"
     with tarfile.open(hostile, "w") as tar:

@@ -60,7 +60,7 @@ def test_shards_roll_over_and_read_back_exactly(store):
     assert [s["key"] for s in read] == [s.key for s in samples]
     for got in read:
         want = by_key[got["key"]]
-        assert got["mp4"] == want.clip
+        assert got["clip"] == want.clip
         np.testing.assert_array_equal(got["queries"], want.queries)
         assert set(got["labels"]) == set(want.labels)
         for name, out in want.labels.items():

@@ -143,7 +143,7 @@ def test_prepare_clip_gives_up_when_no_point_is_trackable() -> None:
 
 def _write_shards(workspace: str, shards: int = 3, per_shard: int = 4) -> None:
     from pseudotrack.storage.objects import open_store
-    from pseudotrack.tasks.decode import encode_clip
+    from pseudotrack.tasks.clip_codec import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
 
@@ -233,3 +233,48 @@ def test_loader_stops_with_a_reason_when_no_sample_is_usable(tmp_path) -> None:
     loader = make_loader(shard_refs(str(tmp_path)), ClipSpec(num_frames=6, num_tracks=3, height=H0, width=W0), 1, 0)
     with pytest.raises(RuntimeError, match="in a row could not be used"):
         next(iter(loader))
+
+
+def test_shards_written_before_the_clip_field_was_renamed_still_load(tmp_path) -> None:
+    """Old shards hold the clip as an MJPEG AVI under the field `mp4`: the loader and `render` read them."""
+    import cv2
+
+    from pseudotrack.render import render_sample_file
+    from pseudotrack.storage.catalog import Catalog
+    from pseudotrack.storage.objects import open_store
+    from pseudotrack.tasks.clip_codec import CLIP_FIELD, jpegs, mux_jpegs, psnr
+    from pseudotrack.tasks.shards import Sample, ShardSink, read_shard, recover_committed
+    from pseudotrack.teachers.base import TeacherOutput
+
+    class OldSample(Sample):
+        def to_record(self) -> dict:
+            record = super().to_record()
+            record["mp4"] = record.pop(CLIP_FIELD)
+            return record
+
+    frames = _frames()
+    # the old format: an MJPEG AVI (quality 100, as the old encoder stored noise like these frames)
+    old_clip = mux_jpegs(jpegs(frames, 100), W0, H0, 24.0, container_format="avi")
+    assert old_clip[:4] == b"RIFF" and old_clip[8:12] == b"AVI "
+    store = open_store(str(tmp_path))
+    sink = ShardSink(store, "old", "b0")
+    s = _sample("old0", teachers=("lk",))
+    labels = {n: TeacherOutput(**lab) for n, lab in s["labels"].items()}
+    row = {"video_key": "v.mp4", "etag": "e", "status": "labelled", "sample_key": "old0", "teachers": ["lk"]}
+    meta = dict(s["meta"], source_key="v.mp4", fps=24.0)
+    sink.add(OldSample("old0", old_clip, s["queries"], labels, meta), dict(row, round_id="old"))
+    (shard,) = sink.close()
+    (sample,) = read_shard(str(tmp_path / shard.key))
+    assert sample["clip"] == old_clip
+    # the student loader
+    spec = ClipSpec(num_frames=T0, num_tracks=N0, height=H0, width=W0)
+    (batch,) = _take(make_loader(shard_refs(str(tmp_path)), spec, 1, seed=0), 1)
+    assert batch["keys"] == ["old0"] and batch["video"].shape == (1, T0, H0, W0, 3)
+    shown = batch["video"][0].numpy()
+    assert all(max(psnr(f, g) for g in frames) >= 40.0 for f in shown)  # each frame is one of the clip's
+    # render (through the catalog, as `pseudotrack show` finds a sample)
+    assert recover_committed(store, Catalog(store)) == 1
+    out = tmp_path / "old.png"
+    info = render_sample_file(str(tmp_path), out, sample_key="old0")
+    assert info == {"teacher": "lk", "source_key": "v.mp4", "frames": T0}
+    assert cv2.imread(str(out)).shape == (2 * H0, 3 * W0, 3)  # the frame grid

@@ -29,7 +29,7 @@ def _write_exact_shards(workspace: str, scenes: list[int], per_shard: int = 3, b
     """Shards whose labels are a synthetic scene's exact tracks, under a teacher named 'exact'."""
     from pseudotrack.storage.objects import open_store
     from pseudotrack.synthetic import render_scene
-    from pseudotrack.tasks.decode import encode_clip
+    from pseudotrack.tasks.clip_codec import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
 

@@ -299,21 +299,21 @@ def long_mp4(gop: np.ndarray, repeats: int, fps: float = 25.0) -> bytes:
 
 def mjpeg_avi_file(frames: np.ndarray, fps: float = 24.0, quality: int = 90) -> bytes:
     """Frames as a Motion-JPEG AVI (any size: JPEG goes to 65535 pixels a side, quick even for huge frames)."""
-    from pseudotrack.tasks.decode import mjpeg_avi
+    from pseudotrack.tasks.clip_codec import mux_jpegs
 
     params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     jpegs = [cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), params)[1].tobytes() for f in frames]
-    return mjpeg_avi(jpegs, frames.shape[2], frames.shape[1], fps)
+    return mux_jpegs(jpegs, frames.shape[2], frames.shape[1], fps, container_format="avi")
 
 
 def huge_frames_avi(height: int = 8200, width: int = 8200, frames: int = 8) -> bytes:
     """A real MJPEG AVI of `frames` copies of one height x width frame (a flat grey with lines: small, quick)."""
-    from pseudotrack.tasks.decode import mjpeg_avi
+    from pseudotrack.tasks.clip_codec import mux_jpegs
 
     image = np.full((height, width, 3), 120, np.uint8)
     image[::256] = 230
     jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 50])[1].tobytes()
-    return mjpeg_avi([jpeg] * frames, width, height, 24.0)
+    return mux_jpegs([jpeg] * frames, width, height, 24.0, container_format="avi")
 
 
 def claim_size(data: bytes, width: int, height: int) -> bytes:

@@ -30,6 +30,13 @@ Frames = Annotated[int, typer.Option(help="Frames per clip (64 for an online stu
 Height = Annotated[int, typer.Option(help="Clip height in pixels (even).")]
 Width = Annotated[int, typer.Option(help="Clip width in pixels (even).")]
 MaxStride = Annotated[int, typer.Option(help="Frame stride is drawn from 1..max-stride.")]
+Resize = Annotated[
+    str,
+    typer.Option(
+        help="How frames become the clip size: squeeze (whole frame), crop (random crop at the "
+        "video's aspect) or mixed (either, per video)."
+    ),
+]
 Queries = Annotated[int, typer.Option(help="Query points (tracks) per clip.")]
 Keyframes = Annotated[int, typer.Option(help="Keyframes SIFT samples queries on.")]
 Captions = Annotated[

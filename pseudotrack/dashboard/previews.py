@@ -34,7 +34,7 @@ def render_preview(
     import cv2
 
     from ..render import draw_tracks, frame_grid, shard_url
-    from ..tasks.decode import decode_clip_bytes
+    from ..tasks.clip_codec import decode_clip_bytes
     from ..tasks.shards import read_shard
 
     sample = next((s for s in read_shard(shard_url(store, shard_id)) if s["key"] == sample_key), None)
@@ -44,7 +44,7 @@ def render_preview(
     if not labels:
         raise LookupError(f"sample {sample_key} has no teacher labels")
     name = teacher if teacher in labels else sorted(labels)[0]
-    frames = decode_clip_bytes(sample["mp4"])
+    frames = decode_clip_bytes(sample["clip"])
     tracks, visibility = labels[name]["tracks"], labels[name]["visibility"]
     t_len = min(len(frames), len(tracks))
     scale = PREVIEW_MIN_HEIGHT / frames.shape[1]

@@ -328,7 +328,7 @@ class _ShardSlots:
 
 
 def decode_frames(data: bytes) -> np.ndarray:
-    from ..tasks.decode import decode_clip_bytes
+    from ..tasks.clip_codec import decode_clip_bytes
 
     return decode_clip_bytes(data)
 
@@ -368,7 +368,7 @@ def stream_batches(
             try:
                 sample = decode_sample(raw)
                 clip = prepare_clip(
-                    sample, decode_frames(sample["mp4"]), spec, length, sample_rng(seed, stream, draw.index)
+                    sample, decode_frames(sample["clip"]), spec, length, sample_rng(seed, stream, draw.index)
                 )
                 last_error = "no point of the clip can be queried in the chosen frames"
             except Exception as exc:  # a bad sample must not stop training; it is reported

@@ -30,7 +30,9 @@ from ..faults import fault_point
 from ..storage.claims import ClaimSet
 from ..storage.layout import sample_key
 from ..teachers.base import Teacher, TeacherOutput, create_teacher, predict_clips, teacher_spec
-from .decode import MAX_SOURCE_BYTES, check_source_size, decode_clip, encode_clip, probe_video
+from .clip_codec import encode_clip_described
+from .containers import MAX_SOURCE_BYTES, check_source_size
+from .decode import decode_clip, probe_video
 from .queries import sample_queries
 from .shards import Sample, ShardSink
 
@@ -166,6 +168,7 @@ def prepare_video(
         min_frames=config.min_frames,
         rng=rng,
         facts=facts,
+        resize=config.resize,
     )
     t1 = time.perf_counter()
     queries, query_stats = sample_queries(
@@ -247,7 +250,7 @@ def finish_video(
         p.chosen,
     )
     t3 = time.perf_counter()
-    clip_bytes = encode_clip(clip.frames, clip.fps)
+    clip_bytes, stored = encode_clip_described(clip.frames, clip.fps)
     t4 = time.perf_counter()
     shas = [teachers.get(n).checkpoint_sha256 for n in chosen]
     key = sample_key(video.key, video.etag)
@@ -262,6 +265,9 @@ def finish_video(
         "source_fps": facts.fps,
         "source_size": [facts.height, facts.width],
         "clip_size": [config.height, config.width],
+        "resize": clip.resize,  # "squeeze" or "crop" (config.resize "mixed" draws one per video)
+        "crop_box": list(clip.crop_box),  # (x0, y0, x1, y1) of the source frame the clip shows, source pixels
+        "clip": stored,  # the stored clip's field, container, codec and quality
         "num_frames": len(clip.frames),
         "query_stats": query_stats,
         "teachers": chosen,

@@ -29,6 +29,7 @@ from .. import __version__
 from ..faults import fault_point
 from ..storage.layout import MANIFEST_SUFFIX, is_manifest, manifest_key, shard_key, shards_prefix
 from ..teachers.base import TeacherOutput
+from .clip_codec import CLIP_FIELD, LEGACY_CLIP_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Sample:
     """One labelled clip, as stored in a shard (DESIGN.md "Shards")."""
 
     key: str
-    clip: bytes  # encoded frames exactly as the teachers saw them
+    clip: bytes  # encoded frames exactly as the teachers saw them (clip_codec.encode_clip), field CLIP_FIELD
     queries: np.ndarray  # float32 [N, 3] (t, x, y)
     labels: dict[str, TeacherOutput]  # teacher name -> its pseudo-labels
     meta: dict = field(default_factory=dict)
@@ -46,7 +47,7 @@ class Sample:
     def to_record(self) -> dict:
         record: dict = {
             "__key__": self.key,
-            "mp4": self.clip,
+            CLIP_FIELD: self.clip,
             "queries.npy": np.asarray(self.queries, np.float32),
         }
         for name, out in self.labels.items():
@@ -227,10 +228,18 @@ def recover_committed(workspace, catalog) -> int:
 
 
 def decode_sample(raw: dict) -> dict:
-    """A raw webdataset record -> {key, mp4, queries, labels: {teacher: {tracks, visibility, confidence}}, meta}."""
-    out: dict = {"key": raw["__key__"], "mp4": raw["mp4"], "labels": {}}
+    """A raw webdataset record -> {key, clip, queries, labels: {teacher: {tracks, visibility, confidence}}, meta}.
+
+    `clip` is the stored clip's bytes (clip_codec.decode_clip_bytes reads them), from the field
+    CLIP_FIELD or, in shards written before it, the field `mp4` (an MJPEG AVI).
+    """
+    clip_fields = (CLIP_FIELD, *LEGACY_CLIP_FIELDS)
+    clip = next((raw[name] for name in clip_fields if name in raw), None)
+    if clip is None:
+        raise ValueError(f"sample {raw.get('__key__')!r} has no clip (none of the fields {', '.join(clip_fields)})")
+    out: dict = {"key": raw["__key__"], "clip": clip, "labels": {}}
     for name, value in raw.items():
-        if name.startswith("__") or name == "mp4":
+        if name.startswith("__") or name in clip_fields:
             continue
         if name == "json":
             out["meta"] = json.loads(value)
