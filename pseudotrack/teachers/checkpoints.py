@@ -30,8 +30,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]  # torch's own advice runs to many lines
         raise CheckpointError(
-            f"checkpoint {path} cannot be read safely ({type(exc).__name__}: {exc}); "
+            f"checkpoint {path} cannot be read safely ({type(exc).__name__}: {first_line}); "
             "it may be truncated or not a PyTorch weights file: download it again"
         ) from exc
     for key in _CONTAINER_KEYS:
@@ -58,6 +59,21 @@ def load_into(
     """Load `path` into `model` strictly; `filter_fn` maps the official layout to the module's.
 
     Returns the (filtered) state dict that was loaded.
+    """
+    state = fit_state_dict(model, path, filter_fn, model_name)
+    model.load_state_dict(state, strict=True)
+    return state
+
+
+def fit_state_dict(
+    model: torch.nn.Module,
+    path: str | Path,
+    filter_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    model_name: str = "",
+) -> dict[str, torch.Tensor]:
+    """The (filtered) state dict of `path`, refused unless its keys and shapes are exactly `model`'s.
+
+    Only names and shapes of `model` are read, so it may live on the meta device.
     """
     state = read_state_dict(path)
     if filter_fn is not None:
@@ -86,5 +102,4 @@ def load_into(
     ]
     if bad:
         raise CheckpointError(f"checkpoint {path} does not fit{label}: shape mismatch: {'; '.join(bad[:_MAX_LISTED])}")
-    model.load_state_dict(state, strict=True)
     return state
