@@ -12,17 +12,21 @@ import errno
 import numpy as np
 import pytest
 import torch
+from reference import BOOTSTAPIR_TINY, CT2_TINY, TAPIR_TINY
 from typer.testing import CliRunner
 
 from pseudotrack.cli.main import app
 from pseudotrack.config import RoundConfig
 from pseudotrack.demo import write_demo_bucket
-from pseudotrack.errors import ConfigError
+from pseudotrack.errors import CheckpointError, ConfigError
 from pseudotrack.flows.label_round import BatchesFailed, run_round
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.objects import open_store
 from pseudotrack.tasks.labelling import resolve_checkpoints
-from pseudotrack.teachers.base import TeacherSpec, register_teacher
+from pseudotrack.teachers.base import TeacherSpec, create_teacher, register_teacher
+from pseudotrack.teachers.cotracker2 import CoTracker2
+from pseudotrack.teachers.cotracker3 import CoTracker3, tiny_config
+from pseudotrack.teachers.tapir import Tapir
 
 SMALL = dict(height=64, width=96, num_frames=12, min_frames=8, num_queries=24, num_keyframes=4, batch_size=2)
 runner = CliRunner()
@@ -84,12 +88,18 @@ def test_a_corrupt_checkpoint_is_refused_before_any_video(bucket, tmp_path, pref
     workspace = tmp_path / "ws"
     common = ["--bucket", str(bucket), "--workspace", str(workspace), "--frames", "12", "--height", "64"]
     common += ["--width", "96", "--queries", "24", "--batch-size", "2"]
-    result = runner.invoke(app, ["round", *common, "--teacher", f"cotracker3_online={garbage}"])
+    result = runner.invoke(
+        app,
+        ["round", *common, "--teacher", f"cotracker3_online={garbage}"],
+        terminal_width=200,
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) <= 2, result.output
     joined = " ".join(" ".join(lines).split())  # rich wraps long lines at the terminal width
     assert "Traceback" not in result.output and len(result.output) < 600, result.output
-    assert joined.startswith("error:") and "garbage.pth" in joined and "cannot be read safely" in joined
+    assert joined.startswith("error:") and "garbage.pth" in joined and "weights-only loader" in joined
     assert "cotracker3_online" in joined
     catalog_files = list((workspace / "catalog").rglob("*.parquet")) if (workspace / "catalog").exists() else []
     assert catalog_files == [], catalog_files  # nothing recorded: no video was touched
@@ -111,6 +121,44 @@ def test_a_checkpoint_of_the_wrong_model_is_refused_with_its_keys(tmp_path):
         resolve_checkpoints(config)
     message = str(caught.value)
     assert str(wrong) in message and "missing keys" in message and "\n" not in message
+
+
+TINY = {
+    "cotracker3_online": lambda: (CoTracker3(tiny_config(False)), {"model_config": tiny_config()}),
+    "cotracker3_offline": lambda: (CoTracker3(tiny_config(True)), {"model_config": tiny_config()}),
+    "cotracker2": lambda: (CoTracker2(CT2_TINY), {"config": CT2_TINY}),
+    "tapir": lambda: (Tapir(TAPIR_TINY), {"config": TAPIR_TINY}),
+    "bootstapir": lambda: (Tapir(BOOTSTAPIR_TINY), {"config": BOOTSTAPIR_TINY}),
+}
+OTHER = {
+    "cotracker3_online": "cotracker3_offline",
+    "cotracker3_offline": "cotracker3_online",
+    "tapir": "bootstapir",
+    "bootstapir": "tapir",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_the_check_before_work_accepts_a_good_file_and_refuses_another_models(name, tmp_path):
+    """`check_checkpoint` is what setup refuses, without loading: a good file passes, the other variant's
+    file is refused with the teacher to use, and the network it checked against holds no memory."""
+    net, options = TINY[name]()
+    good = tmp_path / f"{name}.pth"
+    torch.save(net.state_dict(), good)
+    teacher = create_teacher(name, good, **options)
+    teacher.check_checkpoint()
+    assert teacher.model is None  # checked, not loaded
+    teacher.setup("cpu")  # and setup agrees
+    if name in OTHER:
+        other_net, _ = TINY[OTHER[name]]()
+        other = tmp_path / f"{OTHER[name]}.pth"
+        torch.save(other_net.state_dict(), other)
+        with pytest.raises(CheckpointError, match=OTHER[name]):
+            create_teacher(name, other, **options).check_checkpoint()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated|damaged"):
+        create_teacher(name, truncated, **options).check_checkpoint()
 
 
 # ---------------------------------------------------------------- faults during a batch
@@ -163,3 +211,20 @@ def test_a_video_that_does_not_decode_is_terminally_failed(bucket, tmp_path):
     assert row["status"] == "failed" and row["stage"] == "decode" and row["reason"]
     again = run_round(RoundConfig(bucket=str(bucket), workspace=str(tmp_path / "ws"), round_id="r2", **SMALL))
     assert summary.labelled >= 1 and again.planned == 0  # terminal: not tried again
+
+
+def test_a_full_disk_is_not_retried_but_a_storage_fault_is():
+    """Prefect retries a batch for storage faults; a full disk stays full, so retrying it only wastes time."""
+    from pseudotrack.tasks.labelling import _is_storage_fault
+
+    class Failed:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self):
+            raise self.exc
+
+    assert not _is_storage_fault(None, None, Failed(OSError(errno.ENOSPC, "No space left on device")))
+    assert _is_storage_fault(None, None, Failed(ConnectionError("connection reset")))
+    assert _is_storage_fault(None, None, Failed(TimeoutError("read timed out")))
+    assert not _is_storage_fault(None, None, Failed(RuntimeError("CUDA error: an illegal memory access")))

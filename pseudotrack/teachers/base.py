@@ -89,6 +89,9 @@ class Teacher(Protocol):
     queries_independent: bool
         True when a query's track does not depend on the other queries
         (TAPIR, lk), so running the queries in parts changes nothing.
+    check_checkpoint() -> None
+        refuse (CheckpointError) a file `setup` would refuse, without loading
+        it anywhere; a round runs it before any video (`check_teacher_checkpoint`).
     """
 
     name: str

@@ -30,11 +30,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]  # torch's own advice runs to many lines
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read safely ({type(exc).__name__}: {first_line}); "
-            "it may be truncated or not a PyTorch weights file: download it again"
-        ) from exc
+        raise CheckpointError(f"checkpoint {path} {_load_problem(exc)}") from exc
     for key in _CONTAINER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -42,6 +38,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
     return dict(obj)
+
+
+def _load_problem(exc: Exception) -> str:
+    """What torch.load's error says, in one line: its own messages run to a dozen lines of advice."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(boilerplate)]
+        return (
+            f"is refused by torch's weights-only loader ({'; '.join(detail)[:160] or type(exc).__name__}): "
+            "not a plain PyTorch weights file, or damaged; download it again"
+        )
+    first = (text.splitlines() or [""])[0][:160]
+    return (
+        f"cannot be read safely ({type(exc).__name__}: {first}); "
+        "it may be truncated or not a PyTorch weights file: download it again"
+    )
 
 
 def _listing(keys: set[str]) -> str:
