@@ -47,6 +47,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 WORK_STAGES = ("read", "decode", "queries", "teacher", "encode", "shard")
 
 
@@ -255,7 +256,11 @@ def main() -> None:
     server, url = start_server(home, database)
     worker = None
     try:
+        # the test-only `noop` teacher (tests/noop_teacher.py), registered here and in every worker
+        sys.path.insert(0, str(TESTS))
         os.environ.update(
+            PSEUDOTRACK_TEACHERS="noop_teacher",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
             PREFECT_API_URL=url,
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_LOGGING_LEVEL="WARNING",

@@ -22,9 +22,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import noop_teacher  # noqa: F401  registers the test-only `noop` teacher in this process
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# ...and in the processes a test starts (workers import the modules PSEUDOTRACK_TEACHERS names)
+os.environ.setdefault("PSEUDOTRACK_TEACHERS", "noop_teacher")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
 
 
 def free_port() -> int:

@@ -20,7 +20,6 @@ from pseudotrack.teachers.cotracker3 import (
     CoTracker3Config,
     CoTracker3Teacher,
     default_config,
-    grid_points,
     load_cotracker3,
     predictor_from_model,
     tiny_config,
@@ -28,6 +27,7 @@ from pseudotrack.teachers.cotracker3 import (
     window_starts,
     with_variant,
 )
+from pseudotrack.teachers.support_points import grid_points
 
 VARIANTS = ("offline", "online")
 CASES = [(v, c) for v in VARIANTS for c in sorted((REFERENCE / f"cotracker3_{v}").glob("case_*.npz"))]
@@ -343,7 +343,7 @@ def test_support_points_follow_each_variants_rule(tiny_teacher):
 
 def test_visibility_is_vis_times_confidence_thresholded(tiny_teacher):
     frames, queries = sliding_clip(10, 40, 60), random_queries(10, 40, 60, n=6)
-    _, vis, conf = tiny_teacher._run(frames, queries)
+    _, vis, conf = tiny_teacher.run(frames, queries)
     out = tiny_teacher.predict(frames, queries)
     expected = vis * conf > tiny_teacher.visibility_threshold
     expected[np.rint(queries[:, 0]).astype(int), np.arange(6)] = True

@@ -55,7 +55,6 @@ PRELOAD = (
     "pseudotrack.tasks.decode",
     "pseudotrack.tasks.queries",
     "pseudotrack.teachers.lk",
-    "pseudotrack.teachers.noop",
     "pseudotrack.teachers.cotracker3",
     "pseudotrack.teachers.cotracker2",
     "pseudotrack.teachers.tapir",

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..teachers import cotracker3 as ct3
 from ..teachers.checkpoints import load_into
+from ..teachers.cotracker3 import model as ct3
+from ..teachers.cotracker3.teacher import predictor_from_model
 from .loss import WindowPrediction
 
 FROZEN_PREFIX = ct3.CoTracker3.VIS_CONF_HEAD + "."
@@ -79,7 +80,7 @@ class Student(nn.Module):
         frames: uint8 [T, H, W, 3]; queries: float [M, 3] (t, x, y) pixels of `frames`
         returns tracks float32 [T, M, 2] in the same pixels and visible bool [T, M]
         """
-        teacher = ct3.predictor_from_model(
+        teacher = predictor_from_model(
             self.net, offline=self.variant == "offline", iters=iters, support_grid=0, support_sift=0, support_uniform=0
         )
         out = teacher.predict(frames, queries)

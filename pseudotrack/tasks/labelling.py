@@ -3,18 +3,25 @@
 The batch, not the video, is the unit of orchestration (DESIGN.md, "Prefect at
 scale"): one task run labels hundreds of videos. Inside it each video either
 becomes a sample in a committed shard or a `failed` row with the stage and the
-reason, and the next video goes on. Only storage faults that outlast the
-client's retries escape, failing the batch so Prefect can retry it whole; the
-shard names are deterministic, so a retried batch overwrites, never duplicates.
+reason, and the next video goes on.
+
+Only a video's own faults are terminal (a `SampleError`: it does not decode, is
+too short, gives too few features, or a teacher returns NaN for that clip
+alone). Anything else is not the video's fault and never becomes a `failed`
+row: a teacher that cannot load, a CUDA error, a full disk, a bug of ours. It
+fails the batch instead, its videos stay pending, and the round says how to
+resume. Storage faults that outlast the client's retries are retried whole by
+Prefect; the shard names are deterministic, so a retried batch overwrites,
+never duplicates.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +36,14 @@ from ..errors import ConfigError, SampleError
 from ..faults import fault_point
 from ..storage.claims import ClaimSet
 from ..storage.layout import sample_key
-from ..teachers.base import Teacher, TeacherOutput, create_teacher, predict_clips, teacher_spec
+from ..teachers.base import (
+    Teacher,
+    TeacherOutput,
+    check_teacher_checkpoint,
+    create_teacher,
+    predict_clips,
+    teacher_spec,
+)
 from .clip_codec import encode_clip_described
 from .containers import MAX_SOURCE_BYTES, check_source_size
 from .decode import decode_clip, probe_video
@@ -108,6 +122,12 @@ def resolve_checkpoints(config: RoundConfig) -> dict[str, str | None]:
                 )
                 continue
             path = found[0]
+        if path is not None:
+            try:  # read and fitted to the model once here, so a bad file stops the round before any video
+                check_teacher_checkpoint(name, path)
+            except ConfigError as exc:
+                problems.append(f"teacher {name!r}: {exc}")
+                continue
         resolved[name] = str(path) if path else None
     if problems:
         raise ConfigError("cannot start the round: " + "; ".join(problems))
@@ -205,6 +225,11 @@ def run_teachers(
     given to the next, so a clip fails with the same reason whatever batch it
     was in. Each clip's labels are what the teacher gives it alone (up to float
     rounding in a batched forward).
+
+    Only a clip's own fault (SampleError: out of memory at the smallest split,
+    NaN labels) fails the clip. A teacher that cannot be set up or an error
+    that is not the clip's (a CUDA error, a bug) is raised: it fails the batch
+    and leaves its videos pending.
     """
     t0 = time.perf_counter()
     labels: list[dict[str, TeacherOutput]] = [{} for _ in prepared]
@@ -213,12 +238,11 @@ def run_teachers(
         todo = [i for i, p in enumerate(prepared) if name in p.chosen and failures[i] is None]
         if not todo:
             continue
-        try:
-            teacher = teachers.get(name)
-            outs = predict_clips(teacher, [(prepared[i].clip.frames, prepared[i].queries) for i in todo], max_clips)
-        except Exception as exc:  # setting the teacher up failed: every clip that chose it fails with that
-            outs = [exc] * len(todo)
+        teacher = teachers.get(name)
+        outs = predict_clips(teacher, [(prepared[i].clip.frames, prepared[i].queries) for i in todo], max_clips)
         for i, out in zip(todo, outs, strict=True):
+            if isinstance(out, Exception) and not isinstance(out, SampleError):
+                raise out
             if isinstance(out, Exception):
                 failures[i] = out
                 continue
@@ -321,7 +345,8 @@ def label_in_groups(
     Videos are read and prepared `teacher_batch_size` at a time so that their
     teachers can run on several clips per forward; with a batch size of one
     this is `label_video` per video. Storage faults other than a missing
-    object escape, failing the batch (as before).
+    object escape, failing the batch (as before), and so does any error that is
+    not a SampleError (`_label_claimed` raises it).
     """
     size = teacher_batch_size(config, teachers.device)
     for start in range(0, len(videos), size):
@@ -448,6 +473,15 @@ def _label_claimed(
             catalog.append([dict(r, round_id=config.round_id, batch_id=batch_id) for r in rows])
             timings["catalog"] = timings.get("catalog", 0.0) + time.perf_counter() - t
 
+    def keep_failures() -> None:
+        """Record the terminal failures seen so far before the batch fails; they are the videos' own."""
+        nonlocal pending_failures
+        try:
+            record(pending_failures)
+            pending_failures = []
+        except Exception:  # the original error matters more; these videos are simply retried
+            log.warning("could not record %d failed videos before the batch failed", len(pending_failures))
+
     def commit(shards) -> None:
         nonlocal pending_failures
         for shard in shards:
@@ -461,11 +495,12 @@ def _label_claimed(
                 if isinstance(outcome, Exception):
                     raise outcome
                 sample, row = outcome
-            except SampleError as exc:
+            except SampleError as exc:  # the video's own fault: terminal
                 row = failed_row(video, exc.stage, exc.reason)
-            except Exception as exc:  # a bug or an unexpected library error: keep the round going, say what
-                log.warning("labelling %s failed unexpectedly:\n%s", video.key, traceback.format_exc())
-                row = failed_row(video, "internal", f"unexpected {type(exc).__name__}: {exc}")
+            except Exception:  # not the video's fault (teacher, device, disk, a bug): the batch fails
+                log.error("batch %s stopped at %s; its unrecorded videos stay pending", batch_id, video.key)
+                keep_failures()
+                raise
             else:
                 fault_point("video.labelled")
                 t = time.perf_counter()
@@ -498,11 +533,11 @@ def _label_claimed(
 
 
 def _is_storage_fault(task, task_run, state) -> bool:
-    """Retry a batch only for storage and network faults, not for bugs."""
+    """Retry a batch only for storage and network faults, not for bugs nor a full disk (it stays full)."""
     try:
         state.result()
-    except (OSError, TimeoutError, ConnectionError):
-        return True
+    except OSError as exc:
+        return exc.errno != errno.ENOSPC
     except Exception as exc:
         return type(exc).__module__.startswith(("botocore", "boto3", "urllib3"))
     return False

@@ -16,9 +16,10 @@ online students, which track forward only (App. A: "frame sampling biased
 towards the beginning of the video").
 
 Points. SIFT reports one location several times, once per dominant
-orientation (DESIGN.md pitfalls): points are sorted by response, and points
-that fall on the same pixel as a stronger one are dropped before the strongest
-are taken. Each keyframe is due N // K points, the remainder going to the
+orientation (DESIGN.md pitfalls): `teachers.support_points.sift_points` (shared
+with the teachers' support points) sorts them by response and drops points
+that fall on the same pixel as a stronger one before the strongest are taken.
+Each keyframe is due N // K points, the remainder going to the
 earliest keyframes; what a keyframe cannot supply is handed, one point at a
 time, to the keyframes that still have points, earliest first.
 """
@@ -29,9 +30,9 @@ import cv2
 import numpy as np
 
 from ..errors import SampleError
+from ..teachers.support_points import BORDER, sift_points
 
 START_BIAS = 3.0
-BORDER = 2.0  # pixels: trackers sample patches around a query, so points this close to an edge are dropped
 
 
 def keyframe_probabilities(num_frames: int, start_bias: float = START_BIAS) -> np.ndarray:
@@ -47,25 +48,6 @@ def choose_keyframes(
     count = min(num_keyframes, num_frames)
     picks = rng.choice(num_frames, size=count, replace=False, p=keyframe_probabilities(num_frames, start_bias))
     return np.sort(picks).astype(np.int64)
-
-
-def sift_points(gray: np.ndarray, detector=None, border: float = BORDER) -> tuple[np.ndarray, np.ndarray]:
-    """(xy float32 [M, 2], response float32 [M]): strongest first, one per pixel, `border` px from the edges."""
-    detector = detector if detector is not None else cv2.SIFT_create()
-    keypoints = detector.detect(gray, None)
-    if not keypoints:
-        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
-    xy = np.array([k.pt for k in keypoints], np.float32)
-    response = np.array([k.response for k in keypoints], np.float32)
-    order = np.argsort(-response, kind="stable")
-    xy, response = xy[order], response[order]
-    h, w = gray.shape[:2]
-    inside = (xy[:, 0] >= border) & (xy[:, 1] >= border) & (xy[:, 0] <= w - 1 - border) & (xy[:, 1] <= h - 1 - border)
-    xy, response = xy[inside], response[inside]
-    cells = np.round(xy).astype(np.int64)
-    _, first = np.unique(cells[:, 1] * (w + 1) + cells[:, 0], return_index=True)
-    keep = np.sort(first)  # the strongest point of each pixel, still in order of response
-    return xy[keep], response[keep]
 
 
 def allocate(available: list[int], total: int) -> list[int]:

@@ -89,6 +89,9 @@ class Teacher(Protocol):
     queries_independent: bool
         True when a query's track does not depend on the other queries
         (TAPIR, lk), so running the queries in parts changes nothing.
+    check_checkpoint() -> None
+        refuse (CheckpointError) a file `setup` would refuse, without loading
+        it anywhere; a round runs it before any video (`check_teacher_checkpoint`).
     """
 
     name: str
@@ -158,6 +161,19 @@ def create_teacher(name: str, checkpoint: str | Path | None = None, **kwargs) ->
     if checkpoint is not None:
         options["checkpoint"] = Path(checkpoint)
     return spec.factory(**options)
+
+
+def check_teacher_checkpoint(name: str, checkpoint: str | Path) -> None:
+    """Refuse (CheckpointError, a ConfigError) a checkpoint that `name`'s setup would refuse, without loading it.
+
+    Cheap: the file is read and its keys and shapes compared with the model's;
+    no forward runs and nothing goes to a device. Weight-free teachers have
+    nothing to check beyond `create_teacher`'s own refusal of a file.
+    """
+    teacher = create_teacher(name, checkpoint)
+    check = getattr(teacher, "check_checkpoint", None)
+    if check is not None:
+        check()
 
 
 def check_predict_inputs(frames: np.ndarray, queries: np.ndarray) -> tuple[int, int, int]:
@@ -350,16 +366,20 @@ _BUILTINS_LOADED = False
 
 
 def _load_builtin_teachers() -> None:
-    """Import the modules that register the built-in teachers (once, lazily, so torch loads only when needed)."""
+    """Import the modules that register the built-in teachers (once, lazily, so torch loads only when needed).
+
+    `PSEUDOTRACK_TEACHERS` names more modules to import (comma-separated), so a
+    test suite or a benchmark registers its own teachers in every process of a
+    round, worker processes included.
+    """
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
     import importlib
+    import os
 
-    for module in ("lk", "noop", "cotracker3", "cotracker2", "tapir"):
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:  # a teacher module not written yet
-            if exc.name != f"{__package__}.{module}":
-                raise
+    for module in ("lk", "cotracker3", "cotracker2", "tapir"):
+        importlib.import_module(f"{__package__}.{module}")
+    for module in filter(None, (m.strip() for m in os.environ.get("PSEUDOTRACK_TEACHERS", "").split(","))):
+        importlib.import_module(module)

@@ -30,10 +30,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read safely ({type(exc).__name__}: {exc}); "
-            "it may be truncated or not a PyTorch weights file: download it again"
-        ) from exc
+        raise CheckpointError(f"checkpoint {path} {_load_problem(exc)}") from exc
     for key in _CONTAINER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -41,6 +38,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path} holds no state dict of tensors")
     return dict(obj)
+
+
+def _load_problem(exc: Exception) -> str:
+    """What torch.load's error says, in one line: its own messages run to a dozen lines of advice."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(boilerplate)]
+        return (
+            f"is refused by torch's weights-only loader ({'; '.join(detail)[:160] or type(exc).__name__}): "
+            "not a plain PyTorch weights file, or damaged; download it again"
+        )
+    first = (text.splitlines() or [""])[0][:160]
+    return (
+        f"cannot be read safely ({type(exc).__name__}: {first}); "
+        "it may be truncated or not a PyTorch weights file: download it again"
+    )
 
 
 def _listing(keys: set[str]) -> str:
@@ -58,6 +72,21 @@ def load_into(
     """Load `path` into `model` strictly; `filter_fn` maps the official layout to the module's.
 
     Returns the (filtered) state dict that was loaded.
+    """
+    state = fit_state_dict(model, path, filter_fn, model_name)
+    model.load_state_dict(state, strict=True)
+    return state
+
+
+def fit_state_dict(
+    model: torch.nn.Module,
+    path: str | Path,
+    filter_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    model_name: str = "",
+) -> dict[str, torch.Tensor]:
+    """The (filtered) state dict of `path`, refused unless its keys and shapes are exactly `model`'s.
+
+    Only names and shapes of `model` are read, so it may live on the meta device.
     """
     state = read_state_dict(path)
     if filter_fn is not None:
@@ -86,5 +115,4 @@ def load_into(
     ]
     if bad:
         raise CheckpointError(f"checkpoint {path} does not fit{label}: shape mismatch: {'; '.join(bad[:_MAX_LISTED])}")
-    model.load_state_dict(state, strict=True)
     return state

@@ -29,26 +29,15 @@ result (tracks still attend to each other through the virtual tokens).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, SampleError
-from .base import (
-    TeacherOutput,
-    TeacherSpec,
-    check_predict_inputs,
-    group_indices,
-    is_out_of_memory,
-    register_teacher,
-    release_accelerator_memory,
-    sha256_file,
-)
+from ..errors import CheckpointError, ConfigError
+from .base import TeacherOutput, TeacherSpec, register_teacher
 from .blocks import (
     Attention,
     FeatureEncoder,
@@ -63,6 +52,8 @@ from .blocks import (
     sincos_2d,
 )
 from .checkpoints import load_into
+from .neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames
+from .support_points import grid_points
 
 # Official file name -> sliding-window length the file was trained with.
 WINDOW_BY_FILE = {"cotracker2v1.pth": 16, "cotracker2.pth": 8}
@@ -360,146 +351,96 @@ def window_len_for(path: str | Path, default: int = 16) -> int:
     return WINDOW_BY_FILE.get(Path(path).name, default)
 
 
+def cotracker2_config(
+    path: str | Path | None, window_len: int | None = None, config: CoTracker2Config | None = None
+) -> CoTracker2Config:
+    """The config for `path`: window `window_len` when given, else `config.window_len` when a config is
+    given, else the official file name's (16 for unknown names)."""
+    cfg = config or CoTracker2Config()
+    if window_len is None and config is None and path is not None:
+        window_len = window_len_for(path, cfg.window_len)
+    return replace(cfg, window_len=window_len) if window_len is not None else cfg
+
+
+def checkpoint_filter(
+    state: dict[str, torch.Tensor], cfg: CoTracker2Config, path: str | Path
+) -> dict[str, torch.Tensor]:
+    """The official keys are this module's own (no mapping); a file trained with another window is
+    refused with the value to pass."""
+    emb = state.get("time_emb")
+    other_window = emb is not None and emb.ndim == 3 and emb.shape[1] != cfg.window_len
+    if other_window and emb.shape[2] == cfg.input_dim:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with window {emb.shape[1]} (time_emb {tuple(emb.shape)}) "
+            f"but the model was built for window {cfg.window_len}: pass window_len={emb.shape[1]}"
+        )
+    return state
+
+
 def load_cotracker2(
     path: str | Path,
     window_len: int | None = None,
     config: CoTracker2Config | None = None,
     device: str | torch.device = "cpu",
 ) -> CoTracker2:
-    """Build a CoTracker2 for `path` and load the file strictly (weights_only, official keys).
-
-    The window length is `window_len` when given, else `config.window_len` when a
-    config is given, else taken from the official file name (16 for unknown names).
-    A file trained with another window is refused with the value to pass.
-    """
-    cfg = config or CoTracker2Config()
-    if window_len is None and config is None:
-        window_len = window_len_for(path, cfg.window_len)
-    if window_len is not None:
-        cfg = replace(cfg, window_len=window_len)
+    """Build a CoTracker2 for `path` (see `cotracker2_config`) and load the file strictly (official keys)."""
+    cfg = cotracker2_config(path, window_len, config)
     model = CoTracker2(cfg)
-
-    def check_window(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = state.get("time_emb")
-        other_window = emb is not None and emb.ndim == 3 and emb.shape[1] != cfg.window_len
-        if other_window and emb.shape[2] == cfg.input_dim:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with window {emb.shape[1]} (time_emb {tuple(emb.shape)}) "
-                f"but the model was built for window {cfg.window_len}: pass window_len={emb.shape[1]}"
-            )
-        return state
-
-    load_into(model, path, filter_fn=check_window, model_name="cotracker2")
+    load_into(model, path, filter_fn=lambda state: checkpoint_filter(state, cfg, path), model_name="cotracker2")
     return model.to(device).eval()
 
 
-# ---------------------------------------------------------------- predictor
+# ---------------------------------------------------------------- teacher
 
 
-def support_grid(size: int, height: int, width: int) -> torch.Tensor:
-    """[size * size, 2] (x, y) points of a regular grid, row-major, margin width / 64 from the border.
+def support_grid(size: int, height: int, width: int) -> np.ndarray:
+    """[size * size, 2] float32 (x, y) of the authors' support grid (`support_points.grid_points`).
 
     The authors' predictor adds these (queried at frame 0) so that each window
     sees tracks spread over the whole frame, whatever the user queried.
     """
-    if size <= 0:
-        return torch.zeros((0, 2))
-    if size == 1:
-        return torch.tensor([[width / 2, height / 2]])
-    margin = width / 64
-    ys = torch.linspace(margin, height - margin, size)
-    xs = torch.linspace(margin, width - margin, size)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([gx, gy], dim=-1).reshape(-1, 2)
+    return grid_points(size, height, width).astype(np.float32)
 
 
 @dataclass
-class CoTracker2Teacher:
-    """CoTracker2 behind the `Teacher` interface, with the authors' predictor conventions.
+class CoTracker2Teacher(NeuralTeacher):
+    """CoTracker2 as a teacher, with the authors' predictor conventions.
 
     Frames are resized to the model resolution (bilinear, corners aligned), a
     6x6 support grid is tracked alongside the queries and dropped, visibility is
     the probability above `visibility_threshold`, and each query's own frame is
     set to the query point, visible. CoTracker2 has no confidence output, so
-    confidence is all ones.
+    confidence is all ones. Tracks attend to each other through the virtual
+    tokens, and the original's mask quirk (module docstring) depends on the
+    track count, so clips share a forward only with equal counts, never padded.
     """
 
-    checkpoint: Path | None = None
     window_len: int | None = None
     iters: int = 6
     visibility_threshold: float = 0.9
     support_grid_size: int = 6
     point_chunk: int = 256
-    frame_chunk: int = 16
-    amp: bool = True
     config: CoTracker2Config | None = None
     name: str = "cotracker2"
-    tracks_occluded: bool = True
-    checkpoint_sha256: str = ""
-    model: CoTracker2 | None = field(default=None, repr=False)
-    device: torch.device = field(default=torch.device("cpu"), repr=False)
 
-    def setup(self, device: str = "cpu") -> None:
-        if self.checkpoint is None:
-            raise CheckpointError(
-                "teacher 'cotracker2' needs a checkpoint: pass cotracker2v1.pth (window 16) "
-                "or cotracker2.pth (window 8)"
-            )
-        self.device = torch.device(device)
-        self.model = load_cotracker2(self.checkpoint, self.window_len, self.config, self.device)
-        self.checkpoint_sha256 = sha256_file(self.checkpoint)
+    def checkpoint_hint(self) -> str:
+        return "cotracker2v1.pth (window 16) or cotracker2.pth (window 8)"
 
-    def predict(self, frames: np.ndarray, queries: np.ndarray) -> TeacherOutput:
-        """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y)  ->  labels in the same pixels."""
-        try:
-            return self.predict_batch([(frames, queries)])[0]
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            reason = f"cotracker2 ran out of memory on {len(frames)} frames and {len(queries)} queries"
-        release_accelerator_memory()
-        raise SampleError("teacher", reason)
+    def resolved_config(self) -> CoTracker2Config:
+        return cotracker2_config(self.checkpoint, self.window_len, self.config)
 
-    def batch_key(self, frames: np.ndarray, queries: np.ndarray) -> tuple:
-        """Clips of equal frame count and query count share a forward (see `predict_batch`)."""
-        return (len(frames), len(queries))
+    def build_model(self) -> CoTracker2:
+        return CoTracker2(self.resolved_config())
 
-    def predict_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[TeacherOutput]:
-        """One output per clip; clips with the same frame count and query count share a forward.
+    def checkpoint_filter(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return checkpoint_filter(state, self.resolved_config(), self.checkpoint)
 
-        Tracks attend to each other through the virtual tokens, and the
-        original's mask quirk (module docstring) depends on the track count,
-        so clips are grouped, never padded to a common count. Clips in one
-        forward do not interact, so each gets its one-at-a-time labels up to
-        float rounding. Out-of-memory errors escape (see `base.predict_clips`).
-        """
-        if self.model is None:
-            raise RuntimeError("CoTracker2Teacher.predict called before setup(device): call setup first")
-        for frames, queries in clips:
-            check_predict_inputs(frames, queries)
-        clips = [(frames, np.asarray(queries, dtype=np.float32)) for frames, queries in clips]
-        outs: list[TeacherOutput | None] = [None] * len(clips)
-        for group in group_indices([(len(f), len(q)) for f, q in clips]):
-            t, n = len(clips[group[0]][0]), len(clips[group[0]][1])
-            if n == 0:
-                for i in group:
-                    outs[i] = TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
-                continue
-            raw = self._forward([clips[i] for i in group])
-            for i, (tracks, vis) in zip(group, raw, strict=True):
-                queries = clips[i][1]
-                visible = vis > self.visibility_threshold
-                rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(n)
-                tracks[rows, cols] = queries[:, 1:]
-                visible[rows, cols] = True
-                outs[i] = TeacherOutput(tracks, visible, np.ones((t, n), np.float16))
-        return outs  # type: ignore[return-value]
+    def support_points(self, frames: np.ndarray) -> np.ndarray:
+        mh, mw = self.model_resolution()
+        grid = support_grid(self.support_grid_size, mh, mw)
+        return np.concatenate([np.zeros((len(grid), 1), np.float32), grid], axis=1)
 
-    def _run(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Model-resolution inference; returns tracks [T, N, 2] in frame pixels and probabilities [T, N]."""
-        return self._forward([(frames, queries)])[0]
-
-    def _forward(self, group: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def forward(self, group: list[Prepared]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One forward over clips of equal length and query count -> per clip (tracks [T, N, 2], vis [T, N]).
 
         The correlation volume grows with the batch, so tracks are correlated
@@ -507,44 +448,27 @@ class CoTracker2Teacher:
         """
         assert self.model is not None
         cfg = self.model.cfg
-        t = len(group[0][0])
-        mh, mw = cfg.model_resolution
-        use_amp = self.amp and self.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-        with torch.inference_mode(), autocast:
-            video = torch.cat([self._resize(frames) for frames, _ in group])  # B T 3 mh mw
+        t = len(group[0].frames)
+        with torch.inference_mode(), self.autocast():
+            video = torch.cat(
+                [resize_frames(p.frames, self.model_resolution(), self.device, self.frame_chunk) for p in group]
+            )
             if t < cfg.window_len:  # a full window, so even very short clips get one
                 video = torch.cat([video, video[:, -1:].expand(-1, cfg.window_len - t, -1, -1, -1)], dim=1)
-            grid = support_grid(self.support_grid_size, mh, mw).to(self.device)
-            grid = torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)
-            batch, scales = [], []
-            for frames, queries in group:
-                h, w = frames.shape[1:3]
-                to_model = torch.tensor([(mw - 1) / (w - 1), (mh - 1) / (h - 1)], device=self.device)
-                q = torch.from_numpy(queries).to(self.device)
-                batch.append(torch.cat([torch.cat([q[:, :1].round(), q[:, 1:] * to_model], dim=1), grid]))
-                scales.append(to_model)
+            queries = torch.from_numpy(np.stack([p.model_queries for p in group])).to(self.device)
             point_chunk = max(1, self.point_chunk // len(group))
-            tracks, vis = self.model(video, torch.stack(batch), self.iters, point_chunk, self.frame_chunk)
+            tracks, vis = self.model(video, queries, self.iters, point_chunk, self.frame_chunk)
             results = []
-            for b, ((_, queries), to_model) in enumerate(zip(group, scales, strict=True)):
-                n = len(queries)
-                clip_tracks = (tracks[b, :t, :n].float() / to_model).cpu().numpy()
-                results.append((clip_tracks, vis[b, :t, :n].float().cpu().numpy()))
+            for b, p in enumerate(group):
+                clip_tracks = tracks[b, :t, : p.n].float().cpu().numpy() / p.to_model
+                results.append((clip_tracks.astype(np.float32), vis[b, :t, : p.n].float().cpu().numpy()))
         return results
 
-    def _resize(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> float [1, T, 3, mh, mw] on the device, 0..255, a few frames at a time."""
-        assert self.model is not None
-        size = tuple(self.model.cfg.model_resolution)
-        out = []
-        for i in range(0, len(frames), self.frame_chunk):
-            x = torch.from_numpy(np.ascontiguousarray(frames[i : i + self.frame_chunk])).to(self.device)
-            x = x.permute(0, 3, 1, 2).float()
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size, mode="bilinear", align_corners=True)
-            out.append(x)
-        return torch.cat(out)[None]
+    def finish(self, p: Prepared, raw: tuple[np.ndarray, np.ndarray]) -> TeacherOutput:
+        tracks, vis = raw
+        visible = vis > self.visibility_threshold
+        pin_query_frames(p, tracks, visible)
+        return TeacherOutput(tracks, visible, np.ones(visible.shape, np.float16))
 
 
 def _make_teacher(**options) -> CoTracker2Teacher:

@@ -1,4 +1,8 @@
-"""`noop`: a teacher that does no tracking, for measuring everything around the teachers.
+"""`noop`: a teacher that does no tracking, for tests and benchmarks of everything around the teachers.
+
+Not a production teacher: the suite registers it (conftest imports this module
+and names it in PSEUDOTRACK_TEACHERS for processes it starts), and
+`bench/bench_orchestration.py` does the same for its workers.
 
 Orchestration overhead (scheduling, flow runs, decoding, shard and catalog
 writes) is what is left of a round's time once the teachers' time is taken
@@ -15,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from .base import TeacherOutput, TeacherSpec, check_predict_inputs, register_teacher
+from pseudotrack.errors import ConfigError
+from pseudotrack.teachers.base import TeacherOutput, TeacherSpec, check_predict_inputs, register_teacher
 
 
 class NoopTeacher:

@@ -1,4 +1,4 @@
-"""CoTracker3 (Karaev et al., 2024), online and offline: the network, official-file loading, and teachers.
+"""CoTracker3 (Karaev et al., 2024), online and offline: the network and official-file loading.
 
 One network serves both variants (§3.3). They differ only in the length of
 the learnt time embedding (16 frames online, 60 offline) and in how a clip is
@@ -32,28 +32,15 @@ the result does not depend on the chunk sizes.
 from __future__ import annotations
 
 import json
-import math
-from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, SampleError
-from .base import (
-    TeacherOutput,
-    TeacherSpec,
-    check_predict_inputs,
-    group_indices,
-    is_out_of_memory,
-    register_teacher,
-    release_accelerator_memory,
-    sha256_file,
-)
-from .blocks import (
+from ...errors import CheckpointError, ConfigError
+from ..blocks import (
     FeatureEncoder,
     Mlp,
     UpdateTransformer,
@@ -65,7 +52,7 @@ from .blocks import (
     sample_video,
     sincos_1d,
 )
-from .checkpoints import load_into
+from ..checkpoints import load_into
 
 ONLINE_FILES = ("scaled_online.pth", "baseline_online.pth")
 OFFLINE_FILES = ("scaled_offline.pth", "baseline_offline.pth")
@@ -621,34 +608,34 @@ def train_forward(
 # ---------------------------------------------------------------- loading
 
 
+def checkpoint_filter(
+    state: dict[str, torch.Tensor], cfg: CoTracker3Config, path: str | Path
+) -> dict[str, torch.Tensor]:
+    """The official files' keys are this module's own; only a file of the other variant is refused here,
+    with the teacher name to use instead (its time embedding has the other length)."""
+    emb = state.get("time_emb")
+    if emb is not None and emb.ndim == 3 and emb.shape[2] == cfg.input_dim and emb.shape[1] != cfg.window_len:
+        variant = "offline" if cfg.offline else "online"
+        other = "online" if cfg.offline else "offline"
+        raise CheckpointError(
+            f"checkpoint {path} has a time embedding of {emb.shape[1]} frames but the {variant} "
+            f"CoTracker3 uses {cfg.window_len}: it looks like a {other} file; use teacher "
+            f"cotracker3_{other} (or a config with {variant}_window={emb.shape[1]})"
+        )
+    return state
+
+
+def model_label(cfg: CoTracker3Config) -> str:
+    return f"CoTracker3 {'offline' if cfg.offline else 'online'}"
+
+
 def load_cotracker3(
     path: str | Path, config: CoTracker3Config | None = None, device: str | torch.device = "cpu"
 ) -> CoTracker3:
-    """Build a CoTracker3 for `config` (the published online one by default) and load `path` strictly.
-
-    A file of the other variant is refused with the teacher name to use instead.
-    """
+    """Build a CoTracker3 for `config` (the published online one by default) and load `path` strictly."""
     cfg = config or default_config()
     model = CoTracker3(cfg)
-
-    def check_variant(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        emb = state.get("time_emb")
-        if emb is not None and emb.ndim == 3 and emb.shape[2] == cfg.input_dim and emb.shape[1] != cfg.window_len:
-            variant = "offline" if cfg.offline else "online"
-            other = "online" if cfg.offline else "offline"
-            raise CheckpointError(
-                f"checkpoint {path} has a time embedding of {emb.shape[1]} frames but the {variant} "
-                f"CoTracker3 uses {cfg.window_len}: it looks like a {other} file; use teacher "
-                f"cotracker3_{other} (or a config with {variant}_window={emb.shape[1]})"
-            )
-        return state
-
-    load_into(
-        model,
-        path,
-        filter_fn=check_variant,
-        model_name=f"CoTracker3 {'offline' if cfg.offline else 'online'}",
-    )
+    load_into(model, path, filter_fn=lambda state: checkpoint_filter(state, cfg, path), model_name=model_label(cfg))
     return model.to(device).eval()
 
 
@@ -667,308 +654,3 @@ def student_config(path: str | Path) -> CoTracker3Config | None:
         return config_from_dict(meta["model"]["config"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"student sidecar {sidecar} has no model config: export the student again") from exc
-
-
-# ---------------------------------------------------------------- teachers
-
-
-@dataclass
-class CoTracker3Teacher:
-    """CoTracker3 behind the `Teacher` interface, labelling the way the authors' training does.
-
-    Frames are resized to the model resolution (bilinear, corners aligned) and
-    the tracks mapped back. Support points give the tracker context and are
-    dropped from the output: online, a `support_grid` x `support_grid` grid at
-    frame 0 plus `support_sift` SIFT points from early keyframes; offline,
-    `support_uniform` points uniform in space and time (train_on_real_data.py).
-    A point is visible where visibility x confidence > `visibility_threshold`;
-    `confidence` is the confidence probability. Each query's own frame is set to
-    the query point, visible. `iters` = 4 is the authors' labelling call (their
-    interactive predictor uses 6).
-
-    `model_config` overrides the architecture (a dict or CoTracker3Config), e.g.
-    for a tiny student of ours; without it, a student export's sidecar
-    (`<checkpoint>.json`) is used when present, else the published model.
-    """
-
-    offline: bool = False
-    checkpoint: Path | None = None
-    model_config: CoTracker3Config | dict | None = None
-    iters: int = 4
-    visibility_threshold: float = 0.9
-    support_grid: int = 5
-    support_sift: int = 32
-    support_uniform: int = 100
-    seed: int = 0
-    frame_chunk: int = 16
-    corr_pairs: int = 1 << 14
-    token_chunk: int = 1 << 16
-    amp: bool = True
-    name: str = ""
-    tracks_occluded: bool = True
-    checkpoint_sha256: str = ""
-    model: CoTracker3 | None = field(default=None, repr=False)
-    device: torch.device = field(default=torch.device("cpu"), repr=False)
-
-    def __post_init__(self) -> None:
-        self.name = self.name or ("cotracker3_offline" if self.offline else "cotracker3_online")
-        if self.checkpoint is not None:
-            self.checkpoint = Path(self.checkpoint)
-        if not 0.0 <= self.visibility_threshold < 1.0:
-            raise ConfigError(f"visibility_threshold={self.visibility_threshold} must be in [0, 1)")
-
-    @property
-    def chunks(self) -> Chunks:
-        return Chunks(self.frame_chunk, self.corr_pairs, self.token_chunk)
-
-    def resolve_config(self) -> CoTracker3Config:
-        cfg = self.model_config
-        if isinstance(cfg, dict):
-            cfg = config_from_dict(cfg)
-        if cfg is None and self.checkpoint is not None:
-            cfg = student_config(self.checkpoint)
-        return with_variant(cfg or default_config(), self.offline)
-
-    def setup(self, device: str = "cpu") -> None:
-        if self.checkpoint is None:
-            files = " or ".join(OFFLINE_FILES if self.offline else ONLINE_FILES)
-            raise CheckpointError(f"teacher {self.name!r} needs a checkpoint: pass {files} (or a student export)")
-        self.device = torch.device(device)
-        self.model = load_cotracker3(self.checkpoint, self.resolve_config(), self.device)
-        self.checkpoint_sha256 = sha256_file(self.checkpoint)
-
-    def predict(self, frames: np.ndarray, queries: np.ndarray) -> TeacherOutput:
-        """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y) -> labels in the same pixels."""
-        try:
-            return self.predict_batch([(frames, queries)])[0]
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            t, n = len(frames), len(queries)
-            reason = f"{self.name} ran out of memory on {t} frames and {n} queries"
-        release_accelerator_memory()
-        raise SampleError("teacher", reason)
-
-    def batch_key(self, frames: np.ndarray, queries: np.ndarray) -> tuple:
-        """Clips of equal frame count and query count may share a forward (see `predict_batch`)."""
-        return (len(frames), len(queries))
-
-    def predict_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[TeacherOutput]:
-        """One output per clip; clips with the same frame count and track count share a forward.
-
-        Tracks of one clip attend to each other through the virtual tokens, so a
-        dummy track added to even out track counts would change the other
-        tracks: clips are never padded, only grouped. (The labelling stage gives
-        every clip the same number of queries, and offline the support points
-        are a fixed 100, so clips of equal length group fully; online the SIFT
-        support points may number fewer than `support_sift` on a flat clip.)
-        Clips in one forward do not interact (per-clip normalisation and
-        attention), so each gets its one-at-a-time labels up to float rounding.
-        Out-of-memory errors escape; `predict` and `base.predict_clips` handle them.
-        """
-        if self.model is None:
-            raise RuntimeError(f"{self.name}.predict called before setup(device): call setup first")
-        prepared = [self._prepare(frames, queries) for frames, queries in clips]
-        outs: list[TeacherOutput | None] = [None] * len(prepared)
-        for group in group_indices([(p.frames.shape[0], len(p.model_queries)) for p in prepared]):
-            todo = [i for i in group if prepared[i].n > 0]
-            for i in group:
-                if prepared[i].n == 0:
-                    t = prepared[i].frames.shape[0]
-                    outs[i] = TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
-            if todo:
-                raw = self._forward([prepared[i] for i in todo])
-                for i, (tracks, vis, conf) in zip(todo, raw, strict=True):
-                    outs[i] = self._finish(prepared[i], tracks, vis, conf)
-        return outs  # type: ignore[return-value]
-
-    def _prepare(self, frames: np.ndarray, queries: np.ndarray) -> _Prepared:
-        check_predict_inputs(frames, queries)
-        assert self.model is not None
-        queries = np.asarray(queries, dtype=np.float32)
-        mh, mw = self.model.cfg.model_resolution
-        h, w = frames.shape[1:3]
-        to_model = np.array([(mw - 1) / max(w - 1, 1), (mh - 1) / max(h - 1, 1)], np.float32)
-        q = np.concatenate([np.rint(queries[:, :1]), queries[:, 1:] * to_model], axis=1)
-        if len(queries):
-            q = np.concatenate([q, self.support_points(frames)])
-        return _Prepared(frames, queries, q.astype(np.float32), to_model)
-
-    def _finish(self, p: _Prepared, tracks: np.ndarray, vis: np.ndarray, conf: np.ndarray) -> TeacherOutput:
-        visible = vis * conf > self.visibility_threshold
-        rows, cols = np.rint(p.queries[:, 0]).astype(np.int64), np.arange(p.n)
-        tracks[rows, cols] = p.queries[:, 1:]
-        visible[rows, cols] = True
-        return TeacherOutput(tracks, visible, conf)
-
-    def support_points(self, frames: np.ndarray) -> np.ndarray:
-        """[M, 3] (t, x, y) context points in model pixels; deterministic per clip size and seed."""
-        assert self.model is not None
-        mh, mw = self.model.cfg.model_resolution
-        t, h, w = frames.shape[:3]
-        rng = np.random.default_rng([self.seed, t, h, w])
-        if self.offline:
-            m = self.support_uniform
-            return np.stack(
-                [rng.integers(0, t, m), rng.uniform(0, mw - 1, m), rng.uniform(0, mh - 1, m)], axis=1
-            ).astype(np.float32)
-        grid = grid_points(self.support_grid, mh, mw)
-        grid = np.concatenate([np.zeros((len(grid), 1), np.float32), grid], axis=1)
-        sift = sift_points(frames, self.support_sift, rng)
-        sift[:, 1] *= (mw - 1) / max(w - 1, 1)
-        sift[:, 2] *= (mh - 1) / max(h - 1, 1)
-        return np.concatenate([grid, sift]).astype(np.float32)
-
-    def _run(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Model-resolution inference: tracks [T, N, 2] in frame pixels, visibility and confidence [T, N]."""
-        return self._forward([self._prepare(frames, queries)])[0]
-
-    def _forward(self, group: list[_Prepared]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """One forward over clips of equal length and track count -> per clip (tracks, vis, conf), queries only.
-
-        Chunk budgets count (frame, track) pairs and tokens over the whole
-        batch, so a batch of B clips needs about the memory of one clip plus B
-        clips' feature maps.
-        """
-        assert self.model is not None
-        mh, mw = self.model.cfg.model_resolution
-        use_amp = self.amp and self.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-        with torch.inference_mode(), autocast:
-            video = torch.cat([resize_clip(p.frames, (mh, mw), self.device, self.frame_chunk) for p in group])
-            queries = torch.from_numpy(np.stack([p.model_queries for p in group])).to(self.device)
-            out = self.model(video, queries, self.iters, self.chunks)
-            results = []
-            for b, p in enumerate(group):
-                tracks = out.tracks[b, :, : p.n].float().cpu().numpy() / p.to_model
-                vis = out.visibility[b, :, : p.n].float().cpu().numpy()
-                conf = out.confidence[b, :, : p.n].float().cpu().numpy()
-                results.append((tracks.astype(np.float32), vis, conf))
-        return results
-
-
-@dataclass
-class _Prepared:
-    """One clip ready for a forward: its frames, its queries, and the model's (t, x, y) tracks (queries
-    first, then support points) in model pixels; `to_model` scales clip (x, y) to model pixels."""
-
-    frames: np.ndarray
-    queries: np.ndarray
-    model_queries: np.ndarray
-    to_model: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return len(self.queries)
-
-
-def predictor_from_model(net: CoTracker3, offline: bool | None = None, **options) -> CoTracker3Teacher:
-    """A teacher around a network already in memory (a student being evaluated); no checkpoint needed."""
-    offline = net.cfg.offline if offline is None else offline
-    device = next(net.parameters()).device
-    return CoTracker3Teacher(offline=offline, model=net, device=device, **options)
-
-
-# ---------------------------------------------------------------- predictor helpers
-
-
-def resize_clip(frames: np.ndarray, size: tuple[int, int], device: torch.device, chunk: int = 16) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [1, T, 3, size] on `device`, 0..255, bilinear with corners aligned."""
-    out = []
-    for i in range(0, len(frames), chunk):
-        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + chunk])).to(device)
-        x = x.permute(0, 3, 1, 2).float()
-        if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-        out.append(x)
-    return torch.cat(out)[None]
-
-
-def grid_points(size: int, height: int, width: int) -> np.ndarray:
-    """[size^2, 2] (x, y) of a regular grid, row-major, `width / 64` from the border (the authors' grid)."""
-    if size <= 0:
-        return np.zeros((0, 2), np.float32)
-    if size == 1:
-        return np.array([[width / 2, height / 2]], np.float32)
-    margin = width / 64
-    ys = np.linspace(margin, height - margin, size, dtype=np.float32)
-    xs = np.linspace(margin, width - margin, size, dtype=np.float32)
-    gx, gy = np.meshgrid(xs, ys)
-    return np.stack([gx, gy], axis=-1).reshape(-1, 2)
-
-
-def sift_points(frames: np.ndarray, count: int, rng: np.random.Generator, keyframes: int = 4) -> np.ndarray:
-    """[M <= count, 3] (t, x, y) SIFT points from keyframes in the first quarter of the clip, in frame pixels.
-
-    Distinct locations only (SIFT repeats a location once per orientation), strongest first.
-    """
-    if count <= 0:
-        return np.zeros((0, 3), np.float32)
-    import cv2
-
-    t = len(frames)
-    chosen = np.unique(rng.integers(0, int(t * 0.25) + 1, keyframes).clip(0, t - 1))
-    per_frame = math.ceil(count / len(chosen))
-    sift = cv2.SIFT_create(nfeatures=per_frame * 2)
-    found: list[tuple[float, int, float, float]] = []
-    for k in chosen:
-        gray = cv2.cvtColor(np.ascontiguousarray(frames[k]), cv2.COLOR_RGB2GRAY)
-        seen: set[tuple[float, float]] = set()
-        kept = 0
-        for kp in sorted(sift.detect(gray, None), key=lambda p: -p.response):
-            loc = (round(kp.pt[0], 1), round(kp.pt[1], 1))
-            if loc in seen:
-                continue
-            seen.add(loc)
-            found.append((kp.response, int(k), kp.pt[0], kp.pt[1]))
-            kept += 1
-            if kept == per_frame:
-                break
-    found.sort(key=lambda f: -f[0])
-    return np.array([f[1:] for f in found[:count]], np.float32).reshape(-1, 3)
-
-
-def _make_online(**options) -> CoTracker3Teacher:
-    return CoTracker3Teacher(offline=False, **options)
-
-
-def _make_offline(**options) -> CoTracker3Teacher:
-    return CoTracker3Teacher(offline=True, **options)
-
-
-ONLINE_SPEC = register_teacher(
-    TeacherSpec(
-        name="cotracker3_online",
-        factory=_make_online,
-        needs_checkpoint=True,
-        checkpoint_names=ONLINE_FILES,
-        description="CoTracker3 online (windows of 16 frames, step 8), official checkpoints; with confidence",
-    )
-)
-OFFLINE_SPEC = register_teacher(
-    TeacherSpec(
-        name="cotracker3_offline",
-        factory=_make_offline,
-        needs_checkpoint=True,
-        checkpoint_names=OFFLINE_FILES,
-        description="CoTracker3 offline (whole clip at once), official checkpoints; with confidence",
-    )
-)
-
-__all__ = [
-    "Chunks",
-    "CoTracker3",
-    "CoTracker3Config",
-    "CoTracker3Teacher",
-    "OnlineState",
-    "RefineSteps",
-    "TrackerOutput",
-    "WindowIterates",
-    "default_config",
-    "load_cotracker3",
-    "predictor_from_model",
-    "tiny_config",
-    "train_forward",
-    "window_starts",
-    "with_variant",
-]

@@ -1,4 +1,4 @@
-"""TAPIR and BootsTAPIR (Doersch et al., 2023, 2024) as frozen teachers; official files load unmodified.
+"""TAPIR and BootsTAPIR (Doersch et al., 2023, 2024): the network and official-file loading (unmodified files).
 
 One model serves both: BootsTAPIR is TAPIR with a one-level coarser
 correlation pyramid (`pyramid_level=1`) and five extra residual convs on the
@@ -11,14 +11,12 @@ query's cost volume, then `num_pips_iter` refinements per refinement
 resolution. Queries are independent of each other, so they run in chunks; this
 bounds memory and does not change the result.
 
-TAPIR cannot follow a point while it is hidden, so the teacher reports
-`tracks_occluded=False` and the student ignores its occluded labels.
+The teacher around it is in `teacher.py`.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, SampleError
-from .base import (
-    TeacherOutput,
-    TeacherSpec,
-    check_predict_inputs,
-    group_indices,
-    is_out_of_memory,
-    register_teacher,
-    release_accelerator_memory,
-    sha256_file,
-)
-from .checkpoints import load_into
-from .tapir_blocks import (
+from ...errors import CheckpointError, ConfigError
+from ..checkpoints import load_into
+from .blocks import (
     CostVolumeHead,
     ExtraConvs,
     Mixer,
@@ -361,236 +349,39 @@ def _variant(cfg: TapirConfig) -> str:
     return "BootsTAPIR-like (extra_convs)" if cfg.extra_convs else "TAPIR-like (no extra_convs)"
 
 
+def checkpoint_filter(
+    state: dict[str, torch.Tensor], config: TapirConfig, path: str | Path, name: str = "tapir"
+) -> dict[str, torch.Tensor]:
+    """The official keys are this module's own (no mapping); a file of the other variant (TAPIR into
+    BootsTAPIR or back) is refused with the teacher to use, before the generic key comparison."""
+    mixer = state.get("torch_pips_mixer.linear.weight")
+    if mixer is None or mixer.ndim != 2:
+        return state  # not a TAPIR-family file: the key comparison lists what is missing
+    extra = sorted(k for k in state if k.startswith("extra_convs."))
+    if bool(extra) != config.extra_convs:
+        found = f"has extra_convs.* keys ({extra[0]}, ...)" if extra else "has no extra_convs.* keys"
+        other = OTHER_TEACHER[bool(extra)]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {name}: it {found}, so it is a file of the other model; "
+            f"{name} is {_variant(config)}. Use teacher {other} for this file"
+        )
+    if mixer.shape[1] != config.mixer_in_dim:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {name}: torch_pips_mixer.linear.weight has "
+            f"{mixer.shape[1]} inputs, the model expects {config.mixer_in_dim} "
+            f"(pyramid_level={config.pyramid_level}); it is a file of another TAPIR variant"
+        )
+    return state
+
+
 def load_tapir(
     path: str | Path,
     config: TapirConfig = TAPIR_CONFIG,
     device: str | torch.device = "cpu",
     name: str = "tapir",
 ) -> Tapir:
-    """An eval-mode model with the weights of `path` (official files unmodified), on `device`.
-
-    A file of the other variant (TAPIR into BootsTAPIR or back) is refused with
-    the teacher to use instead, before the generic key comparison.
-    """
+    """An eval-mode model with the weights of `path` (official files unmodified), on `device`."""
     path = Path(path)
     model = Tapir(config)
-
-    def check_variant(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mixer = state.get("torch_pips_mixer.linear.weight")
-        if mixer is None or mixer.ndim != 2:
-            return state  # not a TAPIR-family file: load_into lists the missing keys
-        extra = sorted(k for k in state if k.startswith("extra_convs."))
-        if bool(extra) != config.extra_convs:
-            found = f"has extra_convs.* keys ({extra[0]}, ...)" if extra else "has no extra_convs.* keys"
-            other = OTHER_TEACHER[bool(extra)]
-            raise CheckpointError(
-                f"checkpoint {path} does not fit {name}: it {found}, so it is a file of the other model; "
-                f"{name} is {_variant(config)}. Use teacher {other} for this file"
-            )
-        if mixer.shape[1] != config.mixer_in_dim:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit {name}: torch_pips_mixer.linear.weight has "
-                f"{mixer.shape[1]} inputs, the model expects {config.mixer_in_dim} "
-                f"(pyramid_level={config.pyramid_level}); it is a file of another TAPIR variant"
-            )
-        return state
-
-    load_into(model, path, filter_fn=check_variant, model_name=name)
+    load_into(model, path, filter_fn=lambda state: checkpoint_filter(state, config, path, name), model_name=name)
     return model.to(device).eval()
-
-
-# ---------------------------------------------------------------- predictor
-
-
-@dataclass
-class TapirTeacher:
-    """TAPIR or BootsTAPIR behind the `Teacher` interface, with the authors' demo conventions.
-
-    Frames are resized to `resolution` (256x256 in the authors' demos for both
-    models; bilinear with antialiasing) and scaled to [-1, 1]. Our clip pixels
-    put pixel centres at whole numbers (CoTracker's convention, used by the
-    rest of pseudotrack) while TAPIR puts them at +0.5, so coordinates are
-    shifted by half a pixel on the way in and out.
-
-    visibility = (1 - sigmoid(occlusion)) * (1 - sigmoid(expected_dist)) > 0.5 (the authors' rule);
-    confidence = 1 - sigmoid(expected_dist), the model's probability that the
-    position is within its training threshold of the truth, which is what
-    CoTracker3's confidence means too. At each query's own frame the track is
-    the query point, visible, confidence 1.
-
-    Keep `resolution` square: above the training size the model refines at
-    resolutions up to this one, and the authors' port samples non-square
-    refinement maps with both axes scaled by the height (kept for parity).
-    """
-
-    checkpoint: Path | None = None
-    config: TapirConfig = TAPIR_CONFIG
-    resolution: tuple[int, int] | None = None
-    query_chunk: int = 64
-    frame_chunk: int = 10
-    amp: bool = True
-    name: str = "tapir"
-    tracks_occluded: bool = False
-    queries_independent: bool = True
-    checkpoint_sha256: str = ""
-    model: Tapir | None = field(default=None, repr=False)
-    device: torch.device = field(default=torch.device("cpu"), repr=False)
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        return tuple(self.resolution or self.config.initial_resolution)
-
-    def setup(self, device: str = "cpu") -> None:
-        if self.checkpoint is None:
-            official = OFFICIAL_FILE[self.config.extra_convs]
-            raise CheckpointError(f"teacher {self.name!r} needs a checkpoint: pass {official}")
-        mh, mw = self.input_hw
-        if mh % 8 or mw % 8 or mh < 8 or mw < 8:
-            raise ConfigError(
-                f"teacher {self.name!r}: resolution {self.input_hw} must be multiples of 8 "
-                "(the authors run both models at 256x256)"
-            )
-        self.device = torch.device(device)
-        self.model = load_tapir(self.checkpoint, self.config, self.device, self.name)
-        self.checkpoint_sha256 = sha256_file(self.checkpoint)
-
-    def predict(self, frames: np.ndarray, queries: np.ndarray) -> TeacherOutput:
-        """frames uint8 [T, H, W, 3]; queries float32 [N, 3] (t, x, y)  ->  labels in the same pixels."""
-        try:
-            return self.predict_batch([(frames, queries)])[0]
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            reason = f"{self.name} ran out of memory on {len(frames)} frames and {len(queries)} queries"
-        release_accelerator_memory()
-        raise SampleError("teacher", reason)
-
-    def batch_key(self, frames: np.ndarray, queries: np.ndarray) -> int:
-        """Clips of equal frame count share a forward; query counts may differ (see `predict_batch`)."""
-        return len(frames)
-
-    def predict_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[TeacherOutput]:
-        """One output per clip; clips with the same frame count share a forward.
-
-        A TAPIR track depends only on its own query (cost volume, refinement
-        mixer and normalisation are per query), so clips with fewer queries are
-        padded with dummy queries at (0, 0, 0) that are dropped afterwards: the
-        real tracks are what each clip gets alone, up to float rounding. Frame
-        counts must match (the mixer's temporal convolutions see the clip's
-        ends). Out-of-memory errors escape (see `base.predict_clips`).
-        """
-        if self.model is None:
-            raise RuntimeError(f"{self.name} teacher: predict called before setup(device): call setup first")
-        for frames, queries in clips:
-            check_predict_inputs(frames, queries)
-        clips = [(frames, np.asarray(queries, dtype=np.float32)) for frames, queries in clips]
-        outs: list[TeacherOutput | None] = [None] * len(clips)
-        for group in group_indices([len(frames) for frames, _ in clips]):
-            todo = [i for i in group if len(clips[i][1])]
-            for i in group:
-                if not len(clips[i][1]):
-                    t = len(clips[i][0])
-                    outs[i] = TeacherOutput(np.zeros((t, 0, 2)), np.zeros((t, 0), bool), np.ones((t, 0)))
-            if todo:
-                raw = self._forward([clips[i] for i in todo])
-                for i, (tracks, occlusion, expected_dist) in zip(todo, raw, strict=True):
-                    outs[i] = self._finish(clips[i][1], tracks, occlusion, expected_dist)
-        return outs  # type: ignore[return-value]
-
-    @staticmethod
-    def _finish(
-        queries: np.ndarray, tracks: np.ndarray, occlusion: np.ndarray, expected_dist: np.ndarray
-    ) -> TeacherOutput:
-        accurate = 1 - _sigmoid(expected_dist)
-        visible = (1 - _sigmoid(occlusion)) * accurate > 0.5
-        rows, cols = np.rint(queries[:, 0]).astype(np.int64), np.arange(len(queries))
-        tracks[rows, cols] = queries[:, 1:]
-        visible[rows, cols] = True
-        accurate[rows, cols] = 1.0
-        return TeacherOutput(tracks, visible, accurate)
-
-    def run(self, frames: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw outputs in clip pixels: tracks [T, N, 2] (x, y); occlusion, expected_dist logits [T, N]."""
-        return self._forward([(frames, np.asarray(queries, dtype=np.float32))])[0]
-
-    def _forward(self, group: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """One forward over clips of equal length -> per clip raw outputs as `run` gives them.
-
-        The cost volumes grow with the batch, so queries run `query_chunk / B`
-        at a time (queries are independent: same result).
-        """
-        assert self.model is not None
-        mh, mw = self.input_hw
-        most = max(len(q) for _, q in group)
-        use_amp = self.amp and self.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-        with torch.inference_mode(), autocast:
-            video = torch.cat([self._resize(frames) for frames, _ in group])
-            batch, scales = [], []
-            for frames, queries in group:
-                h, w = frames.shape[1:3]
-                to_model = torch.tensor([mh / h, mw / w], device=self.device)
-                q = torch.from_numpy(queries).to(self.device)
-                q = torch.cat([q[:, :1].round(), (q[:, [2, 1]] + 0.5) * to_model], dim=1)  # (t, y, x) raster
-                batch.append(F.pad(q, (0, 0, 0, most - len(q))))  # dummy queries at (0, 0, 0)
-                scales.append(to_model)
-            chunk = max(1, self.query_chunk // len(group)) if self.query_chunk > 0 else self.query_chunk
-            out = self.model(video, torch.stack(batch), chunk, self.frame_chunk)
-            results = []
-            for b, ((_, queries), to_model) in enumerate(zip(group, scales, strict=True)):
-                n = len(queries)
-                tracks = out["tracks"][b, :n].float() / to_model.flip(0) - 0.5  # N T 2 (x, y) clip pixels
-                occ, expd = out["occlusion"][b, :n].float(), out["expected_dist"][b, :n].float()
-                results.append(
-                    (
-                        tracks.permute(1, 0, 2).cpu().numpy(),
-                        occ.permute(1, 0).cpu().numpy(),
-                        expd.permute(1, 0).cpu().numpy(),
-                    )
-                )
-        return results
-
-    def _resize(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> float [1, T, mh, mw, 3] in [-1, 1] on the device, a few frames at a time."""
-        size = self.input_hw
-        out = []
-        step = max(1, self.frame_chunk)
-        for i in range(0, len(frames), step):
-            x = torch.from_numpy(np.ascontiguousarray(frames[i : i + step])).to(self.device)
-            x = x.permute(0, 3, 1, 2).float()
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=True)
-            out.append((x / 255 * 2 - 1).permute(0, 2, 3, 1))
-        return torch.cat(out)[None]
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
-
-
-def _make_tapir(**options) -> TapirTeacher:
-    return TapirTeacher(**{"config": TAPIR_CONFIG, "name": "tapir", **options})
-
-
-def _make_bootstapir(**options) -> TapirTeacher:
-    return TapirTeacher(**{"config": BOOTSTAPIR_CONFIG, "name": "bootstapir", **options})
-
-
-TAPIR_SPEC = register_teacher(
-    TeacherSpec(
-        name="tapir",
-        factory=_make_tapir,
-        needs_checkpoint=True,
-        checkpoint_names=("tapir_checkpoint_panning.pt",),
-        description="TAPIR (PyTorch port, panning checkpoint) at 256x256; cannot track through occlusion",
-    )
-)
-BOOTSTAPIR_SPEC = register_teacher(
-    TeacherSpec(
-        name="bootstapir",
-        factory=_make_bootstapir,
-        needs_checkpoint=True,
-        checkpoint_names=("bootstapir_checkpoint_v2.pt",),
-        description="BootsTAPIR (pyramid level 1, extra convs) at 256x256; cannot track through occlusion",
-    )
-)
