@@ -18,7 +18,7 @@ import yaml
 from pseudotrack.config import RoundConfig, dataclass_from_dict
 from pseudotrack.flows.events import ROUND_COMPLETED, round_payload, round_resource
 from pseudotrack.flows.label_batch import batch_parameters
-from pseudotrack.flows.summary import RoundSummary
+from pseudotrack.flows.summary import RoundSummary, next_steps
 from pseudotrack.tasks.labelling import PlannedVideo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +131,15 @@ def test_round_event_carries_uris_and_counts_never_credentials(monkeypatch):
     text = json.dumps([resource, payload])
     assert "do-not-leak-this-secret" not in text and "AKIADONOTLEAK" not in text
     assert all(isinstance(v, str) for v in resource.values())  # Prefect resource labels are strings
+
+
+def test_a_summary_with_failures_says_how_to_resume_and_retry():
+    """Issue 18: the round's summary names --round-id for unfinished batches and --retry-failed for failed videos."""
+    assert next_steps(RoundSummary("clean", labelled=3)) == []
+    (videos,) = next_steps(RoundSummary("r2", labelled=3, failed=2))
+    assert "2 video(s) failed" in videos and "--retry-failed" in videos
+    batches, videos = next_steps(RoundSummary("r3", failed=1, failed_batches=[{"batch_id": "b1"}]))
+    assert "1 batch(es)" in batches and "--round-id r3" in batches and "--retry-failed" in videos
 
 
 def test_a_round_event_says_whether_its_caller_trains_on_it(prefect_server):

@@ -460,4 +460,3 @@ def filter_captions(
                 verdict = rules.judge(caption.text)
             results.append(FilterResult(key, verdict.keep, caption.text, None if verdict.keep else verdict.rule))
     return results
-
