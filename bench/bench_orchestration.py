@@ -1,6 +1,6 @@
 """Orchestration overhead per video with the no-op teacher: in process and through the `gpu` pool.
 
-Usage: python bench/bench_orchestration.py [--videos 256] [--batch-size 32] [--pool-limit 1]
+Usage: python bench/bench_orchestration.py [--videos 2048] [--batch-size 512] [--pool-limit 1]
                                           [--query-seconds 1] [--skip-pool] [--keep]
                                           [--database sqlite|postgres]
 
@@ -44,6 +44,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from pseudotrack.config import POOL_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 WORK_STAGES = ("read", "decode", "queries", "teacher", "encode", "shard")
@@ -268,8 +270,10 @@ def report(name: str, figures: dict, parallel: int = 1) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--videos", type=int, default=2048)
+    parser.add_argument(
+        "--batch-size", type=int, default=POOL_BATCH_SIZE, help="videos per batch (default: the pool's default)"
+    )
     parser.add_argument("--pool-limit", type=int, default=1, help="concurrency limit of the gpu pool")
     parser.add_argument("--skip-pool", action="store_true", help="only the in-process figure")
     parser.add_argument("--skip-local", action="store_true", help="only the pool's figure (after a warm-up round)")
@@ -302,8 +306,9 @@ def main() -> None:
         make_bucket(bucket, args.videos)
         print(f"prefect server {url}; {args.videos} videos of 24 frames 120x160, clips 16x96x128, 64 queries, noop")
 
-        # warm-up: imports, the flow's first registration, decoder and teacher set-up
-        timed_round(round_config(bucket, tmp / "ws-warmup", "warmup", args.batch_size, "local"))
+        # warm-up on a few of the clips: imports, the flow's first registration, decoder and teacher set-up
+        make_bucket(tmp / "warmup-bucket", min(args.videos, 64))
+        timed_round(round_config(tmp / "warmup-bucket", tmp / "ws-warmup", "warmup", args.batch_size, "local"))
         if not args.skip_local:
             local = timed_round(round_config(bucket, tmp / "ws-local", "local", args.batch_size, "local"))
             report("in process (--executor local)", local)

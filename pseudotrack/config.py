@@ -43,7 +43,7 @@ def dataclass_from_dict(cls, data: dict, what: str):
 LOCAL_BATCH_SIZE = 32  # in process a batch costs next to nothing beyond its videos
 # through the pool each batch is a label-batch flow run, a fresh process on a stock worker: its fixed cost is
 # spread over this many videos (README, "Batches on stock workers"; bench/bench_orchestration.py)
-POOL_BATCH_SIZE = 256
+POOL_BATCH_SIZE = 512
 
 
 @dataclass
