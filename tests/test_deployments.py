@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pseudotrack.config import RoundConfig, dataclass_from_dict
+from pseudotrack.config import LOCAL_BATCH_SIZE, POOL_BATCH_SIZE, RoundConfig, dataclass_from_dict
 from pseudotrack.flows.events import ROUND_COMPLETED, round_payload, round_resource
 from pseudotrack.flows.label_batch import batch_parameters
 from pseudotrack.flows.summary import RoundSummary, next_steps
@@ -87,6 +87,19 @@ def test_entrypoint_loads_and_its_parameters_fit_the_flow(deployments, name, tmp
         build = getattr(config_type, "from_dict", None)
         config = build(parameters["config"]) if build else dataclass_from_dict(config_type, parameters["config"], name)
         assert is_dataclass(config)
+
+
+def test_pool_rounds_default_to_larger_batches_than_local_ones(deployments, tmp_path):
+    """A label-batch run starts a fresh process on a stock worker, so pool batches are larger (README)."""
+    assert POOL_BATCH_SIZE > LOCAL_BATCH_SIZE
+    bucket, workspace = str(tmp_path / "b"), str(tmp_path / "w")
+    assert RoundConfig(bucket, workspace, executor="pool").batch_size == POOL_BATCH_SIZE
+    assert RoundConfig(bucket, workspace).batch_size == LOCAL_BATCH_SIZE
+    assert RoundConfig(bucket, workspace, executor="pool", batch_size=8).batch_size == 8  # asked for: kept
+    # the deployments that send batches to the pool use its default
+    for name in ("label-round", "watch-bucket"):
+        assert deployments[name]["parameters"]["config"]["batch_size"] == POOL_BATCH_SIZE, name
+    assert deployments["scaling-round"]["parameters"]["config"]["round"]["batch_size"] == POOL_BATCH_SIZE
 
 
 def test_train_student_trigger_matches_the_round_event(deployments):
