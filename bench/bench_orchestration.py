@@ -1,7 +1,7 @@
 """Orchestration overhead per video with the no-op teacher: in process and through the `gpu` pool.
 
-Usage: python bench/bench_orchestration.py [--videos 256] [--batch-size 32] [--pool-limit 1]
-                                          [--worker plain|warm|both] [--query-seconds 1] [--skip-pool] [--keep]
+Usage: python bench/bench_orchestration.py [--videos 2048] [--batch-size 512] [--pool-limit 1]
+                                          [--query-seconds 1] [--skip-pool] [--keep]
                                           [--database sqlite|postgres]
 
 Overhead is what a round costs beyond labelling its videos:
@@ -23,10 +23,9 @@ PREFECT_HOME under a temporary folder), on its default SQLite database or, with
 single write lock). In process: `--executor local`, one
 batch at a time. Through the pool: `prefect deploy --name label-batch` from
 this repository's prefect.yaml, a process work pool `gpu` whose concurrency
-limit is `--pool-limit`, one worker polling every `--query-seconds` (`plain`:
-`prefect worker start --pool gpu`, a fresh Python process per batch; `warm`:
-`python -m pseudotrack.flows.warm_worker --pool gpu`, each batch forked from
-preloaded imports), and `--executor pool`. With `--pool-limit 1` batches run
+limit is `--pool-limit`, one stock worker polling every `--query-seconds`
+(`prefect worker start --pool gpu`, a fresh Python process per batch, as in
+production), and `--executor pool`. With `--pool-limit 1` batches run
 one after another, so wall minus work is exactly the overhead; with a higher
 limit batches overlap and the figure is an effective overhead per video of
 the whole round.
@@ -45,6 +44,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from pseudotrack.config import POOL_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -140,7 +141,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-READY = {"plain": "started", "warm": "polling pool"}
+READY = "started"  # the stock worker's line once it polls
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -221,6 +222,44 @@ def timed_round(config) -> dict:
     return {"wall": wall, "work": work, "videos": summary["planned"], "batches": batches}
 
 
+def batch_timeline(round_id: str, workspace: Path) -> None:
+    """Where a batch run's time goes, as the server recorded it (medians over the round's batch runs):
+    queued (Scheduled -> Pending, a worker took it), start-up (Pending -> Running: the fresh process, its
+    imports and the flow's load), running beyond the batch's own per-video work, and Completed -> the
+    next run's Pending."""
+    import json
+    import statistics
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from pseudotrack.flows.label_batch import round_tag, split_run_name
+
+    rows = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[round_tag(round_id)])))
+        for run in runs:
+            states = sorted(client.read_flow_run_states(run.id), key=lambda st: st.timestamp)
+            first = {}
+            for st in states:
+                first.setdefault(st.type.value, st.timestamp)
+            batch_id = split_run_name(run.name)[0].rsplit("-", 1)[1]
+            tally = json.loads((workspace / "runs" / round_id / "batches" / f"{batch_id}.json").read_text())
+            work = sum(tally["stage_seconds"].get(stage, 0.0) for stage in WORK_STAGES)
+            rows.append((first["SCHEDULED"], first["PENDING"], first["RUNNING"], first["COMPLETED"], work))
+    rows.sort()
+    queued = [(p - s).total_seconds() for s, p, _, _, _ in rows]
+    start_up = [(r - p).total_seconds() for _, p, r, _, _ in rows]
+    beyond = [(c - r).total_seconds() - w for _, _, r, c, w in rows]
+    handover = [(nxt[1] - cur[3]).total_seconds() for cur, nxt in zip(rows, rows[1:], strict=False)]
+    med = statistics.median
+    print(
+        f"  per batch run (median of {len(rows)}): queued {med(queued):.2f} s, start-up {med(start_up):.2f} s, "
+        f"running beyond its videos' work {med(beyond):.2f} s"
+        + (f", Completed -> next Pending {med(handover):.2f} s" if handover else "")
+    )
+
+
 def report(name: str, figures: dict, parallel: int = 1) -> None:
     overhead = figures["wall"] - figures["work"] / parallel
     per_video = 1000 * overhead / figures["videos"]
@@ -232,12 +271,14 @@ def report(name: str, figures: dict, parallel: int = 1) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--videos", type=int, default=2048)
+    parser.add_argument(
+        "--batch-size", type=int, default=POOL_BATCH_SIZE, help="videos per batch (default: the pool's default)"
+    )
     parser.add_argument("--pool-limit", type=int, default=1, help="concurrency limit of the gpu pool")
     parser.add_argument("--skip-pool", action="store_true", help="only the in-process figure")
+    parser.add_argument("--skip-local", action="store_true", help="only the pool's figure (after a warm-up round)")
     parser.add_argument("--query-seconds", type=float, default=1.0, help="how often the worker polls")
-    parser.add_argument("--worker", choices=("plain", "warm", "both"), default="both", help="gpu worker kind")
     parser.add_argument(
         "--database",
         choices=("sqlite", "postgres"),
@@ -270,10 +311,12 @@ def main() -> None:
         make_bucket(bucket, args.videos)
         print(f"prefect server {url}; {args.videos} videos of 24 frames 120x160, clips 16x96x128, 64 queries, noop")
 
-        # warm-up: imports, the flow's first registration, decoder and teacher set-up
-        timed_round(round_config(bucket, tmp / "ws-warmup", "warmup", args.batch_size, "local"))
-        local = timed_round(round_config(bucket, tmp / "ws-local", "local", args.batch_size, "local"))
-        report("in process (--executor local)", local)
+        # warm-up on a few of the clips: imports, the flow's first registration, decoder and teacher set-up
+        make_bucket(tmp / "warmup-bucket", min(args.videos, 64))
+        timed_round(round_config(tmp / "warmup-bucket", tmp / "ws-warmup", "warmup", args.batch_size, "local"))
+        if not args.skip_local:
+            local = timed_round(round_config(bucket, tmp / "ws-local", "local", args.batch_size, "local"))
+            report("in process (--executor local)", local)
         if args.skip_pool:
             return
 
@@ -301,35 +344,27 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         worker_env = dict(env, PREFECT_WORKER_QUERY_SECONDS=str(args.query_seconds), PREFECT_LOGGING_LEVEL="INFO")
-        commands = {
-            "plain": [prefect, "worker", "start", "--pool", "gpu", "--work-queue", "label"],
-            "warm": [sys.executable, "-m", "pseudotrack.flows.warm_worker", "--pool", "gpu", "--work-queue", "label"],
-        }
-        for kind in ("plain", "warm") if args.worker == "both" else (args.worker,):
-            with open(tmp / f"worker-{kind}.log", "wb") as log:
-                worker = subprocess.Popen(
-                    commands[kind],
-                    cwd=REPO,
-                    env=worker_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            wait_for_line(tmp / f"worker-{kind}.log", READY[kind], worker)  # incl. the fork server's imports
-            before = (group_cpu(server.pid), group_cpu(worker.pid), own_cpu())
-            pooled = timed_round(round_config(bucket, tmp / f"ws-pool-{kind}", f"pool-{kind}", args.batch_size, "pool"))
-            spent = [
-                after - start
-                for after, start in zip((group_cpu(server.pid), group_cpu(worker.pid), own_cpu()), before, strict=True)
-            ]
-            stop(worker)
-            worker = None
-            parallel = min(args.pool_limit, pooled["batches"])
-            report(f"pool, {kind} worker (limit {args.pool_limit})", pooled, parallel)
-            print(
-                f"  CPU during it: server {spent[0]:.1f} s, worker and its flow runs {spent[1]:.1f} s, "
-                f"round {spent[2]:.1f} s ({os.cpu_count()} cores)"
+        command = [prefect, "worker", "start", "--pool", "gpu", "--work-queue", "label"]
+        with open(tmp / "worker.log", "wb") as log:
+            worker = subprocess.Popen(
+                command, cwd=REPO, env=worker_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        wait_for_line(tmp / "worker.log", READY, worker)
+        before = (group_cpu(server.pid), group_cpu(worker.pid), own_cpu())
+        pooled = timed_round(round_config(bucket, tmp / "ws-pool", "pool", args.batch_size, "pool"))
+        spent = [
+            after - start
+            for after, start in zip((group_cpu(server.pid), group_cpu(worker.pid), own_cpu()), before, strict=True)
+        ]
+        stop(worker)
+        worker = None
+        parallel = min(args.pool_limit, pooled["batches"])
+        report(f"pool, stock worker (limit {args.pool_limit})", pooled, parallel)
+        print(
+            f"  CPU during it: server {spent[0]:.1f} s, worker and its flow runs {spent[1]:.1f} s, "
+            f"round {spent[2]:.1f} s ({os.cpu_count()} cores)"
+        )
+        batch_timeline("pool", tmp / "ws-pool")
     finally:
         if worker is not None:
             stop(worker)

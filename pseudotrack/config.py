@@ -42,6 +42,12 @@ def dataclass_from_dict(cls, data: dict, what: str):
     return cls(**data)
 
 
+LOCAL_BATCH_SIZE = 32  # in process a batch costs next to nothing beyond its videos
+# through the pool each batch is a label-batch flow run, a fresh process on a stock worker: its fixed cost is
+# spread over this many videos (README, "Batches on stock workers"; bench/bench_orchestration.py)
+POOL_BATCH_SIZE = 512
+
+
 @dataclass
 class RoundConfig:
     """A labelling round: where videos come from, where results go, and the recipe.
@@ -60,7 +66,8 @@ class RoundConfig:
     teachers_per_clip: int = 1
     checkpoints: str | None = None
     seed: int = 0
-    batch_size: int = 32
+    # videos per label batch; None: LOCAL_BATCH_SIZE in process, POOL_BATCH_SIZE through the pool
+    batch_size: int | None = None
     workers: int = 1
     device: str = "auto"
     teacher_batch: int | None = None  # clips per teacher forward; None: 4 on a GPU, 1 on the CPU
@@ -96,6 +103,8 @@ class RoundConfig:
     def __post_init__(self) -> None:
         if self.min_frames is None:
             self.min_frames = min(16, self.num_frames)
+        if self.batch_size is None:
+            self.batch_size = POOL_BATCH_SIZE if self.executor == "pool" else LOCAL_BATCH_SIZE
         self.validate()
 
     def validate(self) -> None:

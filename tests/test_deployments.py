@@ -1,4 +1,4 @@
-"""prefect.yaml read the way `prefect deploy` 3.8.8 reads it, without a server: five deployments on the cpu
+"""prefect.yaml read without a server, its parts checked with Prefect's public types: five deployments on the cpu
 and gpu pools, entrypoints that load, parameters each flow accepts, limits, the schedule and the trigger;
 and the round events that trigger matches.
 
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pseudotrack.config import RoundConfig, dataclass_from_dict
+from pseudotrack.config import LOCAL_BATCH_SIZE, POOL_BATCH_SIZE, RoundConfig, dataclass_from_dict
 from pseudotrack.flows.events import ROUND_COMPLETED, round_payload, round_resource
 from pseudotrack.flows.label_batch import batch_parameters
-from pseudotrack.flows.summary import RoundSummary
+from pseudotrack.flows.summary import RoundSummary, next_steps
 from pseudotrack.tasks.labelling import PlannedVideo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,12 +34,16 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def deployments() -> dict[str, dict]:
-    from prefect.cli.deploy._models import PrefectYamlModel
+    """The file's deployments, their limits checked with Prefect's public types (tests/test_pool.py deploys the
+    file itself with `prefect deploy --all`, which validates the whole of it)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
     raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    model = PrefectYamlModel.model_validate(raw)  # what `prefect deploy` validates the file with
-    assert model.pull == [], "workers import pseudotrack by module name; no code pull step"
-    return {d.name: d.model_dump(exclude_none=True) for d in model.deployments}
+    assert raw["pull"] == [], "workers import pseudotrack by module name; no code pull step"
+    for deployment in raw["deployments"]:
+        if "concurrency_limit" in deployment:
+            ConcurrencyLimitConfig.model_validate(deployment["concurrency_limit"])
+    return {d["name"]: d for d in raw["deployments"]}
 
 
 def test_five_deployments_on_their_pools_and_queues(deployments):
@@ -83,6 +87,19 @@ def test_entrypoint_loads_and_its_parameters_fit_the_flow(deployments, name, tmp
         build = getattr(config_type, "from_dict", None)
         config = build(parameters["config"]) if build else dataclass_from_dict(config_type, parameters["config"], name)
         assert is_dataclass(config)
+
+
+def test_pool_rounds_default_to_larger_batches_than_local_ones(deployments, tmp_path):
+    """A label-batch run starts a fresh process on a stock worker, so pool batches are larger (README)."""
+    assert POOL_BATCH_SIZE > LOCAL_BATCH_SIZE
+    bucket, workspace = str(tmp_path / "b"), str(tmp_path / "w")
+    assert RoundConfig(bucket, workspace, executor="pool").batch_size == POOL_BATCH_SIZE
+    assert RoundConfig(bucket, workspace).batch_size == LOCAL_BATCH_SIZE
+    assert RoundConfig(bucket, workspace, executor="pool", batch_size=8).batch_size == 8  # asked for: kept
+    # the deployments that send batches to the pool use its default
+    for name in ("label-round", "watch-bucket"):
+        assert deployments[name]["parameters"]["config"]["batch_size"] == POOL_BATCH_SIZE, name
+    assert deployments["scaling-round"]["parameters"]["config"]["round"]["batch_size"] == POOL_BATCH_SIZE
 
 
 def test_train_student_trigger_matches_the_round_event(deployments):
@@ -131,6 +148,15 @@ def test_round_event_carries_uris_and_counts_never_credentials(monkeypatch):
     text = json.dumps([resource, payload])
     assert "do-not-leak-this-secret" not in text and "AKIADONOTLEAK" not in text
     assert all(isinstance(v, str) for v in resource.values())  # Prefect resource labels are strings
+
+
+def test_a_summary_with_failures_says_how_to_resume_and_retry():
+    """Issue 18: the round's summary names --round-id for unfinished batches and --retry-failed for failed videos."""
+    assert next_steps(RoundSummary("clean", labelled=3)) == []
+    (videos,) = next_steps(RoundSummary("r2", labelled=3, failed=2))
+    assert "2 video(s) failed" in videos and "--retry-failed" in videos
+    batches, videos = next_steps(RoundSummary("r3", failed=1, failed_batches=[{"batch_id": "b1"}]))
+    assert "1 batch(es)" in batches and "--round-id r3" in batches and "--retry-failed" in videos
 
 
 def test_a_round_event_says_whether_its_caller_trains_on_it(prefect_server):

@@ -3,9 +3,9 @@ a process worker on the `gpu` pool, and `pseudotrack round --executor pool` send
 
 Checked: the five deployments and train-student's trigger as the server holds them; a round through the pool
 on `prefect worker start` (catalog, shards, a child flow run per batch); the trigger starting a training run
-with the round's workspace and id; a re-run creating no child run; on the warm worker, crashed batches failing
-the round with a message naming them, and a re-run resuming them in their own flow runs, at most the queue's
-limit at once.
+with the round's workspace and id; a re-run creating no child run; crashed batches failing the round with a
+message naming them, and a re-run resuming each in one new flow run (its next attempt), at most the queue's limit
+at once, after which a third run sends nothing.
 """
 
 from __future__ import annotations
@@ -57,11 +57,10 @@ CRASH = "python -c \"import sys; sys.exit('simulated loss of a GPU worker')\""
 runner = CliRunner()
 
 
-WORKERS = {  # the stock process worker, and ours that forks each run from preloaded imports
+WORKERS = {  # the stock process worker, as the README starts it
     "plain": [PREFECT, "worker", "start", "--pool", "gpu", "--work-queue", "label"],
-    "warm": [sys.executable, "-m", "pseudotrack.flows.warm_worker", "--pool", "gpu", "--work-queue", "label"],
 }
-READY = {"plain": "started", "warm": "polling pool"}
+READY = {"plain": "started"}
 
 
 @dataclass
@@ -270,6 +269,7 @@ def test_round_through_the_pool_then_training_starts_and_a_rerun_adds_no_runs(st
         assert sample["labels"]["lk"]["tracks"].shape == (sample["meta"]["num_frames"], 48, 2)
     summary = json.loads(store.read_bytes("runs/pool-a/summary.json"))
     assert summary["labelled"] == 4 and summary["failed"] == 1 and summary["failed_batches"] == []
+    assert len(summary["next_steps"]) == 1 and "--retry-failed" in summary["next_steps"][0]  # the broken file
     assert summary["teachers"] == {"lk": 4} and summary["stage_seconds"]["teacher"] > 0  # the workers' own tallies
 
     # one child flow run for the one batch (5 videos to label in a batch of 5), sent to the worker's queue
@@ -321,13 +321,15 @@ def _round_events(round_id: str) -> list:
     return sorted(page.events, key=lambda e: e.occurred)
 
 
-def test_a_crashed_batch_fails_the_round_and_a_rerun_resumes_it_in_place(stack: Stack, bucket, tmp_path):
-    """On the warm worker: a deployment's own `command` runs as a plain process (here one that dies at once),
-    and the resumed batches fork from the preloaded server."""
+def test_a_crashed_batch_fails_the_round_and_a_rerun_resumes_it_in_new_runs(stack: Stack, bucket, tmp_path):
+    """A deployment's own `command` that dies at once crashes each batch; a re-run sends each crashed batch once
+    more as a new flow run (its next attempt), and a third run sends nothing."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
 
-    worker_log = stack.use_worker("warm")
+    from pseudotrack.flows.label_batch import split_run_name
+
+    stack.use_worker("plain")
     workspace = tmp_path / "ws"
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("label-batch/label-batch")
@@ -342,23 +344,25 @@ def test_a_crashed_batch_fails_the_round_and_a_rerun_resumes_it_in_place(stack: 
     assert "--round-id pool-b to resume" in output
     crashed = _batch_runs("pool-b")
     assert len(crashed) == 2 and all(r.state.is_crashed() for r in crashed)
+    assert sorted(split_run_name(r.name)[1] for r in crashed) == [1, 1]
     summary = json.loads(open_store(str(workspace)).read_bytes("runs/pool-b/summary.json"))
     assert sorted(b["flow_run_id"] for b in summary["failed_batches"]) == sorted(str(r.id) for r in crashed)
+    assert any("--round-id pool-b" in step for step in summary["next_steps"])
     assert "labelled" not in _states(workspace).values()  # nothing half-done: the crashed batches wrote nothing
     assert [e.event for e in _wait_for(lambda: _round_events("pool-b"))] == ["pseudotrack.round.failed"]
 
     result = _round(bucket, workspace, "pool-b", batch_size=3)
     assert result.exit_code == 0, result.output
-    resumed = _batch_runs("pool-b")
-    assert sorted(r.id for r in resumed) == sorted(r.id for r in crashed)  # the same runs, run again: no duplicates
+    runs = _batch_runs("pool-b")
+    resumed = [r for r in runs if r.id not in {c.id for c in crashed}]
+    # one new run per crashed batch, its second attempt; the crashed runs are left as they ended
+    assert sorted(split_run_name(r.name) for r in resumed) == sorted((split_run_name(r.name)[0], 2) for r in crashed), [
+        r.name for r in runs
+    ]
     assert all(r.state.is_completed() for r in resumed)
+    assert all(r.state.is_crashed() for r in runs if r.id in {c.id for c in crashed})
     spans = sorted(_last_attempt(r) for r in resumed)  # two batches, never more at once than the queue allows
     assert max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans) == LABEL_QUEUE_LIMIT, spans
-    # the worker's stdout reaches its file a little later than the runs finish
-    assert _wait_for(
-        lambda: all("WarmProcessWorker" in (log := worker_log.read_text()) and str(r.id) in log for r in resumed),
-        timeout=60,
-    )
     assert sorted(_states(workspace).values()) == [
         "failed",
         "filtered",
@@ -368,3 +372,6 @@ def test_a_crashed_batch_fails_the_round_and_a_rerun_resumes_it_in_place(stack: 
         "labelled",
         "labelled",
     ]
+    result = _round(bucket, workspace, "pool-b", batch_size=3)  # all recorded: no run sent, none duplicated
+    assert result.exit_code == 0, result.output
+    assert sorted(r.id for r in _batch_runs("pool-b")) == sorted(r.id for r in runs)

@@ -21,8 +21,10 @@ from pseudotrack.flows.scaling_round import (
     EvalSettings,
     ScalingConfig,
     first_eligible,
+    label_size,
     parse_sizes,
     run_scaling_study,
+    training_shards,
 )
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.objects import open_store
@@ -94,6 +96,40 @@ def test_larger_rounds_hold_smaller_ones_counted_after_the_caption_filter(bucket
     first7 = [v.key for v in first_eligible(tiny_round(bucket, workspace, videos=7))]
     assert first7[:3] == first3 and first7 != sorted(first7)
     assert labelled_keys(workspace, "n3") == set(first3) and labelled_keys(workspace) == set(first7)
+
+
+@pytest.fixture(scope="module")
+def broken_bucket(tmp_path_factory) -> Path:
+    """12 generated clips (8 eligible) and a broken file whose caption the filter keeps: 9 eligible, 8 labellable."""
+    root = tmp_path_factory.mktemp("scaling-broken-bucket")
+    write_demo_bucket(root, videos=12, frames=12, height=H, width=W, seed=5, broken=1)
+    return root
+
+
+def test_a_size_counts_labelled_videos_so_a_broken_file_is_replaced_by_the_next(broken_bucket, tmp_path):
+    """Issue 18: "n=4" trained on 3 videos when a broken file was among the first 4 eligible."""
+    workspace = tmp_path / "ws"
+    order = [v.key for v in first_eligible(tiny_round(broken_bucket, workspace, videos=100))]
+    assert len(order) == 9 and "broken_00.mp4" in order
+    n = max(3, order.index("broken_00.mp4") + 1)  # the broken file is among the first n eligible
+    assert n < len(order), "the bucket must hold an eligible video past the first n"
+    config = ScalingConfig(
+        round=tiny_round(broken_bucket, workspace),
+        train=TrainConfig(workspace=str(workspace), output=str(tmp_path / "out")),
+        videos=n,
+    )
+    round_config, videos, counts = label_size(config)
+    assert [v.key for v in videos] == order[: n + 1]  # one more eligible video, in the stable order
+    assert round_config.videos == n + 1 and round_config.round_id == f"scale-n{n}"
+    assert counts["labelled"] == n and counts["failed"] == 1
+    assert labelled_keys(workspace) == set(order[: n + 1]) - {"broken_00.mp4"}
+    shards, shard_counts = training_shards(str(workspace), videos)
+    assert shard_counts["labelled"] == n and sum(ref.count for ref in shards) == n  # the student's set: n videos
+
+    # a size past the bucket: every labellable video, no endless re-running, and the true count reported
+    round_config, videos, counts = label_size(config.for_size(len(order) + 3))
+    assert len(videos) == len(order) and len(labelled_keys(workspace)) == len(order) - 1
+    assert training_shards(str(workspace), videos)[1]["labelled"] == len(order) - 1
 
 
 def test_configuration_round_trips_and_refuses_what_cannot_run(bucket, tmp_path):

@@ -8,14 +8,19 @@ parameters, never clients or credentials), writes its shards and catalog
 events directly, and leaves its tally in `runs/<round>/batches/<batch>.json`
 for the round to sum up, since flow results are not persisted.
 
-Re-running a round never duplicates a batch run: each run carries the
-idempotency key `<round>-<batch>`, so the server hands back the run it already
-has. A run still in flight from an earlier attempt is waited for; a finished
-one whose videos are still unrecorded (it failed, crashed or was cancelled) is
-run again in place, with this attempt's parameters. Runs of the round under
-other batch ids (an earlier attempt planned differently) are waited for before
-anything is sent, and their videos taken out of the plan, so no video is ever
-labelled by two runs at once.
+Batches go out through Prefect's public `run_deployment` (with `timeout=0`,
+so the round sends them all and then polls their states with the client: a
+failed child run does not fail the round's flow run, so the round reads each
+child's final state itself). Re-running a round never duplicates a batch run:
+each run is named and keyed `<round>-<batch>-<attempt>`, so a resend of the
+same attempt gets the run the server already has. A run still in flight from
+an earlier attempt is waited for, not sent again; a finished one whose videos
+are still unrecorded (it failed, crashed or was cancelled) is followed by a
+new run, the next attempt, with this attempt's parameters: runs are never
+forced back into a runnable state. Runs of the round under other batch ids
+(an earlier attempt planned differently) are waited for before anything is
+sent, and their videos taken out of the plan, so no video is ever labelled by
+two runs at once.
 """
 
 from __future__ import annotations
@@ -124,12 +129,11 @@ def run_batches_on_pool(
     deployment = config.deployment or DEPLOYMENT
     log = _logger()
     with get_client(sync_client=True) as client:
-        deployment_id = _check_deployment(client, deployment)
+        _check_deployment(client, deployment)
         work = _settle_earlier_runs(client, config, work, catalog, poll_seconds, log)
-        runs, refused = _submit(client, config, deployment_id, work, checkpoints, log)
+        runs = _submit(client, config, deployment, work, checkpoints, log)
         states = _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log)
-    results, failures = _collect(config, runs, states, catalog)
-    return results, refused + failures
+    return _collect(config, runs, states, catalog)
 
 
 def _check_deployment(client, deployment: str):
@@ -171,26 +175,43 @@ def _read_runs(client, flow_run_filter) -> list:
         offset += READ_CHUNK
 
 
-def _settle_earlier_runs(client, config, work, catalog, poll_seconds, log) -> list[list[PlannedVideo]]:
-    """Wait for runs of this round still in flight under batch ids not in this plan; re-plan what they did."""
+def _round_runs(client, round_id: str, in_flight_only: bool = False) -> list:
+    """The round's batch runs (any attempt), found by their tag."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
-        FlowRunFilterId,
         FlowRunFilterState,
         FlowRunFilterStateType,
         FlowRunFilterTags,
     )
     from prefect.client.schemas.objects import TERMINAL_STATES
 
-    planned = {f"{config.round_id}-{batch_id_for(config.round_id, [v.key for v in b])}" for b in work}
-    in_flight = _read_runs(
-        client,
-        FlowRunFilter(
-            tags=FlowRunFilterTags(all_=[round_tag(config.round_id)]),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=list(TERMINAL_STATES))),
-        ),
-    )
-    stale = [run.id for run in in_flight if run.name not in planned]
+    state = FlowRunFilterState(type=FlowRunFilterStateType(not_any_=list(TERMINAL_STATES))) if in_flight_only else None
+    return _read_runs(client, FlowRunFilter(tags=FlowRunFilterTags(all_=[round_tag(round_id)]), state=state))
+
+
+def batch_prefix(round_id: str, batch_id: str) -> str:
+    """What every attempt's run name of a batch starts with."""
+    return f"{round_id}-{batch_id}"
+
+
+def run_name(round_id: str, batch_id: str, attempt: int) -> str:
+    """A batch run's name and idempotency key: one run per attempt at the batch, whoever sends it."""
+    return f"{batch_prefix(round_id, batch_id)}-{attempt}"
+
+
+def split_run_name(name: str) -> tuple[str, int]:
+    """(batch prefix, attempt) of a run name; a name without an attempt (an older version's) is attempt 0."""
+    prefix, _, attempt = name.rpartition("-")
+    return (prefix, int(attempt)) if prefix and attempt.isdigit() else (name, 0)
+
+
+def _settle_earlier_runs(client, config, work, catalog, poll_seconds, log) -> list[list[PlannedVideo]]:
+    """Wait for runs of this round still in flight under batch ids not in this plan; re-plan what they did."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    planned = {batch_prefix(config.round_id, batch_id_for(config.round_id, [v.key for v in b])) for b in work}
+    in_flight = _round_runs(client, config.round_id, in_flight_only=True)
+    stale = [run.id for run in in_flight if split_run_name(run.name)[0] not in planned]
     if not stale:
         return work
     log.warning(
@@ -213,49 +234,53 @@ def _settle_earlier_runs(client, config, work, catalog, poll_seconds, log) -> li
     return [left[i : i + config.batch_size] for i in range(0, len(left), config.batch_size)]
 
 
-def _submit(client, config, deployment_id, work, checkpoints, log) -> tuple[dict, list[dict]]:
-    """One run per batch, idempotent on `<round>-<batch>`; a finished run handed back is run again in place.
+def _submit(client, config, deployment, work, checkpoints, log) -> dict:
+    """One run per batch through `run_deployment`; returns {run id: (name, batch id, videos)}.
 
-    Returns ({run id: (name, batch id, videos)}, batches whose earlier run refused to run again).
-    One request per batch on the round's client: `run_deployment` costs a new client, a deployment read
-    and a placeholder task run per call (1-2 s a batch measured here), more than a batch's orchestration
-    budget. A round's runs are found by their tag instead of as subflows in the UI.
+    An earlier attempt's run of the batch still in flight is waited for instead of sending another.
+    An earlier run that finished leaves the batch's videos unrecorded (else they would not be planned),
+    so the batch gets a new run, keyed with the next attempt number. The runs are not linked as
+    subflows (that costs a placeholder task run a batch); the round's tag finds them, in the UI too.
     """
-    from prefect.states import AwaitingRetry, Scheduled
+    from prefect.deployments import run_deployment
 
-    runs, refused = {}, []
+    latest: dict[str, tuple[int, object]] = {}
+    for run in _round_runs(client, config.round_id):
+        prefix, attempt = split_run_name(run.name)
+        if prefix not in latest or attempt > latest[prefix][0]:
+            latest[prefix] = (attempt, run)
+    runs = {}
     started = time.perf_counter()
     for batch in work:
         batch_id = batch_id_for(config.round_id, [v.key for v in batch])
-        name = f"{config.round_id}-{batch_id}"
-        parameters = batch_parameters(config, batch, checkpoints)
-        flow_run = client.create_flow_run_from_deployment(
-            deployment_id,
-            parameters=parameters,
-            state=Scheduled(),
-            name=name,
+        attempt, earlier = latest.get(batch_prefix(config.round_id, batch_id), (0, None))
+        if earlier is not None and not (earlier.state and earlier.state.is_final()):
+            log.info(
+                "batch %s: waiting for flow run %s, still in flight from an earlier attempt", batch_id, earlier.name
+            )
+            runs[earlier.id] = (earlier.name, batch_id, batch)
+            continue
+        if earlier is not None:
+            log.info(
+                "batch %s: flow run %s ended %s without its videos recorded; sending attempt %d",
+                batch_id,
+                earlier.name,
+                earlier.state.name,
+                attempt + 1,
+            )
+        name = run_name(config.round_id, batch_id, attempt + 1)
+        flow_run = run_deployment(
+            deployment,
+            parameters=batch_parameters(config, batch, checkpoints),
+            flow_run_name=name,
+            timeout=0,
             tags=[round_tag(config.round_id)],
             idempotency_key=name,
+            as_subflow=False,
         )
-        if flow_run.state is not None and flow_run.state.is_final():
-            # an earlier attempt's run of the same videos, which are still unrecorded: run it again, same run
-            client.update_flow_run(flow_run.id, parameters=parameters)
-            result = client.set_flow_run_state(
-                flow_run.id, AwaitingRetry(message=f"resumed by a new attempt at round {config.round_id}")
-            )
-            if result.status.value != "ACCEPT":
-                reason = getattr(result.details, "reason", None) or result.status.value
-                error = (
-                    f"flow run {name} ({flow_run.id}) ended {flow_run.state.name} and refused to run again: {reason}"
-                )
-                refused.append(
-                    {"batch_id": batch_id, "videos": len(batch), "error": error, "flow_run_id": str(flow_run.id)}
-                )
-                continue
-            log.info("batch %s: running flow run %s again (it was %s)", batch_id, name, flow_run.state.name)
         runs[flow_run.id] = (name, batch_id, batch)
     log.info("round %s: sent %d batch runs in %.2f s", config.round_id, len(runs), time.perf_counter() - started)
-    return runs, refused
+    return runs
 
 
 def _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log) -> dict:
@@ -306,6 +331,8 @@ def _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log)
 
 
 def _collect(config, runs, states, catalog) -> tuple[list[BatchResult], list[dict]]:
+    """The completed children's tallies, and a failure for each child that did not complete (a failed,
+    crashed or cancelled child run does not fail the round's flow run: its state is read here)."""
     workspace = catalog.store
     results, failures = [], []
     for run_id, (name, batch_id, batch) in runs.items():

@@ -32,7 +32,7 @@ from ..tasks.caption_prefetch import CaptionPrefetch
 from ..tasks.discover import Discovery, VideoItem, batches, discover_task, pending
 from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resolve_checkpoints
 from ..tasks.shards import recover_committed as _recover_committed
-from .summary import RoundSummary, artifact_key
+from .summary import RoundSummary, artifact_key, next_steps
 
 ProgressListener = Callable[[str, dict], None]
 _listeners: list[ProgressListener] = []
@@ -149,6 +149,8 @@ def _summary_markdown(summary: RoundSummary) -> str:
         if counts:
             lines += ["", f"| {title} | videos |", "|---|---|"]
             lines += [f"| {_md_escape(k)} | {v} |" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+    if summary.next_steps:
+        lines += ["", "## Next", "", *(f"- {_md_escape(step)}" for step in summary.next_steps)]
     return "\n".join(lines)
 
 
@@ -236,6 +238,7 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
             summary.stage_seconds[stage] = summary.stage_seconds.get(stage, 0.0) + seconds
         summary.skipped = dict(Counter(summary.skipped) + Counter(result.skipped))
     summary.failed_batches = failures
+    summary.next_steps = next_steps(summary)
     summary.seconds = time.perf_counter() - started
     fault_point("round.summary")
     workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))

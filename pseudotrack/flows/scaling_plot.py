@@ -1,4 +1,4 @@
-"""Figure 1 of a scaling study: AJ, δ_avg and OA against the number of training videos.
+"""Figure 1 of a scaling study: AJ, δ_avg and OA against the number of videos the students trained on.
 
 Drawn with matplotlib's Agg backend (no display needed, safe in worker threads
 and on servers), returned as PNG bytes so it can go to any object store.
@@ -21,7 +21,7 @@ def figure_png(rows: list[dict], baseline: dict | None, study: str, benchmark: s
     figure = Figure(figsize=(12, 3.8), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(METRICS))
-    xs = [row["videos"] for row in rows]
+    xs = [row.get("labelled", row["videos"]) for row in rows]  # the videos trained on, not the size asked for
     for ax, (label, key) in zip(axes, METRICS.items(), strict=True):
         ys = [100 * row["metrics"][key] for row in rows]
         ax.plot(xs, ys, marker="o", color=COLOURS[label], label="student")

@@ -2,8 +2,11 @@
 
 A scaling round for size N labels the first N eligible videos of the bucket
 (`RoundConfig.videos = N`: stable order, counted after the caption filter, so a
-larger round holds a smaller one and reuses its labels), trains a student on
-exactly those videos' labels, and evaluates it (TAP-Vid AJ, δ_avg, OA). A study
+larger round holds a smaller one and reuses its labels); a video that fails to
+label (a broken file) does not count, so the round takes the next eligible
+ones until N are labelled or the bucket runs out. It trains a student on
+exactly those N videos' labels, and evaluates it (TAP-Vid AJ, δ_avg, OA).
+Results, table and figure give the number of videos actually labelled. A study
 runs one scaling round per size, smallest first, then writes into the workspace
 
     scaling/<study>/n<N>.json      one size's result (a re-run with the same settings reuses it)
@@ -139,15 +142,15 @@ class ScalingConfig:
         return replace(self, videos=videos)
 
     def round_id(self) -> str:
-        return f"{self.round_prefix}{self._size()}"
+        return f"{self.round_prefix}{self.size()}"
 
     def round_config(self) -> RoundConfig:
-        return replace(self.round, videos=self._size(), round_id=self.round_id())
+        return replace(self.round, videos=self.size(), round_id=self.round_id())
 
     def train_config(self) -> TrainConfig:
-        return replace(self.train, output=str(Path(self.train.output) / f"n{self._size()}"), rounds=None)
+        return replace(self.train, output=str(Path(self.train.output) / f"n{self.size()}"), rounds=None)
 
-    def _size(self) -> int:
+    def size(self) -> int:
         if self.videos is None:
             raise ConfigError("a scaling round needs its number of videos (ScalingConfig.videos)")
         return self.videos
@@ -199,6 +202,51 @@ def first_eligible(round_config: RoundConfig) -> list:
     return planned
 
 
+def label_size(config: ScalingConfig) -> tuple[RoundConfig, list, dict]:
+    """Label the first eligible videos until N of them are labelled: (round config, videos walked, counts).
+
+    A round of N eligible videos may label fewer (a broken file fails); the round is run again over
+    as many more eligible videos as it fell short, which reuses what it did and labels only the new
+    ones, until N are labelled or the bucket has no more eligible videos. Counts sum the passes.
+    """
+    from .events import training_follows
+    from .label_round import run_label_round_flow, run_round
+
+    size = config.size()
+    round_config = config.round_config()
+    counts: dict[str, int] = {}
+    while True:
+        # inside a flow the round is a child flow run, so the UI shows it on its own; its completion event
+        # says this flow trains on it, so train-student's trigger does not train a second student (events.py)
+        with training_follows():
+            summary = run_label_round_flow(round_config) if _in_flow() else run_round(round_config).to_dict()
+        for name in ("labelled", "filtered", "failed"):
+            counts[name] = counts.get(name, 0) + summary[name]
+        counts.setdefault("reused", summary["reused"])  # the first pass's: later ones reuse their own labels
+        videos = first_eligible(round_config)
+        short = size - len(labelled_videos(config.round.workspace, videos))
+        if short <= 0 or len(videos) < (round_config.videos or 0):
+            return round_config, videos, counts
+        _notify("stage", {"videos": size, "stage": "labelling more", "short": short, "round_id": config.round_id()})
+        round_config = replace(round_config, videos=len(videos) + short)
+
+
+def labelled_videos(workspace_uri: str, videos: list) -> dict[str, str]:
+    """{video key: shard} of `videos` whose latest catalog event is `labelled` with the listed ETag."""
+    from ..storage.catalog import Catalog
+
+    wanted = {v.key: v.etag for v in videos}
+    latest = Catalog(open_store(workspace_uri)).latest().select(["video_key", "etag", "status", "shard_id"])
+    columns = latest.to_pydict()
+    return {
+        key: shard
+        for key, etag, status, shard in zip(
+            columns["video_key"], columns["etag"], columns["status"], columns["shard_id"], strict=True
+        )
+        if status == "labelled" and shard and wanted.get(key) == etag
+    }
+
+
 def training_shards(workspace_uri: str, videos: list) -> tuple[list, dict]:
     """(ShardRefs holding the labels of `videos`, counts): found through the catalog's latest state.
 
@@ -206,20 +254,14 @@ def training_shards(workspace_uri: str, videos: list) -> tuple[list, dict]:
     labels of other videos (a watcher's round mixing old and new) is read whole, and `extra`
     says how many such samples came along.
     """
-    from ..storage.catalog import Catalog
     from ..student.data import ShardRef
 
     store = open_store(workspace_uri)
-    wanted = {v.key: v.etag for v in videos}
-    latest = Catalog(store).latest().select(["video_key", "etag", "status", "shard_id"]).to_pydict()
+    found = labelled_videos(workspace_uri, videos)
+    labelled = len(found)
     shards: dict[str, int] = {}
-    labelled = 0
-    for key, etag, status, shard in zip(
-        latest["video_key"], latest["etag"], latest["status"], latest["shard_id"], strict=True
-    ):
-        if status == "labelled" and shard and wanted.get(key) == etag:
-            labelled += 1
-            shards[shard] = shards.get(shard, 0) + 1
+    for shard in found.values():
+        shards[shard] = shards.get(shard, 0) + 1
     refs = []
     for shard in sorted(shards):
         manifest = json.loads(store.read_bytes(manifest_key(shard)))
@@ -285,28 +327,20 @@ def _fingerprint(config: ScalingConfig, shards: list) -> str:
 
 
 def result_key(config: ScalingConfig) -> str:
-    return f"{SCALING}/{config.study}/n{config._size()}.json"
+    return f"{SCALING}/{config.study}/n{config.size()}.json"
 
 
 def run_scaling_round(config: ScalingConfig, clips: list | None = None) -> dict:
     """Label N videos, train a student on their labels, evaluate it; returns (and saves) the size's result."""
     from ..student.train import run_training
-    from .events import training_follows
-    from .label_round import run_label_round_flow, run_round
 
     started = time.perf_counter()
-    size = config._size()
+    size = config.size()
     workspace = open_store(config.round.workspace)
     workspace.check_writable()
 
     _notify("stage", {"videos": size, "stage": "labelling", "round_id": config.round_id()})
-    round_config = config.round_config()
-    # inside a flow the round is a child flow run, so the UI shows it on its own; its completion event says this
-    # flow trains on it, so train-student's trigger does not train a second student (events.py)
-    with training_follows():
-        round_summary = run_label_round_flow(round_config) if _in_flow() else run_round(round_config).to_dict()
-
-    videos = first_eligible(round_config)
+    round_config, videos, round_summary = label_size(config)
     train_config = config.train_config()
     output = Path(train_config.output)
     snapshot = output / "scaling_shards.json"
@@ -353,7 +387,7 @@ def run_scaling_round(config: ScalingConfig, clips: list | None = None) -> dict:
         "labelled": counts["labelled"],
         "extra_samples": counts["extra"],
         "round_id": round_config.round_id,
-        "round": {k: round_summary[k] for k in ("labelled", "filtered", "failed", "reused")},
+        "round": round_summary,
         "shards": len(shards),
         "train_steps": trained.steps,
         "final_loss": trained.final_loss,
@@ -412,9 +446,9 @@ def run_scaling_study(config: ScalingConfig, sizes: list[int]) -> dict:
     rows: list[dict] = []
     skipped: list[int] = []
     for i, size in enumerate(sizes):
-        if rows and rows[-1]["eligible"] < rows[-1]["videos"]:  # the bucket ran out: larger sizes repeat it
+        if rows and rows[-1]["labelled"] < rows[-1]["videos"]:  # the bucket ran out: larger sizes repeat it
             skipped = sizes[i:]
-            _notify("skipped", {"sizes": skipped, "eligible": rows[-1]["eligible"]})
+            _notify("skipped", {"sizes": skipped, "eligible": rows[-1]["eligible"], "labelled": rows[-1]["labelled"]})
             break
         _notify("size", {"videos": size, "index": i + 1, "count": len(sizes)})
         if _in_flow():

@@ -24,9 +24,30 @@ class RoundSummary:
     failed_batches: list[dict] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # planned videos left to another round, by why
     seconds: float = 0.0
+    next_steps: list[str] = field(default_factory=list)  # how to resume or retry, when something failed
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def next_steps(summary: RoundSummary) -> list[str]:
+    """What to run after a round with failures, for the CLI, the Prefect artifact and the dashboard.
+
+    Failed batches are unrecorded work that the same round id resumes; failed videos are recorded as
+    failed and skipped by later rounds unless asked to try them again with --retry-failed.
+    """
+    steps = []
+    if summary.failed_batches:
+        steps.append(
+            f"{len(summary.failed_batches)} batch(es) did not finish: run the round again with "
+            f"--round-id {summary.round_id} to resume them (everything else is kept)"
+        )
+    if summary.failed:
+        steps.append(
+            f"{summary.failed} video(s) failed (see the failure reasons): once their cause is fixed, run again "
+            "with --retry-failed to label them again (later rounds skip them otherwise)"
+        )
+    return steps
 
 
 def artifact_key(*parts: str) -> str:

@@ -22,9 +22,8 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 
 import tomllib
-from prefect import task
 
-from ..errors import ConfigError, SampleError
+from ..errors import ConfigError
 
 DEFAULT_RULES = Path(__file__).resolve().parents[1] / "rules" / "captions.toml"
 MANIFEST_NAMES = ("captions.jsonl", "captions.csv", "captions.parquet")
@@ -461,14 +460,3 @@ def filter_captions(
                 verdict = rules.judge(caption.text)
             results.append(FilterResult(key, verdict.keep, caption.text, None if verdict.keep else verdict.rule))
     return results
-
-
-def caption_failure(result: FilterResult) -> SampleError:
-    return SampleError("caption", result.failure or "caption unreadable")
-
-
-@task(name="caption-filter", retries=2, retry_delay_seconds=[2, 10])
-def caption_filter_task(
-    keys: list[str], index: CaptionIndex, rules: CaptionRules, missing_caption: str | None = None
-) -> list[FilterResult]:
-    return filter_captions(keys, index, rules, missing_caption)
