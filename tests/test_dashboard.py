@@ -437,7 +437,10 @@ def test_default_bind_is_loopback():
     import inspect
 
     assert inspect.signature(dash.make_server).parameters["host"].default == "127.0.0.1"
-    params = inspect.signature(dash.dashboard_command).parameters
+    from pseudotrack.cli.dashboard import dashboard_command  # the command moved to cli/; it calls dash.serve
+
+    params = inspect.signature(dashboard_command).parameters
+    assert inspect.signature(dash.serve).parameters["host"].default == "127.0.0.1"
     assert params["host"].default == "127.0.0.1" and params["port"].default == 8765
 
 
@@ -501,8 +504,10 @@ def test_no_credentials_in_page_or_json(s3_uri, monkeypatch):
 
 
 def test_command_reports_a_missing_workspace(tmp_path):
+    from pseudotrack.cli.dashboard import dashboard_command
+
     app = typer.Typer()
-    app.command()(dash.dashboard_command)
+    app.command()(dashboard_command)
     result = CliRunner().invoke(app, ["--workspace", str(tmp_path / "nope"), "--port", "0"])
     assert result.exit_code == 2
     assert "no such directory" in " ".join(result.output.split())  # rich wraps long lines

@@ -37,13 +37,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import typer
 
 from ..storage.catalog import Catalog
 from ..storage.layout import REPORTS, RUNS, SHARDS, is_manifest, is_sample_key
@@ -1031,41 +1030,26 @@ def start_in_thread(
     return server, thread, f"http://{shown}:{bound_port}/"
 
 
-def dashboard_command(
-    workspace: Annotated[str, typer.Option(help="The workspace to show (local directory or s3://...).")],
-    host: Annotated[
-        str,
-        typer.Option(
-            help="Address to bind. The page has no login: keep 127.0.0.1 unless the "
-            "network is trusted (or use an SSH tunnel)."
-        ),
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
-    refresh: Annotated[float, typer.Option(help="Seconds between the page's checks for new data (0: never).")] = 10.0,
+def serve(
+    workspace: str,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    refresh_s: float = 10.0,
+    on_ready: Callable[[str, str], None] | None = None,
 ) -> None:
-    """Serve a read-only page over the workspace: rounds, throughput, teachers, failures, shards, training, previews."""
-    from rich.console import Console
+    """Serve the page until Ctrl-C; on_ready(url, workspace as shown) once it listens.
 
-    from ..errors import ConfigError
-
-    console = Console(stderr=True)
-    try:
-        dashboard = Dashboard(workspace, refresh_s=max(0.0, refresh))
-        dashboard.store.check_readable()
-        server = make_server(dashboard, host, port)
-    except (ConfigError, OSError) as exc:
-        console.print(f"[bold red]error:[/] {redact(str(exc), workspace)}", highlight=False)
-        raise typer.Exit(2) from None
+    Raises ConfigError for a workspace that cannot be read and OSError when host:port cannot be bound
+    (errno EADDRINUSE: the port is taken); their messages may hold the raw URI: pass them through `redact`.
+    """
+    dashboard = Dashboard(workspace, refresh_s=max(0.0, refresh_s))
+    dashboard.store.check_readable()
+    server = make_server(dashboard, host, port)
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
-    console.print(
-        f"dashboard of {dashboard.workspace} at http://{shown}:{bound_port}/ (Ctrl-C stops it)", highlight=False
-    )
-    if not (host in LOOPBACK or host.startswith("127.")):
-        console.print(
-            f"[yellow]warning:[/] bound to {host}: anyone who can reach this port can read the catalog", highlight=False
-        )
     try:
+        if on_ready is not None:
+            on_ready(f"http://{shown}:{bound_port}/", dashboard.workspace)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
