@@ -291,6 +291,7 @@ def test_status_failed_lists_each_failed_video(tmp_path):
     assert only_r2.exit_code == 0 and "no failed videos in round r2" in only_r2.output
     summary = runner.invoke(app, ["status", "--workspace", str(tmp_path)], env={"COLUMNS": "200"})
     assert "status --failed" in summary.output
+    assert "all videos (latest state)" in summary.output  # a heading line, not a title wrapped to the table's width
 
 
 # --------------------------------------------------------------------------- output

@@ -38,13 +38,14 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def counts_table(title: str, counts: dict, column: str) -> Table:
-    table = Table(title=title, title_justify="left")  # short titles; print_table for long ones
+def print_counts(title: str, counts: dict, column: str) -> None:
+    """A titled two-column table of counts, largest first."""
+    table = Table()
     table.add_column(column)
     table.add_column("videos", justify="right")
     for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))):
         table.add_row(str(name), str(count))
-    return table
+    print_table(title, table)
 
 
 def heading(title: str) -> Text:
@@ -110,12 +111,12 @@ def print_summary(summary: dict) -> None:
         table.add_row(name, str(summary[name]))
     print_table(f"round {summary['round_id']}", table)
     if summary["teachers"]:
-        out.print(counts_table("teachers", summary["teachers"], "teacher"))
+        print_counts("teachers", summary["teachers"], "teacher")
     if summary["failure_reasons"]:
-        out.print(counts_table("failure reasons", summary["failure_reasons"], "reason"))
+        print_counts("failure reasons", summary["failure_reasons"], "reason")
     if summary["filter_rules"]:
-        out.print(counts_table("caption filter", summary["filter_rules"], "rule"))
+        print_counts("caption filter", summary["filter_rules"], "rule")
     if summary.get("skipped"):  # claimed by a round running beside this one, which labels them
-        out.print(counts_table("left to another run", summary["skipped"], "why"))
+        print_counts("left to another run", summary["skipped"], "why")
     rate = (summary["labelled"] + summary["failed"]) / max(summary["seconds"], 1e-9)
     out.print(f"{len(summary['shards'])} shards written in {summary['seconds']:.1f} s ({rate * 3600:.0f} videos/hour)")

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import console, counts_table, fail, out, print_summary, print_table, quiet_prefect, round_progress
+from .common import console, fail, out, print_counts, print_summary, print_table, quiet_prefect, round_progress
 from .options import Verbose, with_round_options
 
 
@@ -157,13 +157,13 @@ def _print_status(summary: dict) -> None:
         table.add_row(name, *(str(counts.get(s, 0)) for s in ("labelled", "filtered", "failed")))
     print_table("rounds", table)
     if summary.get("by_status"):
-        out.print(counts_table("all videos (latest state)", summary["by_status"], "state"))
+        print_counts("all videos (latest state)", summary["by_status"], "state")
     if summary.get("by_teacher"):
-        out.print(counts_table("teachers", summary["by_teacher"], "teacher"))
+        print_counts("teachers", summary["by_teacher"], "teacher")
     if summary.get("by_reason"):
-        out.print(counts_table("failure reasons", summary["by_reason"], "reason"))
+        print_counts("failure reasons", summary["by_reason"], "reason")
     if summary.get("by_filter_rule"):
-        out.print(counts_table("caption filter", summary["by_filter_rule"], "rule"))
+        print_counts("caption filter", summary["by_filter_rule"], "rule")
     if summary.get("by_status", {}).get("failed"):
         out.print("pseudotrack status --failed lists the failed videos", highlight=False)
 

@@ -22,9 +22,9 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
 
 
-def metrics_table(title: str, reports: dict[str, dict]) -> Table:
+def print_metrics(title: str, reports: dict[str, dict]) -> None:
     """One column per evaluated checkpoint (e.g. initial vs trained), one row per metric."""
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("metric")
     names = list(reports)
     for name in names:
@@ -32,7 +32,7 @@ def metrics_table(title: str, reports: dict[str, dict]) -> Table:
     keys = [k for k, v in next(iter(reports.values()))["metrics"].items() if isinstance(v, float)]
     for key in keys:
         table.add_row(key, *(f"{reports[n]['metrics'].get(key, float('nan')):.4f}" for n in names))
-    return table
+    print_table(title, table)
 
 
 def train_command(
@@ -163,11 +163,8 @@ def _print_train_report(report: dict) -> None:
     table.add_row("exported", train["export_path"] or "(not finished)")
     print_table("training", table)
     if report.get("evaluation"):
-        out.print(
-            metrics_table(
-                f"evaluation on {next(iter(report['evaluation'].values()))['benchmark']}", report["evaluation"]
-            )
-        )
+        benchmark = next(iter(report["evaluation"].values()))["benchmark"]
+        print_metrics(f"evaluation on {benchmark}", report["evaluation"])
     out.print(f"report: {report.get('report_path')}")
 
 
@@ -231,10 +228,6 @@ def eval_command(
             fail(str(exc))
             return
     protocol = result["info"]["protocol"]
-    out.print(
-        metrics_table(
-            f"{Path(checkpoint).name} on {benchmark} ({query_mode} queries, {protocol}, {result['videos']} videos)",
-            {"value": result},
-        )
-    )
+    title = f"{Path(checkpoint).name} on {benchmark} ({query_mode} queries, {protocol}, {result['videos']} videos)"
+    print_metrics(title, {"value": result})
     out.print(f"report: {path}")
