@@ -144,7 +144,7 @@ def _print_failures(rows: list[dict], round_id: str | None) -> None:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["video_key"], row["stage"] or "", row["reason"] or "", row["round_id"] or "")
-    print_table(f"{len(rows)} failed videos{where} (latest state)", table)
+    print_table(f"{len(rows)} failed video{'' if len(rows) == 1 else 's'}{where} (latest state)", table)
 
 
 def _print_status(summary: dict) -> None:
