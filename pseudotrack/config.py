@@ -48,6 +48,11 @@ LOCAL_BATCH_SIZE = 32  # in process a batch costs next to nothing beyond its vid
 POOL_BATCH_SIZE = 512
 
 
+def _help(text: str, option: str | None = None) -> dict:
+    """A field's command-line help (and option name when it is not --field-name): the CLI reads it from here."""
+    return {"help": text, "option": option} if option else {"help": text}
+
+
 @dataclass
 class RoundConfig:
     """A labelling round: where videos come from, where results go, and the recipe.
@@ -58,47 +63,107 @@ class RoundConfig:
     a larger round contains a smaller one and reuses its labels.
     """
 
-    bucket: str
-    workspace: str
-    round_id: str | None = None
-    videos: int | None = None
-    teachers: list[str] = field(default_factory=lambda: ["lk"])
-    teachers_per_clip: int = 1
-    checkpoints: str | None = None
-    seed: int = 0
+    bucket: str = field(metadata=_help("Source videos: a local directory or s3://bucket/prefix."))
+    workspace: str = field(
+        metadata=_help("Where the catalog, shards and reports go: a local directory or s3://bucket/prefix.")
+    )
+    round_id: str | None = field(
+        default=None,
+        metadata=_help(
+            "Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: a new name "
+            "(watch: watch-<time>, or the round a crashed run left)."
+        ),
+    )
+    videos: int | None = field(
+        default=None, metadata=_help("Label at most this many eligible videos (stable order). Default: all.")
+    )
+    teachers: list[str] = field(
+        default_factory=lambda: ["lk"],
+        metadata=_help(
+            "Teacher name, repeatable, optionally NAME=CHECKPOINT. Known: lk, cotracker3_online, "
+            "cotracker3_offline, cotracker2, tapir, bootstapir.",
+            option="--teacher",
+        ),
+    )
+    teachers_per_clip: int = field(default=1, metadata=_help("Teachers run on each clip, chosen at random."))
+    checkpoints: str | None = field(
+        default=None, metadata=_help("Directory holding the official checkpoint files of the neural teachers.")
+    )
+    seed: int = field(default=0, metadata=_help("Seed for strides, keyframes, queries and teacher choice."))
     # videos per label batch; None: LOCAL_BATCH_SIZE in process, POOL_BATCH_SIZE through the pool
-    batch_size: int | None = None
-    workers: int = 1
-    device: str = "auto"
-    teacher_batch: int | None = None  # clips per teacher forward; None: 4 on a GPU, 1 on the CPU
+    batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            f"Videos per label batch (the unit of work). Default: {LOCAL_BATCH_SIZE} in process, "
+            f"{POOL_BATCH_SIZE} through the pool."
+        ),
+    )
+    workers: int = field(default=1, metadata=_help("Label batches run at the same time in this process."))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
+    teacher_batch: int | None = field(  # clips per teacher forward; None: 4 on a GPU, 1 on the CPU
+        default=None,
+        metadata=_help("Clips per teacher forward pass (halved on out-of-memory). Default: 4 on a GPU, 1 on CPU."),
+    )
     # clips (§3.1): 384x512, 64 frames for an online student, random stride 1..4
-    height: int = 384
-    width: int = 512
-    num_frames: int = 64
-    max_stride: int = 4
-    # squeeze: whole frame scaled to height x width; crop: a random crop at the frame's aspect; mixed: either, per video
-    resize: str = "mixed"
-    min_frames: int | None = None  # shorter clips fail; default min(16, num_frames)
+    height: int = field(default=384, metadata=_help("Clip height in pixels (even)."))
+    width: int = field(default=512, metadata=_help("Clip width in pixels (even)."))
+    num_frames: int = field(
+        default=64, metadata=_help("Frames per clip (64 for an online student, up to 80 offline).", option="--frames")
+    )
+    max_stride: int = field(default=4, metadata=_help("Frame stride is drawn from 1..max-stride."))
+    resize: str = field(
+        default="mixed",
+        metadata=_help(
+            "How frames become the clip size: squeeze (whole frame), crop (random crop at the video's aspect) "
+            "or mixed (either, per video, as the authors' loader)."
+        ),
+    )
+    min_frames: int | None = field(  # shorter clips fail; default min(16, num_frames)
+        default=None, metadata=_help("Videos with fewer frames fail. Default: min(16, frames).")
+    )
     # queries (App. A): SIFT on 8 keyframes biased to the start, 384 tracks per clip
-    num_queries: int = 384
-    num_keyframes: int = 8
+    num_queries: int = field(default=384, metadata=_help("Query points (tracks) per clip.", option="--queries"))
+    num_keyframes: int = field(default=8, metadata=_help("Keyframes SIFT samples queries on.", option="--keyframes"))
     # keyframe t is drawn with weight exp(-bias * t / T): early queries give longer tracks; 0 is uniform
-    query_start_bias: float = 3.0
+    query_start_bias: float = field(
+        default=3.0, metadata=_help("Keyframe t is drawn with weight exp(-bias*t/T): early queries last; 0: uniform.")
+    )
     # a keyframe with fewer SIFT points fails the clip; None: a quarter of its share, 0: only the total counts
-    query_min_per_keyframe: int | None = None
+    query_min_per_keyframe: int | None = field(
+        default=None,
+        metadata=_help("A keyframe with fewer SIFT points fails the clip. Default: a quarter of its share; 0: off."),
+    )
     # caption filter
-    rules: str | None = None
-    captions: str | None = None
-    missing_caption: str | None = None  # None: the rules file decides
+    rules: str | None = field(
+        default=None, metadata=_help("Caption rules file (TOML). Default: the packaged CoTracker3 rules.")
+    )
+    captions: str | None = field(
+        default=None, metadata=_help("Caption manifest (JSONL/CSV/Parquet). Default: captions.* in the bucket.")
+    )
+    missing_caption: str | None = field(  # None: the rules file decides
+        default=None, metadata=_help("Videos without a caption: keep, drop or fail. Default: the rules file's.")
+    )
     # shards
-    shard_max_bytes: int = 512 * 1024 * 1024
-    shard_max_samples: int = 256
-    retry_failed: bool = False
+    shard_max_bytes: int = field(default=512 * 1024 * 1024, metadata=_help("A shard closes at this many bytes."))
+    shard_max_samples: int = field(default=256, metadata=_help("A shard closes at this many samples."))
+    retry_failed: bool = field(
+        default=False, metadata=_help("Label again the videos that failed in earlier runs (unchanged ones too).")
+    )
     # a batch's claims on its videos (storage/claims.py) last this long unless renewed (every quarter lease)
-    claim_lease_seconds: float = 600.0
+    claim_lease_seconds: float = field(
+        default=600.0, metadata=_help("A batch's claim on its videos lapses after this long unless renewed.")
+    )
     # orchestration: "local" runs batches in this process; "pool" sends each to the label-batch deployment
-    executor: str = "local"
-    deployment: str | None = None  # default "label-batch/label-batch"
+    executor: str = field(
+        default="local",
+        metadata=_help(
+            "local: batches run in this process; pool: each batch is a flow run of the label-batch "
+            "deployment (needs a Prefect server and workers)."
+        ),
+    )
+    deployment: str | None = field(  # default "label-batch/label-batch"
+        default=None, metadata=_help("Deployment of --executor pool. Default: label-batch/label-batch.")
+    )
 
     def __post_init__(self) -> None:
         if self.min_frames is None:

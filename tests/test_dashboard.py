@@ -562,7 +562,9 @@ def test_default_bind_is_loopback():
     import inspect
 
     assert inspect.signature(dash.make_server).parameters["host"].default == "127.0.0.1"
-    for function in (dash.dashboard_command, dash.serve):
+    from pseudotrack.cli.dashboard import dashboard_command  # the command lives in cli/; it calls dash.serve
+
+    for function in (dashboard_command, dash.serve):
         params = inspect.signature(function).parameters
         assert params["host"].default == "127.0.0.1" and params["port"].default == 8765
         assert params["refresh"].default == 10.0
@@ -570,6 +572,8 @@ def test_default_bind_is_loopback():
 
 def test_serve_says_which_port_is_busy(tmp_path):
     import socket
+
+    from pseudotrack.cli.dashboard import dashboard_command
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -580,7 +584,7 @@ def test_serve_says_which_port_is_busy(tmp_path):
     message = str(info.value)
     assert "\n" not in message and f"port {port}" in message and "--port" in message
     app = typer.Typer()
-    app.command()(dash.dashboard_command)
+    app.command()(dashboard_command)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -656,8 +660,10 @@ def test_no_credentials_in_page_or_json(s3_uri, monkeypatch):
 
 
 def test_command_reports_a_missing_workspace(tmp_path):
+    from pseudotrack.cli.dashboard import dashboard_command
+
     app = typer.Typer()
-    app.command()(dash.dashboard_command)
+    app.command()(dashboard_command)
     result = CliRunner().invoke(app, ["--workspace", str(tmp_path / "nope"), "--port", "0"])
     assert result.exit_code == 2
     assert "no such directory" in " ".join(result.output.split())  # rich wraps long lines

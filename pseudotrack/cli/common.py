@@ -1,12 +1,22 @@
-"""What every `pseudotrack` command shares: the consoles, Prefect's quiet defaults, errors, the round's progress bar."""
+"""What every `pseudotrack` command shares: the consoles, Prefect's quiet defaults, errors, tables, progress bars."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
 out = Console()
@@ -28,33 +38,29 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def counts_table(title: str, counts: dict, column: str) -> Table:
-    table = Table(title=title, title_justify="left")
+def print_counts(title: str, counts: dict, column: str) -> None:
+    """A titled two-column table of counts, largest first."""
+    table = Table()
     table.add_column(column)
     table.add_column("videos", justify="right")
     for name, count in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))):
         table.add_row(str(name), str(count))
-    return table
+    print_table(title, table)
 
 
-def run_with_progress(config, run=None) -> dict:
-    """`run(config)` (default: the label-round flow) with a progress bar fed by the round's listeners."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def heading(title: str) -> Text:
+    """A table's title as its own line: a rich Table title wraps to the table's width (a long round id
+    over a two-column table took three lines), a heading line does not."""
+    return Text(title, style="bold", no_wrap=True, overflow="ellipsis")
 
-    from ..flows.label_round import add_progress_listener, run_label_round_flow
-    from ..storage.objects import open_workspace
-    from ..tasks.labelling import resolve_checkpoints
 
-    open_workspace(config)  # a missing bucket, unwritable workspace or checkpoint stops here, before Prefect starts
-    resolve_checkpoints(config)
+def print_table(title: str, table: Table) -> None:
+    out.print(heading(title))
+    out.print(table)
 
+
+def round_progress() -> tuple[Progress, Callable[[str, dict], None]]:
+    """A progress bar for a labelling round and the `on_progress(event, payload)` callback that feeds it."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -67,7 +73,7 @@ def run_with_progress(config, run=None) -> dict:
     )
     state = {"task": None, "labelled": 0, "failed": 0}
 
-    def listener(event: str, payload: dict) -> None:
+    def on_progress(event: str, payload: dict) -> None:
         if event == "planned":
             state["task"] = progress.add_task(
                 f"round {payload['round_id']}", total=payload["total"], labelled=0, failed=0
@@ -80,29 +86,39 @@ def run_with_progress(config, run=None) -> dict:
             state[event] += 1
             progress.update(state["task"], advance=1, labelled=state["labelled"], failed=state["failed"])
 
-    remove = add_progress_listener(listener)
-    try:
-        console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
-        with progress:
-            return (run or run_label_round_flow)(config)
-    finally:
-        remove()
+    return progress, on_progress
+
+
+def bar_progress(remaining: bool = True) -> Progress:
+    """A bar per task with a free `info` field (training loss, evaluation, a study's stages)."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ]
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console)
 
 
 def print_summary(summary: dict) -> None:
-    table = Table(title=f"round {summary['round_id']}", title_justify="left")
+    table = Table()
     table.add_column("state")
     table.add_column("videos", justify="right")
     for name in ("labelled", "filtered", "failed", "reused", "recovered"):
         table.add_row(name, str(summary[name]))
-    out.print(table)
+    print_table(f"round {summary['round_id']}", table)
     if summary["teachers"]:
-        out.print(counts_table("teachers", summary["teachers"], "teacher"))
+        print_counts("teachers", summary["teachers"], "teacher")
     if summary["failure_reasons"]:
-        out.print(counts_table("failure reasons", summary["failure_reasons"], "reason"))
+        print_counts("failure reasons", summary["failure_reasons"], "reason")
     if summary["filter_rules"]:
-        out.print(counts_table("caption filter", summary["filter_rules"], "rule"))
+        print_counts("caption filter", summary["filter_rules"], "rule")
     if summary.get("skipped"):  # claimed by a round running beside this one, which labels them
-        out.print(counts_table("left to another run", summary["skipped"], "why"))
+        print_counts("left to another run", summary["skipped"], "why")
     rate = (summary["labelled"] + summary["failed"]) / max(summary["seconds"], 1e-9)
     out.print(f"{len(summary['shards'])} shards written in {summary['seconds']:.1f} s ({rate * 3600:.0f} videos/hour)")
+    for step in summary.get("next_steps", []):  # summaries saved before next_steps existed have none
+        out.print(f"next: {step}", highlight=False)

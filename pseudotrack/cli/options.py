@@ -1,75 +1,102 @@
-"""The labelling options `pseudotrack round` and `pseudotrack watch` share, and how both run a round.
+"""Command-line options read off `RoundConfig`: each labelling option is declared once, in config.py.
 
-One definition per option, so the two commands cannot drift apart in names,
-help or meaning; defaults stay in each command's signature.
+`round`, `watch` and `scaling-study` take the round's options from the dataclass fields (name, type,
+default and the help in the field's metadata), so they cannot drift apart from each other or from the
+config. `with_round_options` adds them to a typer command function; the command receives them as one
+dict of RoundConfig keyword arguments (`round_options`) and builds the config where it handles errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, fields
+from typing import Annotated, Any
 
 import typer
 
-Bucket = Annotated[str, typer.Option(help="Source videos: a local directory or s3://bucket/prefix.")]
-Teacher = Annotated[
-    list[str] | None,
-    typer.Option(
-        help="Teacher name, repeatable, optionally NAME=CHECKPOINT. Default: lk. Known: lk, cotracker3_online, "
-        "cotracker3_offline, cotracker2, tapir, bootstapir."
-    ),
-]
-TeachersPerClip = Annotated[int, typer.Option(help="Teachers run on each clip, chosen at random.")]
-Checkpoints = Annotated[
-    str | None, typer.Option(help="Directory holding the official checkpoint files of the neural teachers.")
-]
-Seed = Annotated[int, typer.Option(help="Seed for strides, keyframes, queries and teacher choice.")]
-BatchSize = Annotated[int, typer.Option(help="Videos per label batch (the unit of work).")]
-Workers = Annotated[int, typer.Option(help="Label batches run at the same time in this process.")]
-Frames = Annotated[int, typer.Option(help="Frames per clip (64 for an online student, up to 80 offline).")]
-Height = Annotated[int, typer.Option(help="Clip height in pixels (even).")]
-Width = Annotated[int, typer.Option(help="Clip width in pixels (even).")]
-MaxStride = Annotated[int, typer.Option(help="Frame stride is drawn from 1..max-stride.")]
-Resize = Annotated[
-    str,
-    typer.Option(
-        help="How frames become the clip size: squeeze (whole frame), crop (random crop at the "
-        "video's aspect) or mixed (either, per video)."
-    ),
-]
-Queries = Annotated[int, typer.Option(help="Query points (tracks) per clip.")]
-Keyframes = Annotated[int, typer.Option(help="Keyframes SIFT samples queries on.")]
-Captions = Annotated[
-    str | None, typer.Option(help="Caption manifest (JSONL/CSV/Parquet). Default: captions.* in the bucket.")
-]
-Rules = Annotated[str | None, typer.Option(help="Caption rules file (TOML). Default: the packaged CoTracker3 rules.")]
-MissingCaption = Annotated[
-    str | None, typer.Option(help="Videos without a caption: keep, drop or fail. Default: the rules file's.")
-]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+from ..config import RoundConfig
+
 Verbose = Annotated[bool, typer.Option(help="Show Prefect's logs.")]
 
+ROUND_OPTIONS = "round_options"
 
-def run_labelling(make_config: Callable, run: Callable | None = None) -> dict:
-    """Build the round's config and run it with a progress bar; bad input and failures end the command.
 
-    Bad input exits 2 with what is wrong. Failed batches print the summary and exit 1. A store
-    outage past every retry exits 1 saying how to resume: everything committed is kept.
+def option_name(field_name: str) -> str:
+    """The command-line flag of a RoundConfig field: its metadata's `option`, else --field-name."""
+    meta = {f.name: f.metadata for f in fields(RoundConfig)}[field_name]
+    return meta.get("option") or "--" + field_name.replace("_", "-")
+
+
+def round_parameters(exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> list[inspect.Parameter]:
+    """One keyword-only typer parameter per RoundConfig field (but `exclude`), typed, with default and help.
+
+    defaults: fields whose command-line default differs from the config's (e.g. None for a --bucket that a
+    saved config file may give instead); the help says so through the command's own docstring.
     """
-    from ..errors import ConfigError
-    from ..flows.label_round import BatchesFailed
-    from ..storage.objects import StorageUnavailable
-    from .common import fail, print_summary, run_with_progress
+    hints = typing.get_type_hints(RoundConfig)
+    skipped = set(exclude)
+    overrides = defaults or {}
+    params = []
+    for f in fields(RoundConfig):
+        if f.name in skipped:
+            continue
+        if "help" not in f.metadata:
+            raise TypeError(f"RoundConfig.{f.name} has no help in its metadata: add it in config.py")
+        kind = hints[f.name]
+        if f.name in overrides:
+            default = overrides[f.name]
+            if default is None:
+                kind = kind | None
+        elif f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        option = typer.Option(option_name(f.name), help=f.metadata["help"])
+        annotation = Annotated[kind, option]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return params
 
-    try:
-        config = make_config()
-        return run_with_progress(config, run)
-    except ConfigError as exc:
-        fail(str(exc))
-    except BatchesFailed as exc:
-        print_summary(exc.summary.to_dict())
-        fail(str(exc), code=1)
-    except StorageUnavailable as exc:
-        resume = f" --round-id {config.round_id}" if config.round_id else ""
-        fail(f"{exc}\nEverything committed is kept; run the same command again{resume} once the store answers.", 1)
-    raise AssertionError("unreachable: _fail exits")
+
+def with_round_options(
+    exclude: Iterable[str] = (), defaults: dict[str, Any] | None = None
+) -> Callable[[Callable], Callable]:
+    """Decorator: the command gets RoundConfig's options (after its own) and receives them as `round_options`.
+
+    The decorated function takes a `round_options: dict` parameter; the others are its own options.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        own = inspect.signature(fn, eval_str=True)
+        if ROUND_OPTIONS not in own.parameters:
+            raise TypeError(f"{fn.__name__} must take a {ROUND_OPTIONS!r} parameter")
+        extra = round_parameters(exclude, defaults)
+        names = [p.name for p in extra]
+        clash = set(names) & set(own.parameters)
+        if clash:
+            raise TypeError(f"{fn.__name__}: options {sorted(clash)} are also RoundConfig fields")
+        kept = [p for p in own.parameters.values() if p.name != ROUND_OPTIONS]
+        required = [p for p in kept if p.default is inspect.Parameter.empty]
+        optional = [p for p in kept if p.default is not inspect.Parameter.empty]
+        as_keywords = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in (*required, *optional)]
+        params = [*as_keywords[: len(required)], *extra, *as_keywords[len(required) :]]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            options = {name: kwargs.pop(name) for name in names}
+            if "teachers" in options:  # a repeatable option arrives as a tuple, or empty when not given
+                options["teachers"] = (
+                    list(options["teachers"] or []) or RoundConfig.__dataclass_fields__["teachers"].default_factory()
+                )
+            return fn(**kwargs, **{ROUND_OPTIONS: options})
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # typer must read the signature above, not the function's own
+        return command
+
+    return decorate

@@ -1,8 +1,9 @@
-"""`pseudotrack scaling-study`: Figure 1 for this data, a typer command registered by `flows/cli.py`.
+"""`pseudotrack scaling-study`: Figure 1 for this data, registered by `cli/main.py`.
 
 Runs the `scaling-study` flow: per size a labelling round (reusing the smaller
 sizes' labels), a student trained on exactly those videos, and its evaluation;
-then prints the table and names the figure, table and results in the workspace.
+then prints the table and names the figure, table and results in the workspace. The labelling
+options are RoundConfig's (cli/options.py), the same as `round`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from typing import Annotated
 
 import typer
 
-from .common import console, fail, out
+from .common import bar_progress, console, fail, out, quiet_prefect
+from .options import Verbose, with_round_options
+
+
+def register(app: typer.Typer) -> None:
+    app.command("scaling-study")(scaling_study_command)
 
 
 def _size_pair(text: str, what: str) -> tuple[int, int]:
@@ -25,12 +31,10 @@ def _size_pair(text: str, what: str) -> tuple[int, int]:
     return h, w
 
 
+@with_round_options(exclude=("round_id", "videos"), defaults={"bucket": None, "workspace": None})
 def scaling_study_command(
+    round_options: dict,
     sizes: Annotated[str, typer.Option(help="Numbers of videos, comma-separated: 100,1000,5000,15000,30000,100000.")],
-    bucket: Annotated[str | None, typer.Option(help="Source videos: a local directory or s3://bucket/prefix.")] = None,
-    workspace: Annotated[
-        str | None, typer.Option(help="Catalog, shards and the study's results: a local directory or s3://...")
-    ] = None,
     output: Annotated[
         Path, typer.Option(help="Local folder for the students' checkpoints (one n<N>/ per size).")
     ] = Path("runs/scaling"),
@@ -41,31 +45,15 @@ def scaling_study_command(
         Path | None,
         typer.Option(help="A saved ScalingConfig (JSON, e.g. the 'config' of results.json); other options ignored."),
     ] = None,
-    # ---- labelling
-    teacher: Annotated[
-        list[str] | None, typer.Option(help="Teacher name, repeatable, optionally NAME=CHECKPOINT. Default: lk.")
-    ] = None,
-    checkpoints: Annotated[
-        str | None, typer.Option(help="Directory holding the official checkpoint files of the neural teachers.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the labelling and of the training.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Videos per label batch.")] = 32,
-    workers: Annotated[int, typer.Option(help="Label batches run at the same time in this process.")] = 1,
-    frames: Annotated[int, typer.Option(help="Frames per labelled clip.")] = 64,
-    height: Annotated[int, typer.Option(help="Labelled clip height (even).")] = 384,
-    width: Annotated[int, typer.Option(help="Labelled clip width (even).")] = 512,
-    queries: Annotated[int, typer.Option(help="Query points (tracks) per labelled clip.")] = 384,
-    keyframes: Annotated[int, typer.Option(help="Keyframes SIFT samples queries on.")] = 8,
-    captions: Annotated[str | None, typer.Option(help="Caption manifest. Default: captions.* in the bucket.")] = None,
-    rules: Annotated[str | None, typer.Option(help="Caption rules file (TOML). Default: the packaged rules.")] = None,
-    executor: Annotated[str, typer.Option(help="local or pool (label-batch deployment), as for `round`.")] = "local",
     # ---- training
     init: Annotated[
         str | None,
         typer.Option(help="Starting weights of every student (official CoTracker3 file or our export); the baseline."),
     ] = None,
     variant: Annotated[str, typer.Option(help="online or offline student.")] = "online",
-    model_size: Annotated[str, typer.Option(help="full (published architecture) or tiny (CPU trials).")] = "full",
+    model_size: Annotated[
+        str, typer.Option(help="full (published architecture) or tiny (a small student for CPU trials).")
+    ] = "full",
     steps: Annotated[
         int | None, typer.Option(help="Optimiser steps per student. Default: one per training video at batch 32.")
     ] = None,
@@ -76,7 +64,6 @@ def scaling_study_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 5e-5,
     iters: Annotated[int, typer.Option(help="Iterative updates per window while training.")] = 4,
     loader_workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 2,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     # ---- evaluation
     benchmark: Annotated[str, typer.Option(help="'synthetic' or a TAP-Vid pickle file or folder.")] = "synthetic",
     eval_videos: Annotated[int, typer.Option(help="Benchmark videos to evaluate on.")] = 8,
@@ -88,11 +75,13 @@ def scaling_study_command(
     synthetic_frames: Annotated[int, typer.Option(help="Frames of each synthetic benchmark scene.")] = 24,
     synthetic_size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the synthetic scenes.")] = "256x256",
     synthetic_points: Annotated[int, typer.Option(help="Ground-truth tracks per synthetic scene.")] = 64,
-    verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Label, train and evaluate a student per number of videos; write Figure 1 (PNG), a table and results.json."""
-    from .common import quiet_prefect
+    """Label, train and evaluate a student per number of videos; write Figure 1 (PNG), a table and results.json.
 
+    --bucket and --workspace are needed unless --config gives a saved study. --seed and --device serve the
+    labelling and the training alike.
+    """
     quiet_prefect(verbose)
     from ..config import RoundConfig
     from ..errors import ConfigError
@@ -105,27 +94,11 @@ def scaling_study_command(
         if config is not None:
             scaling = ScalingConfig.from_json_file(config)
         else:
-            if not bucket or not workspace:
+            workspace, seed, device = (round_options[k] for k in ("workspace", "seed", "device"))
+            if not round_options["bucket"] or not workspace:
                 raise ConfigError("give --bucket and --workspace (or --config with a saved ScalingConfig)")
             scaling = ScalingConfig(
-                round=RoundConfig(
-                    bucket=bucket,
-                    workspace=workspace,
-                    teachers=teacher or ["lk"],
-                    checkpoints=checkpoints,
-                    seed=seed,
-                    batch_size=batch_size,
-                    workers=workers,
-                    device=device,
-                    height=height,
-                    width=width,
-                    num_frames=frames,
-                    num_queries=queries,
-                    num_keyframes=keyframes,
-                    captions=captions,
-                    rules=rules,
-                    executor=executor,
-                ),
+                round=RoundConfig(**round_options),
                 train=TrainConfig(
                     workspace=workspace,
                     output=str(output / study),
@@ -168,19 +141,16 @@ def scaling_study_command(
 
 
 def _run_with_progress(scaling, sizes: list[int]) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ..flows.scaling_round import scaling_study
 
-    from ..flows.label_round import add_progress_listener
-    from ..flows.scaling_round import add_scaling_listener, scaling_study
+    progress = bar_progress(remaining=False)
+    console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
+    with progress:
+        return scaling_study(scaling, sizes, study_progress(progress))
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+
+def study_progress(progress):
+    """The study's `on_progress`: its stages as lines, a bar per labelling round, training and evaluation."""
     bars: dict[str, int] = {}
 
     def bar(name: str, total: int | None) -> int:
@@ -188,7 +158,7 @@ def _run_with_progress(scaling, sizes: list[int]) -> dict:
             bars[name] = progress.add_task(name, total=total, info="")
         return bars[name]
 
-    def on_scaling(event: str, payload: dict) -> None:
+    def on_progress(event: str, payload: dict) -> None:
         n = payload.get("videos")
         if event == "size":
             progress.console.print(f"[bold]size {payload['index']}/{payload['count']}: {n} videos[/]")
@@ -219,20 +189,11 @@ def _run_with_progress(scaling, sizes: list[int]) -> dict:
                 f"[yellow]the bucket holds only {payload['eligible']} eligible videos: sizes "
                 f"{', '.join(map(str, payload['sizes']))} would repeat the last one and are skipped[/]"
             )
-
-    def on_round(event: str, payload: dict) -> None:
-        if event == "planned":
+        elif event == "planned":  # the labelling round of a size
             task = bar(f"labelling {payload['round_id']}", payload["total"])
             progress.update(task, info=f"{payload['reused']} reused")
             bars["_current"] = task
         elif event in ("labelled", "failed") and "_current" in bars:
             progress.update(bars["_current"], advance=1)
 
-    removers = [add_scaling_listener(on_scaling), add_progress_listener(on_round)]
-    try:
-        console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
-        with progress:
-            return scaling_study(scaling, sizes)
-    finally:
-        for remove in removers:
-            remove()
+    return on_progress

@@ -1,4 +1,4 @@
-"""`pseudotrack train` and `pseudotrack eval`: typer command functions registered by `flows/cli.py`.
+"""`pseudotrack train` and `pseudotrack eval`: the student's commands, registered by `cli/main.py`.
 
 Heavy imports (torch, prefect) happen inside the commands so `--help` stays
 instant. Both commands show a rich progress bar on stderr, print a metrics
@@ -7,40 +7,24 @@ table on stdout and save a JSON report.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from .common import console, fail, out
+from .common import bar_progress, console, fail, out, print_table, quiet_prefect
+from .options import Verbose
 
 
-def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
 
 
-def metrics_table(title: str, reports: dict[str, dict]) -> Table:
+def print_metrics(title: str, reports: dict[str, dict]) -> None:
     """One column per evaluated checkpoint (e.g. initial vs trained), one row per metric."""
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("metric")
     names = list(reports)
     for name in names:
@@ -48,7 +32,7 @@ def metrics_table(title: str, reports: dict[str, dict]) -> Table:
     keys = [k for k, v in next(iter(reports.values()))["metrics"].items() if isinstance(v, float)]
     for key in keys:
         table.add_row(key, *(f"{reports[n]['metrics'].get(key, float('nan')):.4f}" for n in names))
-    return table
+    print_table(title, table)
 
 
 def train_command(
@@ -67,7 +51,9 @@ def train_command(
         list[str] | None, typer.Option("--round", help="Train on this round's shards (repeatable). Default: all.")
     ] = None,
     variant: Annotated[str, typer.Option(help="online (sliding windows) or offline (whole clip).")] = "online",
-    model_size: Annotated[str, typer.Option(help="full (published architecture) or tiny (CPU trials).")] = "full",
+    model_size: Annotated[
+        str, typer.Option(help="full (published architecture) or tiny (a small student for CPU trials).")
+    ] = "full",
     steps: Annotated[
         int | None, typer.Option(help="Optimiser steps. Default: one per training video at batch 32 (App. C).")
     ] = None,
@@ -85,17 +71,16 @@ def train_command(
         str | None, typer.Option(help="After training evaluate on 'synthetic' or a TAP-Vid pickle; 'none' skips.")
     ] = "synthetic",
     eval_videos: Annotated[int, typer.Option(help="Benchmark videos to evaluate on.")] = 8,
-    verbose: Annotated[bool, typer.Option(help="Show Prefect's logs.")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Fine-tune a CoTracker3 student on pseudo-label shards; run it again to resume from the last checkpoint.
 
     Several GPUs: torchrun --nproc-per-node N -m pseudotrack.student.train OUTPUT/config.json
     (config.json is written into the output folder by any run, and can be edited).
     """
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    quiet_prefect(verbose)
     from ..errors import ConfigError
-    from ..flows.train_student import add_log_listener, train_student_flow
+    from ..flows.train_student import train_student_flow
     from ..student.train import TrainConfig
 
     try:
@@ -122,49 +107,64 @@ def train_command(
         fail(str(exc))
         return
     bench = None if (evaluate_on or "").lower() in ("", "none") else evaluate_on
-    progress = _progress()
-    task = {"id": None}
-
-    def on_log(row: dict) -> None:
-        if task["id"] is None:
-            task["id"] = progress.add_task("training", total=row["total_steps"], info="")
-        progress.update(
-            task["id"],
-            completed=row["step"],
-            info=f"loss {row['loss']:.3f} lr {row['lr']:.1e} {row['clips_per_second']:.2f} clips/s",
-        )
-
-    remove = add_log_listener(on_log)
+    progress = bar_progress()
     try:
         console.print("starting Prefect (the first start of the ephemeral API takes a few seconds)...")
         with progress:
-            report = train_student_flow(config, bench, eval_videos)
+            report = train_student_flow(config, bench, eval_videos, train_progress(progress, bench))
     except ConfigError as exc:
         fail(str(exc))
         return
-    finally:
-        remove()
     _print_train_report(report)
+
+
+def train_progress(progress, benchmark: str | None):
+    """The train command's `on_progress`: a training bar, then one bar per evaluated checkpoint."""
+    tasks: dict[str, int] = {}
+
+    def on_progress(event: str, payload: dict) -> None:
+        if event == "train":
+            if "train" not in tasks:
+                tasks["train"] = progress.add_task("training", total=payload["total_steps"], info="")
+            progress.update(
+                tasks["train"],
+                completed=payload["step"],
+                info=f"loss {payload['loss']:.3f} lr {payload['lr']:.1e} {payload['clips_per_second']:.2f} clips/s",
+            )
+        elif event == "eval":
+            name = payload["name"]
+            if name not in tasks:
+                total = payload["total"] or None
+                tasks[name] = progress.add_task(f"evaluating {name}", total=total, info=benchmark or "")
+            progress.update(tasks[name], completed=payload["done"], total=payload["total"] or None)
+
+    return on_progress
 
 
 def _print_train_report(report: dict) -> None:
     train = report["train"]
-    table = Table(title="training", title_justify="left")
+    table = Table()
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("steps", str(train["steps"]))
     table.add_row("resumed from step", str(train["resumed_from"]))
-    table.add_row("loss (first step of this run)", f"{train['first_loss']:.4f}")
-    table.add_row("loss (last step)", f"{train['final_loss']:.4f}")
+    windows = train.get("loss_windows")
+    if windows is None:  # a report written before loss windows were recorded
+        windows = [{"first_step": None, "last_step": None, "loss": train["first_loss"]}]
+        windows += [{"first_step": None, "last_step": None, "loss": train["final_loss"]}]
+    if len(windows) == 1:  # one logged row: its loss is the mean of every step, not a first and a last
+        w = windows[0]
+        table.add_row(f"loss (mean of steps {w['first_step']}-{w['last_step']}, one logged window)", f"{w['loss']:.4f}")
+    else:
+        for label, w in zip(("first", "last"), windows, strict=True):
+            steps = f", steps {w['first_step']}-{w['last_step']}" if w["first_step"] is not None else ""
+            table.add_row(f"loss ({label} logged window{steps})", f"{w['loss']:.4f}")
     table.add_row("clips/s", f"{train['clips_per_second']:.2f}")
     table.add_row("exported", train["export_path"] or "(not finished)")
-    out.print(table)
+    print_table("training", table)
     if report.get("evaluation"):
-        out.print(
-            metrics_table(
-                f"evaluation on {next(iter(report['evaluation'].values()))['benchmark']}", report["evaluation"]
-            )
-        )
+        benchmark = next(iter(report["evaluation"].values()))["benchmark"]
+        print_metrics(f"evaluation on {benchmark}", report["evaluation"])
     out.print(f"report: {report.get('report_path')}")
 
 
@@ -204,7 +204,7 @@ def eval_command(
     if not Path(checkpoint).is_file():
         fail(f"checkpoint {checkpoint} does not exist")
     path = report or Path(f"{checkpoint}.eval-{Path(benchmark).stem}-{query_mode}.json")
-    progress = _progress()
+    progress = bar_progress()
     with progress:
         task = progress.add_task("evaluating", total=videos, info=benchmark)
 
@@ -228,10 +228,6 @@ def eval_command(
             fail(str(exc))
             return
     protocol = result["info"]["protocol"]
-    out.print(
-        metrics_table(
-            f"{Path(checkpoint).name} on {benchmark} ({query_mode} queries, {protocol}, {result['videos']} videos)",
-            {"value": result},
-        )
-    )
+    title = f"{Path(checkpoint).name} on {benchmark} ({query_mode} queries, {protocol}, {result['videos']} videos)"
+    print_metrics(title, {"value": result})
     out.print(f"report: {path}")

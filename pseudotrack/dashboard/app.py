@@ -39,10 +39,9 @@ from functools import cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-import typer
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
@@ -462,27 +461,3 @@ def serve(
         pass
     finally:
         server.server_close()
-
-
-def dashboard_command(
-    workspace: Annotated[str, typer.Option(help="The workspace to show (local directory or s3://...).")],
-    host: Annotated[
-        str,
-        typer.Option(
-            help="Address to bind. The page has no login: keep 127.0.0.1 unless the "
-            "network is trusted (or use an SSH tunnel)."
-        ),
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
-    refresh: Annotated[float, typer.Option(help="Seconds between the page's checks for new data (0: never).")] = 10.0,
-) -> None:
-    """Serve a read-only page over the workspace: rounds, throughput, teachers, failures, shards, training, previews."""
-    # A thin wrapper until the command moves to pseudotrack/cli/dashboard.py.
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    try:
-        serve(workspace, host, port, refresh, announce=lambda m: console.print(m, highlight=False, markup=False))
-    except ConfigError as exc:
-        console.print(f"[bold red]error:[/] {redact(str(exc), workspace)}", highlight=False)
-        raise typer.Exit(2) from None

@@ -34,19 +34,12 @@ from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resol
 from ..tasks.shards import recover_committed as _recover_committed
 from .summary import RoundSummary, artifact_key, next_steps
 
-ProgressListener = Callable[[str, dict], None]
-_listeners: list[ProgressListener] = []
+# on_progress(event, payload): "planned", then "labelled"/"failed" per video, then "done" (the CLI's progress bar)
+OnProgress = Callable[[str, dict], None]
 
 
-def add_progress_listener(listener: ProgressListener) -> Callable[[], None]:
-    """In-process observers (the CLI's progress bar); returns a function that removes it."""
-    _listeners.append(listener)
-    return lambda: _listeners.remove(listener)
-
-
-def _notify(event: str, payload: dict) -> None:
-    for listener in list(_listeners):
-        listener(event, payload)
+def _ignore(event: str, payload: dict) -> None:
+    return None
 
 
 def _in_flow() -> bool:
@@ -158,12 +151,16 @@ def _md_escape(text: str) -> str:
     return re.sub(r"([|\\`*_<>\[\]])", r"\\\1", text)
 
 
-def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundSummary:
+def run_round(
+    config: RoundConfig, discovery: Discovery | None = None, on_progress: OnProgress | None = None
+) -> RoundSummary:
     """The whole round; inside a Prefect flow run, batches become task runs and progress artifacts.
 
     discovery: the videos to consider, when the caller listed the bucket already (the bucket watcher
     passes only the new and changed ones); None lists the bucket.
+    on_progress: called in this process as the round plans and as each video ends (see OnProgress).
     """
+    notify = on_progress or _ignore
     started = time.perf_counter()
     bucket, workspace = open_workspace(config)
     checkpoints = resolve_checkpoints(config)
@@ -203,7 +200,7 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
     summary.planned = len(planned)
     # written now so the dashboard knows the round's size while it runs, and again at the end
     workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
-    _notify(
+    notify(
         "planned",
         {"round_id": round_id, "total": len(planned), "filtered": summary.filtered, "reused": summary.reused},
     )
@@ -225,9 +222,9 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
 
     work = batches(planned, config.batch_size)
     if config.executor == "pool":
-        results, failures = _run_pool(config, work, checkpoints, catalog, progress_id)
+        results, failures = _run_pool(config, work, checkpoints, catalog, progress_id, notify)
     else:
-        results, failures = _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id)
+        results, failures = _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id, notify)
     for result in results:
         summary.labelled += result.labelled
         summary.failed += result.failed
@@ -253,7 +250,7 @@ def run_round(config: RoundConfig, discovery: Discovery | None = None) -> RoundS
         from .events import emit_round_finished
 
         emit_round_finished(summary, workspace.uri())  # starts training through train-student's trigger
-    _notify("done", summary.to_dict())
+    notify("done", summary.to_dict())
     if failures:
         raise BatchesFailed(summary)
     return summary
@@ -271,11 +268,11 @@ class BatchesFailed(RuntimeError):
         )
 
 
-def _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id):
+def _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id, notify):
     """Batches in this process: task runs on a bounded thread pool inside a flow, plain calls outside."""
     results: list[BatchResult] = []
     failures: list[dict] = []
-    args = (config, checkpoints, bucket, workspace, catalog, _notify)
+    args = (config, checkpoints, bucket, workspace, catalog, notify)
     if not _in_flow():
         for batch in work:
             try:
@@ -306,7 +303,7 @@ def _batch_failure(config: RoundConfig, batch: list[PlannedVideo], exc: BaseExce
     }
 
 
-def _run_pool(config, work, checkpoints, catalog, progress_id):
+def _run_pool(config, work, checkpoints, catalog, progress_id, notify):
     """Each batch as a flow run of the `label-batch` deployment (flows/label_batch.py: idempotent, resumable)."""
     from .label_batch import run_batches_on_pool
 
@@ -314,7 +311,7 @@ def _run_pool(config, work, checkpoints, catalog, progress_id):
         if progress_id:
             update_progress_artifact(progress_id, 100.0 * fraction)
 
-    return run_batches_on_pool(config, work, checkpoints, catalog, _notify, on_progress)
+    return run_batches_on_pool(config, work, checkpoints, catalog, notify, on_progress)
 
 
 def _json(obj) -> bytes:
@@ -324,22 +321,25 @@ def _json(obj) -> bytes:
 
 
 @flow(name="label-round", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def label_round(config: RoundConfig) -> dict:
-    """Label a bucket of videos into WebDataset shards with frozen teachers (a Prefect flow run)."""
-    return run_round(config).to_dict()
+def label_round(config: RoundConfig, on_progress: OnProgress | None = None) -> dict:
+    """Label a bucket of videos into WebDataset shards with frozen teachers (a Prefect flow run).
+
+    on_progress: an in-process callback (not stored with the run; a deployment run leaves it unset).
+    """
+    return run_round(config, on_progress=on_progress).to_dict()
 
 
-def run_label_round_flow(config: RoundConfig) -> dict:
+def run_label_round_flow(config: RoundConfig, on_progress: OnProgress | None = None) -> dict:
     """Run `label-round` as a Prefect flow run with `config.workers` batches at a time."""
     runner = ThreadPoolTaskRunner(max_workers=max(1, config.workers))
-    return label_round.with_options(task_runner=runner)(config)
+    return label_round.with_options(task_runner=runner)(config, on_progress)
 
 
 __all__ = [
     "ConfigError",
     "RoundConfig",
     "RoundSummary",
-    "add_progress_listener",
+    "OnProgress",
     "label_round",
     "run_label_round_flow",
     "run_round",

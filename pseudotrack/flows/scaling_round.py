@@ -47,19 +47,13 @@ from .summary import artifact_key
 SCALING = "scaling"
 PAPER_SIZES = (100, 1000, 5000, 15000, 30000, 100000)
 
-ScalingListener = Callable[[str, dict], None]
-_listeners: list[ScalingListener] = []
+# on_progress(event, payload): the study's "size", "stage", "train", "eval" and "skipped" events and, while a size
+# is labelled, its round's events ("planned", "labelled", "failed", "done"; flows/label_round.py)
+OnProgress = Callable[[str, dict], None]
 
 
-def add_scaling_listener(listener: ScalingListener) -> Callable[[], None]:
-    """In-process observers of a study's progress (the CLI's output); returns a function that removes it."""
-    _listeners.append(listener)
-    return lambda: _listeners.remove(listener)
-
-
-def _notify(event: str, payload: dict) -> None:
-    for listener in list(_listeners):
-        listener(event, payload)
+def _ignore(event: str, payload: dict) -> None:
+    return None
 
 
 def _in_flow() -> bool:
@@ -202,7 +196,7 @@ def first_eligible(round_config: RoundConfig) -> list:
     return planned
 
 
-def label_size(config: ScalingConfig) -> tuple[RoundConfig, list, dict]:
+def label_size(config: ScalingConfig, on_progress: OnProgress | None = None) -> tuple[RoundConfig, list, dict]:
     """Label the first eligible videos until N of them are labelled: (round config, videos walked, counts).
 
     A round of N eligible videos may label fewer (a broken file fails); the round is run again over
@@ -212,6 +206,7 @@ def label_size(config: ScalingConfig) -> tuple[RoundConfig, list, dict]:
     from .events import training_follows
     from .label_round import run_label_round_flow, run_round
 
+    notify = on_progress or _ignore
     size = config.size()
     round_config = config.round_config()
     counts: dict[str, int] = {}
@@ -219,7 +214,10 @@ def label_size(config: ScalingConfig) -> tuple[RoundConfig, list, dict]:
         # inside a flow the round is a child flow run, so the UI shows it on its own; its completion event
         # says this flow trains on it, so train-student's trigger does not train a second student (events.py)
         with training_follows():
-            summary = run_label_round_flow(round_config) if _in_flow() else run_round(round_config).to_dict()
+            if _in_flow():
+                summary = run_label_round_flow(round_config, on_progress)
+            else:
+                summary = run_round(round_config, on_progress=on_progress).to_dict()
         for name in ("labelled", "filtered", "failed"):
             counts[name] = counts.get(name, 0) + summary[name]
         counts.setdefault("reused", summary["reused"])  # the first pass's: later ones reuse their own labels
@@ -227,7 +225,7 @@ def label_size(config: ScalingConfig) -> tuple[RoundConfig, list, dict]:
         short = size - len(labelled_videos(config.round.workspace, videos))
         if short <= 0 or len(videos) < (round_config.videos or 0):
             return round_config, videos, counts
-        _notify("stage", {"videos": size, "stage": "labelling more", "short": short, "round_id": config.round_id()})
+        notify("stage", {"videos": size, "stage": "labelling more", "short": short, "round_id": config.round_id()})
         round_config = replace(round_config, videos=len(videos) + short)
 
 
@@ -286,17 +284,20 @@ def benchmark_clips(settings: EvalSettings) -> list:
     )
 
 
-def evaluate_checkpoint(checkpoint: str, config: ScalingConfig, clips: list, size: int = 0) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str, config: ScalingConfig, clips: list, size: int = 0, on_progress: OnProgress | None = None
+) -> dict:
     """AJ, δ_avg, OA (and the per-threshold numbers) of one checkpoint under the study's protocol.
 
     size: the number of videos it was trained on, for progress reports (0: the starting checkpoint).
     """
+    notify = on_progress or _ignore
     from .train_student import evaluate_student
 
     s = config.eval
 
     def progress(done: int, total: int) -> None:
-        _notify("eval", {"videos": size, "done": done, "total": total})
+        notify("eval", {"videos": size, "done": done, "total": total})
 
     report = evaluate_student(
         checkpoint,
@@ -330,8 +331,9 @@ def result_key(config: ScalingConfig) -> str:
     return f"{SCALING}/{config.study}/n{config.size()}.json"
 
 
-def run_scaling_round(config: ScalingConfig, clips: list | None = None) -> dict:
+def run_scaling_round(config: ScalingConfig, clips: list | None = None, on_progress: OnProgress | None = None) -> dict:
     """Label N videos, train a student on their labels, evaluate it; returns (and saves) the size's result."""
+    notify = on_progress or _ignore
     from ..student.train import run_training
 
     started = time.perf_counter()
@@ -339,8 +341,8 @@ def run_scaling_round(config: ScalingConfig, clips: list | None = None) -> dict:
     workspace = open_store(config.round.workspace)
     workspace.check_writable()
 
-    _notify("stage", {"videos": size, "stage": "labelling", "round_id": config.round_id()})
-    round_config, videos, round_summary = label_size(config)
+    notify("stage", {"videos": size, "stage": "labelling", "round_id": config.round_id()})
+    round_config, videos, round_summary = label_size(config, on_progress)
     train_config = config.train_config()
     output = Path(train_config.output)
     snapshot = output / "scaling_shards.json"
@@ -362,25 +364,25 @@ def run_scaling_round(config: ScalingConfig, clips: list | None = None) -> dict:
     if workspace.exists(key):
         previous = json.loads(workspace.read_bytes(key))
         if previous.get("fingerprint") == fingerprint:
-            _notify("stage", {"videos": size, "stage": "reused", "round_id": config.round_id()})
+            notify("stage", {"videos": size, "stage": "reused", "round_id": config.round_id()})
             return previous
     if not snapshot.is_file():
         output.mkdir(parents=True, exist_ok=True)
         rows = [{"url": r.url, "count": r.count} for r in shards]
         snapshot.write_text(json.dumps({"shards": rows, "counts": counts}, indent=1))
 
-    _notify("stage", {"videos": size, "stage": "training", "labelled": counts["labelled"], "shards": len(shards)})
+    notify("stage", {"videos": size, "stage": "training", "labelled": counts["labelled"], "shards": len(shards)})
 
     def on_log(row: dict) -> None:
-        _notify("train", {"videos": size, **row})
+        notify("train", {"videos": size, **row})
 
     trained = run_training(train_config, on_log=on_log, shards=shards)
     if not trained.export_path:
         raise RuntimeError(f"scaling round n{size}: training stopped at step {trained.steps} before the end")
 
-    _notify("stage", {"videos": size, "stage": "evaluating"})
+    notify("stage", {"videos": size, "stage": "evaluating"})
     clips = clips if clips is not None else benchmark_clips(config.eval)
-    evaluation = evaluate_checkpoint(trained.export_path, config, clips, size)
+    evaluation = evaluate_checkpoint(trained.export_path, config, clips, size, on_progress)
     result = {
         "videos": size,
         "eligible": len(videos),
@@ -406,7 +408,7 @@ def run_scaling_round(config: ScalingConfig, clips: list | None = None) -> dict:
             key=artifact_key("scaling-round", config.study, f"n{size}"),
             description=f"scaling round of {size} videos",
         )
-    _notify("stage", {"videos": size, "stage": "done", "metrics": evaluation["metrics"]})
+    notify("stage", {"videos": size, "stage": "done", "metrics": evaluation["metrics"]})
     return result
 
 
@@ -430,8 +432,9 @@ def parse_sizes(text: str | list[int]) -> list[int]:
     return sorted(set(sizes))
 
 
-def run_scaling_study(config: ScalingConfig, sizes: list[int]) -> dict:
+def run_scaling_study(config: ScalingConfig, sizes: list[int], on_progress: OnProgress | None = None) -> dict:
     """A scaling round per size (smallest first, each reusing the smaller ones' labels), then table and figure."""
+    notify = on_progress or _ignore
     from .scaling_plot import figure_png
 
     sizes = parse_sizes(sizes)
@@ -441,20 +444,20 @@ def run_scaling_study(config: ScalingConfig, sizes: list[int]) -> dict:
     clips = benchmark_clips(config.eval)  # the same clips for every size and the baseline
     baseline = None
     if config.train.init_checkpoint:
-        _notify("stage", {"videos": 0, "stage": "baseline", "checkpoint": config.train.init_checkpoint})
-        baseline = evaluate_checkpoint(config.train.init_checkpoint, config, clips)
+        notify("stage", {"videos": 0, "stage": "baseline", "checkpoint": config.train.init_checkpoint})
+        baseline = evaluate_checkpoint(config.train.init_checkpoint, config, clips, 0, on_progress)
     rows: list[dict] = []
     skipped: list[int] = []
     for i, size in enumerate(sizes):
         if rows and rows[-1]["labelled"] < rows[-1]["videos"]:  # the bucket ran out: larger sizes repeat it
             skipped = sizes[i:]
-            _notify("skipped", {"sizes": skipped, "eligible": rows[-1]["eligible"], "labelled": rows[-1]["labelled"]})
+            notify("skipped", {"sizes": skipped, "eligible": rows[-1]["eligible"], "labelled": rows[-1]["labelled"]})
             break
-        _notify("size", {"videos": size, "index": i + 1, "count": len(sizes)})
+        notify("size", {"videos": size, "index": i + 1, "count": len(sizes)})
         if _in_flow():
-            rows.append(scaling_round(config.for_size(size)))
+            rows.append(scaling_round(config.for_size(size), on_progress))
         else:
-            rows.append(run_scaling_round(config.for_size(size), clips))
+            rows.append(run_scaling_round(config.for_size(size), clips, on_progress))
     prefix = f"{SCALING}/{config.study}/"
     results = {
         "study": config.study,
@@ -504,12 +507,15 @@ def table_markdown(rows: list[dict], baseline: dict | None, title: str = "Scalin
 
 
 @flow(name="scaling-round", log_prints=True)
-def scaling_round(config: ScalingConfig) -> dict:
+def scaling_round(config: ScalingConfig, on_progress: OnProgress | None = None) -> dict:
     """Label N videos (stable order, reusing smaller rounds), train a student on them, evaluate it."""
-    return run_scaling_round(config)
+    return run_scaling_round(config, on_progress=on_progress)
 
 
 @flow(name="scaling-study", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def scaling_study(config: ScalingConfig, sizes: list[int]) -> dict:
-    """Figure 1 for this data: a scaling round per size, then a table and a plot of AJ, δ_avg, OA."""
-    return run_scaling_study(config, sizes)
+def scaling_study(config: ScalingConfig, sizes: list[int], on_progress: OnProgress | None = None) -> dict:
+    """Figure 1 for this data: a scaling round per size, then a table and a plot of AJ, δ_avg, OA.
+
+    on_progress: an in-process callback (OnProgress; not stored with the run).
+    """
+    return run_scaling_study(config, sizes, on_progress)

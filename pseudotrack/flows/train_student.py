@@ -26,18 +26,9 @@ from .summary import artifact_key
 
 REPORT_NAME = "report.json"
 
-LogListener = Callable[[dict], None]
-_listeners: list[LogListener] = []
-
-
-def add_log_listener(listener: LogListener) -> Callable[[], None]:
-    """In-process observers of the training log (the CLI's progress bar); returns a remover.
-
-    Flow parameters must be serialisable, so a callback cannot travel through
-    the flow call itself.
-    """
-    _listeners.append(listener)
-    return lambda: _listeners.remove(listener)
+# on_progress(event, payload): "train" with each training log row (step, total_steps, loss, lr, clips_per_second),
+# then "eval" with {"name": "initial" | "trained", "done", "total"} after each evaluated video
+OnProgress = Callable[[str, dict], None]
 
 
 def _in_flow() -> bool:
@@ -154,7 +145,7 @@ def train_student(
     config: TrainConfig,
     evaluate_on: str | None = "synthetic",
     eval_videos: int = 8,
-    on_log: Callable[[dict], None] | None = None,
+    on_progress: OnProgress | None = None,
     eval_clips: list | None = None,
     eval_options: dict | None = None,
 ) -> dict:
@@ -178,20 +169,30 @@ def train_student(
         history.append(row)
         if progress_id is not None:
             update_progress_artifact(progress_id, 100.0 * row["step"] / row["total_steps"])
-        for listener in [*_listeners, *([on_log] if on_log else [])]:
-            listener(row)
+        if on_progress is not None:
+            on_progress("train", row)
+
+    def eval_progress(name: str) -> Callable[[int, int], None] | None:
+        if on_progress is None:
+            return None
+        return lambda done, total: on_progress("eval", {"name": name, "done": done, "total": total})
 
     result: TrainResult = run_training(config, on_log=log_row)
     if not init_distributed(config.device).is_main:
         return result.to_dict()
     report: dict = {"train": {k: v for k, v in result.to_dict().items() if k != "history"}, "config": config.to_dict()}
+    report["train"]["loss_windows"] = loss_windows(result.history, result.resumed_from)
     if evaluate_on and result.export_path:
         clips = eval_clips if eval_clips is not None else benchmark_videos(evaluate_on, eval_videos)
         options = dict(variant=config.variant, device=config.device, clips=clips, **(eval_options or {}))
         report["evaluation"] = {}
         if config.init_checkpoint:  # the same clips and protocol, so the two columns compare
-            report["evaluation"]["initial"] = evaluate_student(config.init_checkpoint, evaluate_on, **options)
-        report["evaluation"]["trained"] = evaluate_student(result.export_path, evaluate_on, **options)
+            report["evaluation"]["initial"] = evaluate_student(
+                config.init_checkpoint, evaluate_on, **options, progress=eval_progress("initial")
+            )
+        report["evaluation"]["trained"] = evaluate_student(
+            result.export_path, evaluate_on, **options, progress=eval_progress("trained")
+        )
     path = Path(config.output) / REPORT_NAME
     path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     report["report_path"] = str(path)
@@ -203,6 +204,19 @@ def train_student(
             description="student training summary",
         )
     return report
+
+
+def loss_windows(history: list[dict], resumed_from: int = 0) -> list[dict]:
+    """The first and last logged loss with the steps each averages ({"first_step", "last_step", "loss"}).
+
+    A logged loss is the mean over the steps since the previous row, so a short run logs one row whose
+    loss is both "first" and "last": then one window is returned, and the report says it is one.
+    """
+    if not history:
+        return []
+    starts = [resumed_from + 1] + [row["step"] + 1 for row in history[:-1]]
+    windows = [{"first_step": starts[i], "last_step": history[i]["step"], "loss": history[i]["loss"]} for i in (0, -1)]
+    return windows[:1] if len(history) == 1 else windows
 
 
 def _publish_report(config: TrainConfig, report: dict) -> None:
@@ -220,11 +234,16 @@ def _publish_report(config: TrainConfig, report: dict) -> None:
 
 def training_markdown(report: dict, history: list[dict]) -> str:
     train = report["train"]
+    windows = train.get("loss_windows") or []
+    if len(windows) == 1:
+        w = windows[0]
+        loss = f"loss {w['loss']:.3f} (one logged window, steps {w['first_step']}-{w['last_step']})"
+    else:
+        loss = f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}"
     lines = [
         f"# Student training: {train['steps']} steps",
         "",
-        f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}, "
-        f"{train['clips_per_second']:.2f} clips/s, {train['seconds']:.0f} s",
+        f"{loss}, {train['clips_per_second']:.2f} clips/s, {train['seconds']:.0f} s",
         "",
         "| step | loss | lr | clips/s |",
         "|---|---|---|---|",
@@ -240,9 +259,17 @@ def training_markdown(report: dict, history: list[dict]) -> str:
 
 
 @flow(name="train-student", log_prints=True)
-def train_student_flow(config: TrainConfig, evaluate_on: str | None = "synthetic", eval_videos: int = 8) -> dict:
-    """Fine-tune a CoTracker3 student on committed pseudo-label shards, then evaluate it."""
-    return train_student(config, evaluate_on, eval_videos)
+def train_student_flow(
+    config: TrainConfig,
+    evaluate_on: str | None = "synthetic",
+    eval_videos: int = 8,
+    on_progress: OnProgress | None = None,
+) -> dict:
+    """Fine-tune a CoTracker3 student on committed pseudo-label shards, then evaluate it.
+
+    on_progress: an in-process callback (OnProgress; not stored with the run, unset in a deployment run).
+    """
+    return train_student(config, evaluate_on, eval_videos, on_progress)
 
 
 @flow(name="evaluate-student", log_prints=True)

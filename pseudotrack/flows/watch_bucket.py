@@ -380,7 +380,11 @@ def _in_flow() -> bool:
     return FlowRunContext.get() is not None
 
 
-def watch(config: RoundConfig, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> WatchSummary:
+def watch(
+    config: RoundConfig,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    on_progress: Callable[[str, dict], None] | None = None,
+) -> WatchSummary:
     """One watcher pass (plain function; the flow and `pseudotrack watch` call it)."""
     started = time.perf_counter()
     bucket, workspace = open_workspace(config)
@@ -422,7 +426,7 @@ def watch(config: RoundConfig, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> 
         if todo:
             round_config = replace(config, round_id=round_id)
             try:
-                summary.round = run_round(round_config, Discovery(todo, discovery.all_keys)).to_dict()
+                summary.round = run_round(round_config, Discovery(todo, discovery.all_keys), on_progress).to_dict()
             except BatchesFailed as exc:  # what committed is recorded below; the next run resumes the rest
                 summary.round, failure = exc.summary.to_dict(), exc
         if todo or changes.removed:
@@ -482,12 +486,23 @@ def watch_markdown(summary: WatchSummary) -> str:
 
 
 @flow(name="watch-bucket", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def watch_bucket(config: RoundConfig, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dict:
-    """Label what is new or changed in the bucket since the last watch run (one round per run)."""
-    return watch(config, lease_seconds).to_dict()
+def watch_bucket(
+    config: RoundConfig,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    on_progress: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """Label what is new or changed in the bucket since the last watch run (one round per run).
+
+    on_progress: the round's in-process progress callback (`run_round`); a deployment run leaves it unset.
+    """
+    return watch(config, lease_seconds, on_progress).to_dict()
 
 
-def run_watch_flow(config: RoundConfig, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dict:
+def run_watch_flow(
+    config: RoundConfig,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    on_progress: Callable[[str, dict], None] | None = None,
+) -> dict:
     """Run `watch-bucket` as a Prefect flow run with `config.workers` batches at a time."""
     runner = ThreadPoolTaskRunner(max_workers=max(1, config.workers))
-    return watch_bucket.with_options(task_runner=runner)(config, lease_seconds)
+    return watch_bucket.with_options(task_runner=runner)(config, lease_seconds, on_progress)

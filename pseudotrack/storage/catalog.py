@@ -307,6 +307,17 @@ class Catalog:
         hit = latest.filter(pc.and_(pc.equal(latest["sample_key"], sample_key), pc.equal(latest["status"], "labelled")))
         return hit.slice(0, 1).to_pylist()[0] if hit.num_rows else None
 
+    def failures(self, round_id: str | None = None) -> list[dict]:
+        """The videos whose latest state (within `round_id` if given) is failed: key, stage, reason, round,
+        time; sorted by video key. What `pseudotrack status --failed` lists."""
+        columns = ["video_key", "stage", "reason", "round_id", "created_at"]
+        latest = self.latest(round_id)
+        failed = latest.filter(pc.equal(latest["status"], "failed")).select(columns)
+        return [
+            {**row, "created_at": row["created_at"].isoformat() if row["created_at"] is not None else None}
+            for row in failed.to_pylist()
+        ]
+
     def _events(self, round_id: str | None) -> pa.Table:
         table = self._load()
         if round_id is not None:
