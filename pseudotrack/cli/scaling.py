@@ -71,7 +71,9 @@ def scaling_study_command(
     one_query_at_a_time: Annotated[
         bool, typer.Option("--one-query-at-a-time/--joint", help="TAP-Vid protocol, or all queries at once.")
     ] = True,
-    resize: Annotated[bool, typer.Option("--resize/--native-size", help="Evaluate at 256x256 or native size.")] = True,
+    eval_resize: Annotated[
+        bool, typer.Option("--eval-resize/--native-size", help="Evaluate at 256x256 or native size.")
+    ] = True,
     synthetic_frames: Annotated[int, typer.Option(help="Frames of each synthetic benchmark scene.")] = 24,
     synthetic_size: Annotated[str, typer.Option(help="HEIGHTxWIDTH of the synthetic scenes.")] = "256x256",
     synthetic_points: Annotated[int, typer.Option(help="Ground-truth tracks per synthetic scene.")] = 64,
@@ -120,7 +122,7 @@ def scaling_study_command(
                     benchmark=benchmark,
                     videos=eval_videos,
                     query_mode=query_mode,
-                    resize_to=(256, 256) if resize else None,
+                    resize_to=(256, 256) if eval_resize else None,
                     one_query_at_a_time=one_query_at_a_time,
                     synthetic_frames=synthetic_frames,
                     synthetic_size=_size_pair(synthetic_size, "--synthetic-size"),
