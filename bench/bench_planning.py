@@ -70,7 +70,8 @@ def build_local(root: Path, objects: list[tuple[str, bytes]]) -> None:
 
 
 def build_s3(uri: str, objects: list[tuple[str, bytes]], threads: int = 32) -> None:
-    from pseudotrack.storage.objects import open_store, s3_client, split_s3_uri
+    from pseudotrack.storage.s3 import s3_client
+    from pseudotrack.storage.uri import open_store, split_s3_uri
 
     bucket, _ = split_s3_uri(uri)
     s3_client().create_bucket(Bucket=bucket)
@@ -87,7 +88,7 @@ def plan_once(bucket_uri: str, workspace_uri: str) -> dict:
     from pseudotrack.config import RoundConfig
     from pseudotrack.flows.label_round import plan_round, start_captions
     from pseudotrack.storage.catalog import Catalog
-    from pseudotrack.storage.objects import open_workspace
+    from pseudotrack.storage.uri import open_workspace
     from pseudotrack.tasks.discover import batches, discover
 
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

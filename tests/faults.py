@@ -176,7 +176,7 @@ class RoundRunner:
 def committed_labels(workspace: str) -> dict[str, dict[str, np.ndarray]]:
     """video key -> its arrays (queries and every teacher's tracks, visibility, confidence) from committed shards."""
     from pseudotrack.render import shard_url
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.tasks.shards import committed_shards, read_shard
 
     store = open_store(workspace)
@@ -211,7 +211,8 @@ def check_invariants(
     from pseudotrack.render import shard_url
     from pseudotrack.storage.catalog import TERMINAL, Catalog
     from pseudotrack.storage.layout import is_manifest
-    from pseudotrack.storage.objects import TMP_MARK, open_store
+    from pseudotrack.storage.base import TMP_MARK
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.student.data import shard_refs
     from pseudotrack.tasks.shards import committed_shards, read_shard
 

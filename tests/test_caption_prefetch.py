@@ -14,7 +14,9 @@ import pytest
 from pseudotrack.config import RoundConfig
 from pseudotrack.errors import ConfigError
 from pseudotrack.flows.label_round import plan_round, start_captions
-from pseudotrack.storage.objects import ObjectInfo, S3Store, open_store
+from pseudotrack.storage.base import ObjectInfo
+from pseudotrack.storage.s3 import S3Store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks import discover as discover_module
 from pseudotrack.tasks.caption_filter import MANIFEST_NAMES, sidecar_map
 from pseudotrack.tasks.discover import discover, list_objects

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SNAPSHOTS, Catalog
-from pseudotrack.storage.objects import ObjectStore
+from pseudotrack.storage.base import ObjectStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -30,7 +30,7 @@ from pseudotrack.dashboard import app as dash
 from pseudotrack.dashboard import charts
 from pseudotrack.errors import ConfigError
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SUFFIX, Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.synthetic import render_scene
 from pseudotrack.tasks.decode import encode_clip
 from pseudotrack.tasks.shards import Sample, ShardSink

@@ -29,7 +29,7 @@ from pseudotrack.errors import SampleError
 from pseudotrack.flows.label_round import run_round
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.caption_filter import MAX_CAPTION_BYTES, read_manifest
 from pseudotrack.tasks.decode import MAX_SOURCE_BYTES, check_container, decode_clip, decode_clip_bytes, probe_video
 from pseudotrack.tasks.shards import committed_shards, read_shard

@@ -14,7 +14,8 @@ import pytest
 from pseudotrack.config import RoundConfig
 from pseudotrack.flows.label_round import plan_round
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import S3Store, open_store
+from pseudotrack.storage.s3 import S3Store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks import discover as discover_module
 from pseudotrack.tasks.discover import _groups_after as groups_after
 from pseudotrack.tasks.discover import _prefix_groups as prefix_groups

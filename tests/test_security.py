@@ -38,7 +38,7 @@ from pseudotrack.config import RoundConfig
 from pseudotrack.dashboard import app as dash
 from pseudotrack.errors import CheckpointError, ConfigError
 from pseudotrack.flows.label_round import run_round
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.shards import committed_shards, read_shard
 from pseudotrack.teachers.base import create_teacher, teacher_names, teacher_spec
 

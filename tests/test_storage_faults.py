@@ -20,7 +20,9 @@ from faults import EXPECTED, Fault, FaultProxy, check_invariants, reference_labe
 
 from pseudotrack.config import RoundConfig
 from pseudotrack.flows.label_round import BatchesFailed, run_round
-from pseudotrack.storage.objects import StorageUnavailable, is_transient, open_store
+from pseudotrack.storage.base import StorageUnavailable
+from pseudotrack.storage.s3 import is_transient
+from pseudotrack.storage.uri import open_store
 
 
 @pytest.fixture(scope="module")

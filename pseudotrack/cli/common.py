@@ -49,7 +49,7 @@ def run_with_progress(config, run=None) -> dict:
     )
 
     from ..flows.label_round import add_progress_listener, run_label_round_flow
-    from ..storage.objects import open_workspace
+    from ..storage.uri import open_workspace
     from ..tasks.labelling import resolve_checkpoints
 
     open_workspace(config)  # a missing bucket, unwritable workspace or checkpoint stops here, before Prefect starts

@@ -115,7 +115,7 @@ def status(
     """Counts per round by state, teacher and failure reason, read from the catalog."""
     from ..errors import ConfigError
     from ..storage.catalog import Catalog
-    from ..storage.objects import open_store
+    from ..storage.uri import open_store
 
     try:
         store = open_store(workspace)

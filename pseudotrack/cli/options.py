@@ -51,7 +51,7 @@ def run_labelling(make_config: Callable, run: Callable | None = None) -> dict:
     """
     from ..errors import ConfigError
     from ..flows.label_round import BatchesFailed
-    from ..storage.objects import StorageUnavailable
+    from ..storage.base import StorageUnavailable
     from .common import fail, print_summary, run_with_progress
 
     try:

@@ -47,7 +47,8 @@ import typer
 
 from ..storage.catalog import Catalog
 from ..storage.layout import REPORTS, RUNS, SHARDS, is_manifest, is_sample_key
-from ..storage.objects import ObjectInfo, ObjectStore, open_store
+from ..storage.base import ObjectInfo, ObjectStore
+from ..storage.uri import open_store
 from . import charts
 
 log = logging.getLogger(__name__)

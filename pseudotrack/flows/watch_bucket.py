@@ -50,7 +50,8 @@ from ..config import RoundConfig
 from ..errors import ConfigError
 from ..storage.catalog import TERMINAL, Catalog
 from ..storage.claims import HOST, pid_alive
-from ..storage.objects import ObjectStore, open_workspace
+from ..storage.base import ObjectStore
+from ..storage.uri import open_workspace
 from ..tasks.discover import Discovery, VideoItem, discover_task
 from ..tasks.labelling import resolve_checkpoints
 from .label_round import BatchesFailed, run_round

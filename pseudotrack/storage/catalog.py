@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 
 from ..faults import fault_point
 from .layout import CATALOG, validate_round_id
-from .objects import ObjectStore, open_store
+from .base import ObjectStore
+from .uri import open_store
 
 EVENTS = f"{CATALOG}/events/"
 SNAPSHOTS = f"{CATALOG}/snapshots/"

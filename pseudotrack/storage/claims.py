@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .objects import ObjectStore
+from .base import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from ..config import VIDEO_SUFFIXES
-from ..storage.objects import ObjectInfo, check_key, printable_key
+from ..storage.base import ObjectInfo, check_key, printable_key
 
 LIST_THREADS = 16  # prefix groups listed at once where pages hold 1000 keys (AWS S3)
 GROUPS_PER_THREAD = 4  # a few groups a thread, so one slow group does not hold up the listing
@@ -132,7 +132,7 @@ def list_objects(store, *, on_page: Callable[[list[ObjectInfo]], None] | None = 
     on_page: called with each page's objects (with each group's, when groups are listed side by
     side: then from several threads at once).
     """
-    from ..storage.objects import S3Store
+    from ..storage.s3 import S3Store
 
     def shown(objects: list[ObjectInfo]) -> list[ObjectInfo]:
         if on_page is not None:
