@@ -209,9 +209,9 @@ def check_invariants(
     import pyarrow.parquet as pq
 
     from pseudotrack.render import shard_url
+    from pseudotrack.storage.base import TMP_MARK
     from pseudotrack.storage.catalog import TERMINAL, Catalog
     from pseudotrack.storage.layout import is_manifest
-    from pseudotrack.storage.base import TMP_MARK
     from pseudotrack.storage.uri import open_store
     from pseudotrack.student.data import shard_refs
     from pseudotrack.tasks.shards import committed_shards, read_shard

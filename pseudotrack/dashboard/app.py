@@ -45,9 +45,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
+from ..storage.base import ObjectInfo, ObjectStore
 from ..storage.catalog import Catalog
 from ..storage.layout import REPORTS, RUNS, SHARDS, is_manifest, is_sample_key
-from ..storage.base import ObjectInfo, ObjectStore
 from ..storage.uri import open_store
 from . import charts
 

@@ -37,8 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..faults import fault_point
-from .layout import CATALOG, validate_round_id
 from .base import ObjectStore
+from .layout import CATALOG, validate_round_id
 from .uri import open_store
 
 EVENTS = f"{CATALOG}/events/"
