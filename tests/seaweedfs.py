@@ -26,6 +26,10 @@ from pathlib import Path
 
 ACCESS_KEY = "pseudotrack-test"
 SECRET_KEY = "pseudotrack-test-secret"
+# A second identity with distinctive keys, for the test that looks for leaked credentials in every log,
+# artifact, file and page of a round (tests/test_security.py): the server must accept them.
+LEAK_ACCESS_KEY = "AKIAPSEUDOTRACKSECRET1"
+LEAK_SECRET_KEY = "pseudotrackSuperSecret/9f3Kx+Qe7Lm2Zp"
 REGION = "us-east-1"
 GRPC_OFFSET = 10_000
 START_SECONDS = 90.0  # a loaded 2-core machine can take a while; it usually answers within 10 s
@@ -122,7 +126,10 @@ class S3Server:
                     "identities": [
                         {
                             "name": "admin",
-                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "credentials": [
+                                {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY},
+                                {"accessKey": LEAK_ACCESS_KEY, "secretKey": LEAK_SECRET_KEY},
+                            ],
                             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
                         }
                     ]
