@@ -73,6 +73,10 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+class ExitedEarly(RuntimeError):
+    """The server exited while starting (most often: another process bound one of its ports first)."""
+
+
 class S3Server:
     """One `weed server` with an S3 gateway; use as a context manager, or `start()` and `stop()`."""
 
@@ -138,6 +142,15 @@ class S3Server:
         )
         # one volume a bucket (a collection) rather than seven: a fresh bucket a test is then quick to fill
         (self.dir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_other = 1\n")
+        for _ in range(3):  # it exits at once when a port was taken between our check and its bind: other ports
+            try:
+                self._launch(weed, data, identities)
+                return self
+            except ExitedEarly:
+                self._kill()
+        raise RuntimeError(f"weed server exited at start 3 times; its last log:\n{self._log_tail()}")
+
+    def _launch(self, weed: Path, data: Path, identities: Path) -> None:
         s3, master, volume, filer = self._ports = free_ports(4)
         self.port = s3
         command = [
@@ -165,10 +178,11 @@ class S3Server:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready()
+        except ExitedEarly:
+            raise
         except BaseException:
             self.stop()
             raise
-        return self
 
     def _wait_ready(self) -> None:
         import boto3
@@ -186,7 +200,7 @@ class S3Server:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"weed server exited with {self.proc.returncode}:\n{self._log_tail()}")
+                raise ExitedEarly(f"weed server exited with {self.proc.returncode}")
             try:
                 client.list_buckets()
                 return
@@ -202,6 +216,11 @@ class S3Server:
 
     def stop(self) -> None:
         """SIGTERM, and SIGKILL after a short grace (a clean stop takes 15-30 s); then tidy up."""
+        self._kill()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _kill(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -216,8 +235,6 @@ class S3Server:
         for port in self._ports:  # named after the HTTP port, and the gRPC twin's after its own
             for sock in [*tmp.glob(f"seaweedfs-*-{port}.sock"), *tmp.glob(f"seaweedfs-*-{port + GRPC_OFFSET}.sock")]:
                 sock.unlink(missing_ok=True)
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> S3Server:
         return self.start()
