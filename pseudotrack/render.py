@@ -72,7 +72,7 @@ def frame_grid(frames: np.ndarray, count: int = 6, columns: int = 3) -> np.ndarr
 def find_sample(workspace_uri: str, video_key: str | None = None, sample_key: str | None = None) -> dict:
     """Locate a labelled sample through the catalog and read it from its shard."""
     from .storage.catalog import Catalog
-    from .storage.objects import open_store
+    from .storage.uri import open_store
     from .tasks.shards import read_shard
 
     store = open_store(workspace_uri)

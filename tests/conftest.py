@@ -1,8 +1,9 @@
 """Fixtures shared by the whole suite: real servers, not mocks, started once per session.
 
-- `s3_server` / `s3_uri` / `store`: a moto S3 server on a free local port, reached through boto3
-  exactly as production reaches S3 (AWS_ENDPOINT_URL), so no test patches boto3;
-  `store` runs a test once on a local directory and once on S3.
+- `s3_server` / `s3_uri` / `store`: a real S3 server (SeaweedFS, tests/seaweedfs.py) on free local
+  ports, reached through boto3 exactly as production reaches S3 (AWS_ENDPOINT_URL), so no test
+  patches boto3; `s3_uri` is a fresh bucket per test; `store` runs a test once on a local directory
+  and once on S3.
 - `prefect_server`: one `prefect server start` per session (a cold start costs ~15 s here,
   DESIGN.md), with PREFECT_API_URL pointing at it.
 - `shared_dir` / `sample_videos`: the real clips in ../shared/videos.
@@ -61,35 +62,17 @@ def sample_videos(shared_dir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1; the session's AWS settings point at it. Yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
+def s3_server() -> Iterator[str]:
+    """A SeaweedFS S3 server on 127.0.0.1 for the session (tests/seaweedfs.py); the session's AWS settings
+    point at it. Yields its endpoint URL."""
+    from seaweedfs import S3Server
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    home = tmp_path_factory.mktemp("aws")
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        # keep a developer's own profile and config out of the tests
-        "AWS_CONFIG_FILE": str(home / "config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    with S3Server() as server, pytest.MonkeyPatch.context() as mp:
+        for name in S3Server.UNSET:
             mp.delenv(name, raising=False)
-        for name, value in env.items():
+        for name, value in server.env.items():
             mp.setenv(name, value)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
+        yield server.endpoint
 
 
 @pytest.fixture
@@ -102,10 +85,51 @@ def s3_uri(s3_server: str) -> str:
     return f"s3://{bucket}/data"
 
 
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's S3 mock on 127.0.0.1, kept for the one thing SeaweedFS cannot do: hold keys with '.' or '..'
+    segments or '//', which AWS S3 allows (SeaweedFS keeps objects as files in folders: it refuses the
+    first two with InvalidRequest and folds '//' into '/'). Yields its endpoint URL; `moto_s3_uri` points
+    the AWS settings at it for one test."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_s3_uri(moto_server: str, monkeypatch, tmp_path) -> str:
+    """`s3://<fresh bucket>/data` on moto (see `moto_server` for why), with the AWS settings pointing at it."""
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    env = {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"pt-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/data"
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
-    """The same test against a local directory and an S3 prefix (moto, through boto3)."""
-    from pseudotrack.storage.objects import open_store
+    """The same test against a local directory and an S3 prefix (SeaweedFS, through boto3)."""
+    from pseudotrack.storage.uri import open_store
 
     if request.param == "local":
         return open_store(str(tmp_path / "store"))

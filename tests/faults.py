@@ -5,11 +5,11 @@ requests on a schedule, and the invariants every run must keep whatever happened
   once (a cold import costs ~10 s here; a fork costs milliseconds), so dozens of rounds can be killed
   with SIGKILL at exact places (`pseudotrack.faults.fault_point`) within a test's budget. Each child is
   a real separate process: what it leaves behind is what a killed round leaves behind.
-- `FaultProxy` sits on 127.0.0.1 in front of the moto S3 server and answers chosen requests with
-  500/503, delays them, drops the connection before or after the server acted, cuts a response body
-  short, or "restarts the server": it cuts every open connection and refuses new ones for a while.
-  The server behind it keeps its objects through a restart, as a real S3 or MinIO does (moto keeps
-  them in memory only, so restarting moto itself would model a server that loses its disk instead).
+- `FaultProxy` sits on 127.0.0.1 in front of the SeaweedFS test server and answers chosen requests
+  with 500/503, delays them, drops the connection before or after the server acted, cuts a response
+  body short, or "restarts the server": it cuts every open connection and refuses new ones for a
+  while. The server behind it keeps its objects, as a real one does through a restart; restarting
+  SeaweedFS itself would cost 10-30 s a time instead of the two seconds a test wants.
 - `check_invariants` reads a workspace the way its readers do and asserts what the reliability issue
   requires: one terminal state per video, no sample twice across committed shards, no partial shard
   visible, a catalog that reads cleanly, and labels equal to those of an uninterrupted run.
@@ -176,7 +176,7 @@ class RoundRunner:
 def committed_labels(workspace: str) -> dict[str, dict[str, np.ndarray]]:
     """video key -> its arrays (queries and every teacher's tracks, visibility, confidence) from committed shards."""
     from pseudotrack.render import shard_url
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.tasks.shards import committed_shards, read_shard
 
     store = open_store(workspace)
@@ -209,9 +209,10 @@ def check_invariants(
     import pyarrow.parquet as pq
 
     from pseudotrack.render import shard_url
+    from pseudotrack.storage.base import TMP_MARK
     from pseudotrack.storage.catalog import TERMINAL, Catalog
     from pseudotrack.storage.layout import is_manifest
-    from pseudotrack.storage.objects import TMP_MARK, open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.student.data import shard_refs
     from pseudotrack.tasks.shards import committed_shards, read_shard
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pseudotrack.errors import ConfigError
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.caption_filter import CaptionIndex, CaptionRules, filter_captions, parse_manifest
 
 

@@ -14,8 +14,9 @@ import pytest
 from pseudotrack.config import RoundConfig
 from pseudotrack.errors import ConfigError
 from pseudotrack.flows.label_round import plan_round, start_captions
-from pseudotrack.storage.objects import ObjectInfo, S3Store, open_store
-from pseudotrack.tasks import discover as discover_module
+from pseudotrack.storage.base import ObjectInfo
+from pseudotrack.storage.s3 import S3Store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.caption_filter import MANIFEST_NAMES, sidecar_map
 from pseudotrack.tasks.discover import discover, list_objects
 
@@ -210,13 +211,10 @@ def test_a_missing_captions_manifest_is_a_config_error_naming_it(bucket, tmp_pat
     assert plan_after_listing(config, store)[0][0] == ("m/a.mp4", KEEP)
 
 
-@pytest.mark.parametrize("pages", ["prefix groups", "big pages"])
-def test_on_s3_every_page_is_shown_once_and_the_plan_is_the_same(s3_uri, pages, monkeypatch):
+def test_on_s3_every_page_is_shown_once_and_the_plan_is_the_same(s3_uri, monkeypatch):
     store = open_store(s3_uri)
     fill(store, BUCKET)
-    monkeypatch.setattr(S3Store, "page_keys", 3)
-    if pages == "big pages":
-        monkeypatch.setattr(discover_module, "S3_PAGE_KEYS", 2)
+    monkeypatch.setattr(S3Store, "page_keys", 3)  # many pages, from prefix groups side by side
     shown: list[list[str]] = []
     lock = threading.Lock()
 

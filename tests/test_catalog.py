@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pseudotrack.storage.base import ObjectStore
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SNAPSHOTS, Catalog
-from pseudotrack.storage.objects import ObjectStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -155,8 +155,8 @@ def test_the_summary_shows_videos_left_to_another_run(capsys, monkeypatch):
 def test_a_store_outage_ends_the_round_with_what_to_do(command, tmp_path, monkeypatch, prefect_server):
     """An outage past every retry outside a batch (here reading the catalog) ends in a message, not a crash."""
     from pseudotrack.demo import write_demo_bucket
+    from pseudotrack.storage.base import StorageUnavailable
     from pseudotrack.storage.catalog import Catalog
-    from pseudotrack.storage.objects import StorageUnavailable
 
     write_demo_bucket(tmp_path / "bucket", videos=1, frames=12, height=64, width=96, seed=0, broken=0)
 
@@ -257,7 +257,7 @@ def test_the_command_line_reaches_the_config(monkeypatch):
 
 def test_status_failed_lists_each_failed_video(tmp_path):
     from pseudotrack.storage.catalog import Catalog
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
 
     catalog = Catalog(open_store(str(tmp_path)))
     catalog.append(

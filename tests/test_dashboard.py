@@ -31,7 +31,7 @@ from pseudotrack.dashboard import app as dash
 from pseudotrack.dashboard import charts, previews, views
 from pseudotrack.errors import ConfigError
 from pseudotrack.storage.catalog import EVENTS, SCHEMA, SUFFIX, Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.synthetic import render_scene
 from pseudotrack.tasks.clip_codec import decode_clip_bytes, encode_clip
 from pseudotrack.tasks.shards import Sample, ShardSink

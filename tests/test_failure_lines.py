@@ -21,7 +21,7 @@ from pseudotrack.demo import write_demo_bucket
 from pseudotrack.errors import CheckpointError, ConfigError
 from pseudotrack.flows.label_round import BatchesFailed, run_round
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.labelling import resolve_checkpoints
 from pseudotrack.teachers.base import TeacherSpec, create_teacher, register_teacher
 from pseudotrack.teachers.cotracker2 import CoTracker2

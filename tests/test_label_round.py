@@ -14,7 +14,7 @@ from pseudotrack.errors import ConfigError
 from pseudotrack.flows.label_round import run_label_round_flow, run_round
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.clip_codec import decode_clip_bytes
 from pseudotrack.tasks.shards import committed_shards, read_shard
 from pseudotrack.teachers.lk import LKTeacher

@@ -1,22 +1,18 @@
 """Planning at scale: a round over 20,000 listed videos (bench/bench_planning.py measures 100,000), and the
-folder-parallel S3 listing that discovery uses, checked against the plain listing."""
+prefix-group S3 listing that discovery uses, checked against the plain listing on a real S3 server."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 
 from pseudotrack.config import RoundConfig
 from pseudotrack.flows.label_round import plan_round
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import S3Store, open_store
+from pseudotrack.storage.s3 import S3Store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks import discover as discover_module
-from pseudotrack.tasks.discover import _groups_after as groups_after
 from pseudotrack.tasks.discover import _prefix_groups as prefix_groups
 from pseudotrack.tasks.discover import batches, discover, list_objects, stable_order
 
@@ -87,42 +83,41 @@ def test_videos_n_is_the_first_n_eligible_in_stable_order_and_grows_by_prefix(bi
     assert reused == 1000 and [v.key for v in big] == first_kept[1000:3000]
 
 
-@pytest.mark.parametrize(
-    "pages",
-    [
-        "one page",  # the whole bucket in the first answer: no more requests
-        "prefix groups",  # 3-key pages that a 1000-key cap would explain (AWS S3): prefix groups side by side
-        "big pages",  # pages beyond the cap (moto): on from the first page, in two turn-taking streams
-    ],
-)
+@pytest.mark.parametrize("page_keys", [None, 3])  # the server's own page size, and 3-key pages
 @pytest.mark.parametrize("layout", ["folders", "flat"])
-def test_s3_listing_by_prefix_groups_equals_the_plain_listing(s3_uri, layout, pages, monkeypatch):
+def test_s3_listing_by_prefix_groups_equals_the_plain_listing(s3_uri, layout, page_keys, monkeypatch):
     store = open_store(s3_uri)
     keys = ["captions.jsonl", "captions.jsonl.bak", "root.mp4", "a.json"]
     if layout == "folders":
         keys += [f"d{i}/sub/v{j}.mp4" for i in range(4) for j in range(6)] + ["d1.mp4", "d1x/v.mp4", "e/f/g.txt"]
+        keys += ["d1-x.mp4", "d1/a-b.mp4"]  # '-' sorts before '/': a server listing folders first gets these wrong
     else:
         keys += [f"v{j:03d}.mp4" for j in range(20)]
     for key in keys:
         store.write_bytes(key, key.encode())
-    if pages != "one page":  # every listing then pages on, the group listings too
-        monkeypatch.setattr(S3Store, "page_keys", 3)
-    if pages == "big pages":
-        monkeypatch.setattr(discover_module, "S3_PAGE_KEYS", 2)
+    monkeypatch.setattr(S3Store, "page_keys", page_keys)  # every listing then pages on, the group listings too
     groups = []
     monkeypatch.setattr(discover_module, "_prefix_groups", lambda *a: groups.append(prefix_groups(*a)) or groups[-1])
     plain = list(store.list())
+    assert [i.key for i in plain] == sorted(keys)  # byte order, whatever order the server lists in
     parallel = list_objects(store)
-    assert parallel == plain and sorted(i.key for i in parallel) == sorted(keys)
+    assert parallel == plain
     assert list_objects(store, include_unsafe=True) == list(store.list(include_unsafe=True))
     found = discover(store)  # pages sorted out as they arrive, from side-by-side groups in any order
-    assert found.all_keys == [i.key for i in plain]
+    assert found.all_keys == sorted(keys)
     assert [v.key for v in found.videos] == sorted((k for k in keys if k.endswith(".mp4")), key=stable_order)
-    if pages == "one page":
-        assert groups == []  # the first page held the bucket
-    else:
-        assert groups and len(groups[0]) > 1
-        assert all(sum(k.startswith(g) for g in groups[0]) == 1 for k in keys)  # disjoint, and cover every key
+    assert groups and len(groups[0]) > 1
+    assert all(sum(k.startswith(g) for g in groups[0]) == 1 for k in keys)  # disjoint, and cover every key
+
+
+def test_a_flat_bucket_is_listed_in_one_go(s3_uri, monkeypatch):
+    store = open_store(s3_uri)
+    keys = [f"v{j:03d}.mp4" for j in range(discover_module.MAX_ROOT_OBJECTS + 1)]
+    for key in keys:
+        store.write_bytes(key, b"x")
+    monkeypatch.setattr(S3Store, "page_keys", 10)
+    assert prefix_groups(store, 32) is None
+    assert [i.key for i in list_objects(store)] == keys
 
 
 def test_prefix_groups_split_names_on_the_next_character(s3_uri):
@@ -146,99 +141,3 @@ def test_s3_listing_pages_follow_continuation_tokens(s3_uri, monkeypatch):
     pages = list(store.list_pages("clips/"))
     assert [len(page["Contents"]) for page in pages] == [4, 4, 4]
     assert [i.key for i in store.list("clips/", (".mp4",))] == sorted(k for k in keys if k.endswith(".mp4"))
-
-
-def test_groups_after_the_first_page_hold_exactly_the_keys_it_did_not():
-    groups = ["a", "b", "ca", "clips0", "clips1", "d"]
-    assert groups_after(groups, "clips03/v.mp4") == [("clips0", "clips03/v.mp4"), ("clips1", ""), ("d", "")]
-    assert groups_after(groups, "b.txt") == [("b", "b.txt"), ("ca", ""), ("clips0", ""), ("clips1", ""), ("d", "")]
-    assert groups_after(groups, "c") == [("ca", ""), ("clips0", ""), ("clips1", ""), ("d", "")]
-    assert groups_after(groups, "a") == [(g, "a" if g == "a" else "") for g in groups]
-    keys = ["a", "a/x", "b.txt", "ca.json", "clips00/v", "clips03/v.mp4", "clips03/w", "clips19/v", "d/e"]
-    for last in keys:
-        rest = [k for g, after in groups_after(groups, last) for k in keys if k.startswith(g) and k > after]
-        assert rest == [k for k in keys if k > last]
-
-
-@pytest.mark.parametrize("given_back", ["with the headers", "before the parse"])
-def test_listing_requests_take_turns_and_the_next_goes_while_the_last_is_parsed(given_back):
-    """Two streams of requests on botocore's own event emitter, as a client emits them: with an HTTP session
-    the turn-taking sends each request itself and gives the turn back once the headers are in; without one
-    botocore sends it and the turn goes back before the body is parsed."""
-    from botocore.hooks import HierarchicalEmitter
-
-    events = HierarchicalEmitter()
-    at_server, most, lock = [0], [0], threading.Lock()
-
-    def build_page(fail: bool) -> str:
-        with lock:
-            at_server[0] += 1
-            most[0] = max(most[0], at_server[0])
-        time.sleep(0.05)  # the server builds the page
-        with lock:
-            at_server[0] -= 1
-        if fail:
-            raise ConnectionError("connection reset")
-        return "page"
-
-    meta = SimpleNamespace(events=events)
-    if given_back == "with the headers":
-        client = SimpleNamespace(meta=meta, _endpoint=SimpleNamespace(http_session=SimpleNamespace(send=build_page)))
-    else:
-        client = SimpleNamespace(meta=meta)
-
-    def request(fail: bool = False) -> None:
-        try:
-            responses = events.emit("before-send.s3.ListObjectsV2", request=fail)
-            sent = next((r for _, r in responses if r is not None), None)
-            if given_back == "with the headers":
-                assert sent == "page"
-            else:
-                assert sent is None
-                build_page(fail)
-        except ConnectionError:
-            events.emit("after-call-error.s3.ListObjectsV2")
-            return
-        events.emit("before-parse.s3.ListObjectsV2")
-        time.sleep(0.05)  # we parse it
-
-    def stream(turns, fail_first: bool) -> None:
-        with turns.joined():
-            for i in range(6):
-                request(fail=fail_first and i == 0)
-
-    started = time.perf_counter()
-    with discover_module._TakingTurns(client) as turns, ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda f: stream(turns, f), [True, False]))
-        outsider = threading.Thread(target=lambda: build_page(False))  # not a member: goes at once
-        outsider.start()
-        outsider.join(timeout=5)
-    seconds = time.perf_counter() - started
-    assert most[0] == 1  # never two pages built at once, a failed request included
-    assert seconds < 12 * 0.1 * 0.8  # yet faster than one stream doing both: parsing overlapped the server
-    assert events.emit("before-send.s3.ListObjectsV2", request=False) == []  # after the listing the handlers are gone
-
-
-def test_on_a_real_client_a_turn_holds_while_the_request_goes_and_ends_with_its_headers(s3_uri):
-    store = open_store(s3_uri)
-    keys = [f"v{i}.mp4" for i in range(5)]
-    for key in keys:
-        store.write_bytes(key, b"x")
-    client, seen = store.client, []
-    with discover_module._TakingTurns(client) as turns:
-        session = turns._http
-        turns._http = SimpleNamespace(
-            send=lambda request: seen.append(("send", turns._turn.locked())) or session.send(request)
-        )
-        spy = "test-spy-before-parse"
-        client.meta.events.register_first(
-            "before-parse.s3.ListObjectsV2", lambda **_: seen.append(("parse", turns._turn.locked())), unique_id=spy
-        )
-        try:
-            with turns.joined():
-                page = client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix)
-            client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix)  # not a member: botocore sends it
-        finally:
-            client.meta.events.unregister("before-parse.s3.ListObjectsV2", unique_id=spy)
-    assert seen == [("send", True), ("parse", False), ("parse", False)]
-    assert [o["Key"][len(store.prefix) :] for o in page["Contents"]] == keys

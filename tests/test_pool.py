@@ -28,7 +28,7 @@ from pseudotrack.cli.main import app
 from pseudotrack.demo import write_demo_bucket
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.shards import committed_shards, read_shard
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,7 @@ from pseudotrack.flows.scaling_round import (
     training_shards,
 )
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.student.model import build_student, export_student
 from pseudotrack.student.train import TrainConfig
 

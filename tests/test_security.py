@@ -4,7 +4,7 @@
   teacher's loader, the student's and the training resume, and the code never runs (it would make a folder).
 - Shards: every member a round writes is one of the documented fields, none a pickle; `read_shard`
   refuses object arrays and ignores pickle members without unpickling them.
-- Credentials: a real round through the CLI, on S3 (moto) with distinctive fake AWS credentials and a
+- Credentials: a real round through the CLI, on S3 (SeaweedFS) with distinctive fake AWS credentials and a
   real Prefect server; the CLI's output, the Prefect logs, artifacts, flow and task runs (and the
   server's database file itself), every workspace object (Parquet and tar members decoded) and the
   dashboard's pages are searched for them. A URI carrying user:password@ is refused without echoing it.
@@ -31,6 +31,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import videos  # tests/videos.py
+from seaweedfs import LEAK_ACCESS_KEY as ACCESS_KEY  # distinctive credentials the test S3 server accepts
+from seaweedfs import LEAK_SECRET_KEY as SECRET_KEY
 from typer.testing import CliRunner
 
 from pseudotrack.cli.main import app
@@ -38,13 +40,11 @@ from pseudotrack.config import RoundConfig
 from pseudotrack.dashboard import app as dash
 from pseudotrack.errors import CheckpointError, ConfigError
 from pseudotrack.flows.label_round import run_round
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.shards import committed_shards, read_shard
 from pseudotrack.teachers.base import create_teacher, teacher_names, teacher_spec
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pseudotrack"
-ACCESS_KEY = "AKIAPSEUDOTRACKSECRET1"
-SECRET_KEY = "pseudotrackSuperSecret/9f3Kx+Qe7Lm2Zp"
 SECRETS = (ACCESS_KEY, SECRET_KEY, "pseudotrackSuperSecret")
 MARKUP_KEY = "clips/<img src=x onerror=alert(1)> dog.mp4"
 MARKUP_CAPTION = '<script>document.title="pwned"</script> a dog runs & <b>jumps</b>'
@@ -297,7 +297,7 @@ def test_credentials_reach_no_log_artifact_file_or_page(
     )
     client.put_object(Bucket=name, Key=f"{prefix}/captions.jsonl", Body=manifest.encode())
 
-    # the fake credentials are the only ones in the environment from here on (moto accepts any)
+    # the distinctive credentials are the only ones in the environment from here on
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")

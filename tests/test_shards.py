@@ -80,7 +80,7 @@ def test_abort_leaves_nothing_visible(store):
 
 
 def test_shards_hold_no_pickles(tmp_path):
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
 
     store = open_store(str(tmp_path))
     sink = ShardSink(store, "r", "b3")

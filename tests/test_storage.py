@@ -1,4 +1,4 @@
-"""Object store: the same behaviour on a local directory and on S3 (a real moto server through boto3)."""
+"""Object store: the same behaviour on a local directory and on S3 (a real SeaweedFS server through boto3)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,11 @@ import pytest
 
 from pseudotrack.errors import ConfigError
 from pseudotrack.storage import layout
-from pseudotrack.storage import objects as objects_module
-from pseudotrack.storage.objects import (
-    TMP_MARK,
-    LocalStore,
-    ObjectStore,
-    S3Store,
-    open_store,
-    register_s3_gopen,
-)
+from pseudotrack.storage import s3 as s3_module
+from pseudotrack.storage.base import TMP_MARK, ObjectStore
+from pseudotrack.storage.local import LocalStore
+from pseudotrack.storage.s3 import S3Store, register_s3_gopen
+from pseudotrack.storage.uri import open_store
 
 
 def raw_keys(store: ObjectStore) -> list[str]:
@@ -230,8 +226,8 @@ def test_local_listing_skips_temporary_files_of_crashed_writers(tmp_path) -> Non
 
 def test_big_files_go_up_in_parts(s3_uri: str, tmp_path, monkeypatch) -> None:
     # 5 MiB is S3's smallest part; lowering the threshold exercises the multipart path with a small file
-    monkeypatch.setattr(objects_module, "MULTIPART_THRESHOLD", 5 << 20)
-    monkeypatch.setattr(objects_module, "MULTIPART_CHUNK", 5 << 20)
+    monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 5 << 20)
+    monkeypatch.setattr(s3_module, "MULTIPART_CHUNK", 5 << 20)
     src = tmp_path / "big.tar"
     payload = os.urandom((11 << 20) + 123)
     src.write_bytes(payload)
@@ -258,8 +254,8 @@ def test_webdataset_reads_s3_urls_through_boto3(s3_uri: str, tmp_path) -> None:
     assert [s["txt"] for s in samples] == [b"sample 0", b"sample 1", b"sample 2"]
     assert samples[2]["bin"] == bytes([2]) * 1000
     with pytest.raises(FileNotFoundError):
-        objects_module.gopen_s3(store.uri("shards/missing.tar"))
-    with tarfile.open(fileobj=objects_module.gopen_s3(store.uri("shards/r1/b-000000.tar")), mode="r|") as tar:
+        s3_module.gopen_s3(store.uri("shards/missing.tar"))
+    with tarfile.open(fileobj=s3_module.gopen_s3(store.uri("shards/r1/b-000000.tar")), mode="r|") as tar:
         assert len([m for m in tar]) == 6
 
 
@@ -330,8 +326,6 @@ def test_create_exclusive_has_one_winner(backend, tmp_path, s3_uri):
     """Claims rest on this: of many racing writers to one key exactly one wins, and the winner's bytes stay."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pseudotrack.storage.objects import open_store
-
     store = open_store(str(tmp_path / "ws") if backend == "local" else s3_uri)
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: store.create_exclusive("claims/a.json", f"writer {i}".encode()), range(16)))
@@ -349,14 +343,14 @@ def test_create_exclusive_has_one_winner(backend, tmp_path, s3_uri):
 def test_fast_timestamps_equal_botocores(text: str) -> None:
     from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
-    from pseudotrack.storage.objects import _parse_timestamp
+    from pseudotrack.storage.s3 import parse_timestamp
 
-    assert _parse_timestamp(text) == DEFAULT_TIMESTAMP_PARSER(text)
-    assert _parse_timestamp(text).tzinfo is not None
+    assert parse_timestamp(text) == DEFAULT_TIMESTAMP_PARSER(text)
+    assert parse_timestamp(text).tzinfo is not None
 
 
 def test_listed_times_are_the_servers(s3_uri: str) -> None:
-    from pseudotrack.storage.objects import s3_client, split_s3_uri
+    from pseudotrack.storage.s3 import s3_client, split_s3_uri
 
     store = open_store(s3_uri)
     store.write_bytes("a/b.bin", b"xyz")

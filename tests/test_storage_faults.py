@@ -20,7 +20,9 @@ from faults import EXPECTED, Fault, FaultProxy, check_invariants, reference_labe
 
 from pseudotrack.config import RoundConfig
 from pseudotrack.flows.label_round import BatchesFailed, run_round
-from pseudotrack.storage.objects import StorageUnavailable, is_transient, open_store
+from pseudotrack.storage.base import StorageUnavailable
+from pseudotrack.storage.s3 import S3Store, is_transient
+from pseudotrack.storage.uri import open_store
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,24 @@ def test_fault_outlasting_retries_fails_the_batch_and_a_rerun_resumes(fault_env,
     assert again.labelled == EXPECTED["labelled"] - summary.labelled and not again.failed_batches
     counts = check_invariants(workspace, videos, reference)
     assert counts["states"] == EXPECTED  # videos lost: none
+
+
+@pytest.mark.parametrize("kind", ["status", "truncate", "drop_after"])
+def test_a_listing_broken_between_pages_resumes_after_the_last_key(s3_uri, s3_server, monkeypatch, kind):
+    """The client is told not to retry, so the store's outage handling must: from the last key it listed."""
+    store = open_store(s3_uri)
+    keys = sorted(f"d{i}/v{j:02d}.mp4" for i in range(3) for j in range(10)) + ["d1-x.mp4"]
+    for key in keys:
+        store.write_bytes(key, key.encode())
+    monkeypatch.setattr(S3Store, "page_keys", 4)
+    with FaultProxy(s3_server) as proxy:
+        proxy.add(Fault(kind, method="GET", path="continuation-token=", status=503, code="SlowDown", after=1, times=3))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        listed = [info.key for info in store.list()]
+        injected = proxy.injected[kind]
+    assert injected == 3
+    assert listed == sorted(keys)  # nothing twice, nothing missing
 
 
 def test_transient_and_permanent_errors_are_told_apart():

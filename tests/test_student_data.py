@@ -142,7 +142,7 @@ def test_prepare_clip_gives_up_when_no_point_is_trackable() -> None:
 
 
 def _write_shards(workspace: str, shards: int = 3, per_shard: int = 4) -> None:
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.tasks.clip_codec import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
@@ -221,7 +221,7 @@ def test_loader_reads_shards_from_s3(s3_uri: str) -> None:
 
 
 def test_loader_stops_with_a_reason_when_no_sample_is_usable(tmp_path) -> None:
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.tasks.shards import Sample, ShardSink
     from pseudotrack.teachers.base import TeacherOutput
 
@@ -241,7 +241,7 @@ def test_shards_written_before_the_clip_field_was_renamed_still_load(tmp_path) -
 
     from pseudotrack.render import render_sample_file
     from pseudotrack.storage.catalog import Catalog
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.tasks.clip_codec import CLIP_FIELD, jpegs, mux_jpegs, psnr
     from pseudotrack.tasks.shards import Sample, ShardSink, read_shard, recover_committed
     from pseudotrack.teachers.base import TeacherOutput

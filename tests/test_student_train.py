@@ -27,7 +27,7 @@ H, W, T = 64, 96, 12  # the tiny CoTracker3's resolution; labelled clips of 12 f
 
 def _write_exact_shards(workspace: str, scenes: list[int], per_shard: int = 3, batch: str = "exact") -> None:
     """Shards whose labels are a synthetic scene's exact tracks, under a teacher named 'exact'."""
-    from pseudotrack.storage.objects import open_store
+    from pseudotrack.storage.uri import open_store
     from pseudotrack.synthetic import render_scene
     from pseudotrack.tasks.clip_codec import encode_clip
     from pseudotrack.tasks.shards import Sample, ShardSink

@@ -21,7 +21,7 @@ from pseudotrack.config import RoundConfig
 from pseudotrack.errors import SampleError
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.labelling import PlannedVideo, TeacherPool, label_batch, resolve_checkpoints
 from pseudotrack.tasks.shards import committed_shards, read_shard
 from pseudotrack.teachers import base

@@ -18,7 +18,7 @@ from pseudotrack.config import RoundConfig
 from pseudotrack.flows.label_round import run_round
 from pseudotrack.render import shard_url
 from pseudotrack.storage.catalog import Catalog
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 from pseudotrack.tasks.shards import committed_shards, read_shard
 from pseudotrack.teachers.base import sha256_file, teacher_spec
 

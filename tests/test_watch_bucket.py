@@ -34,7 +34,7 @@ from pseudotrack.flows.watch_bucket import (
 )
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.claims import HOST
-from pseudotrack.storage.objects import open_store
+from pseudotrack.storage.uri import open_store
 
 # 5 generated clips: clip_0002 has a caption the filter drops, clip_0003 a .txt sidecar
 BUCKET = dict(videos=5, frames=16, height=64, width=96, seed=2, broken=0)

@@ -36,7 +36,8 @@ def run_labelling(make_config: Callable, run: Callable | None = None) -> dict:
     """
     from ..errors import ConfigError
     from ..flows.label_round import BatchesFailed, run_label_round_flow
-    from ..storage.objects import StorageUnavailable, open_workspace
+    from ..storage.base import StorageUnavailable
+    from ..storage.uri import open_workspace
     from ..tasks.labelling import resolve_checkpoints
 
     config = None
@@ -116,7 +117,7 @@ def status(
     """Counts per round by state, teacher and failure reason, read from the catalog (--failed: the failed videos)."""
     from ..errors import ConfigError
     from ..storage.catalog import Catalog
-    from ..storage.objects import open_store
+    from ..storage.uri import open_store
 
     try:
         store = open_store(workspace)

@@ -48,7 +48,7 @@ from markupsafe import Markup
 from ..errors import ConfigError
 from ..storage.catalog import Catalog
 from ..storage.layout import RUNS, is_sample_key
-from ..storage.objects import open_store
+from ..storage.uri import open_store
 from . import charts
 from .previews import render_preview
 from .views import METRICS_FILE, VIDEOS_PER_HOUR, FileCache, collect, metric_value

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..storage.objects import ObjectStore
+from ..storage.base import ObjectStore
 
 PREVIEW_WIDTH = 960
 PREVIEW_MIN_HEIGHT = 288

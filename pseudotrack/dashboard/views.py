@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..storage.base import ObjectInfo, ObjectStore
 from ..storage.catalog import Catalog, CatalogState
 from ..storage.layout import REPORTS, RUNS, SHARDS, is_manifest
-from ..storage.objects import ObjectInfo, ObjectStore
 
 METRICS_FILE = "metrics.jsonl"  # student/train.py's METRICS_NAME; not imported to keep torch out of this module
 PREVIEWS = 6

@@ -37,7 +37,7 @@ from prefect.artifacts import create_markdown_artifact
 from ..config import RoundConfig
 from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import runs_prefix
-from ..storage.objects import open_store, open_workspace
+from ..storage.uri import open_store, open_workspace
 from ..tasks.labelling import BatchResult, PlannedVideo, batch_id_for, label_batch
 
 DEPLOYMENT = "label-batch/label-batch"

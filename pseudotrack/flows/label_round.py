@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..faults import fault_point
 from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import new_round_id
-from ..storage.objects import open_workspace
+from ..storage.uri import open_workspace
 from ..tasks.caption_filter import CaptionRules, filter_captions
 from ..tasks.caption_prefetch import CaptionPrefetch
 from ..tasks.discover import Discovery, VideoItem, batches, discover_task, pending

@@ -39,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ..config import RoundConfig, dataclass_from_dict
 from ..errors import ConfigError
 from ..storage.layout import manifest_key, validate_round_id
-from ..storage.objects import open_store
+from ..storage.uri import open_store
 from ..student.train import TrainConfig
 from .scaling_plot import METRICS
 from .summary import artifact_key

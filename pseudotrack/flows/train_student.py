@@ -221,7 +221,7 @@ def loss_windows(history: list[dict], resumed_from: int = 0) -> list[dict]:
 
 def _publish_report(config: TrainConfig, report: dict) -> None:
     """Copy the report under `reports/` of the workspace, when it can be written (best effort)."""
-    from ..storage.objects import open_store
+    from ..storage.uri import open_store
 
     try:
         store = open_store(config.workspace)

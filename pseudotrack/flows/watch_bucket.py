@@ -15,26 +15,18 @@ done set and the shard recovery of `run_round` keep it from labelling again what
 committed, and it resumes the crashed round under the same id. The state only saves work (a listing
 compared with it, instead of every caption read again each hour): deleting it costs one full pass.
 
-The lease: `watch/lease/<generation>.json`, created with `create_exclusive`, so of any number of racing
-runs exactly one creates each generation, on a disk and on S3 alike; the highest generation is in force.
-It is free when its holder released it, when its expiry passed (the holder pushes it a lease ahead every
-quarter lease while it works, so only a dead or frozen holder lets it run out), or when its holder is a
-process of this machine that is gone. A free lease is taken by creating the next generation. A holder
-that finds a higher generation than its own (it was frozen past its expiry and someone took over) stops
-before writing the state.
+The lease: a `storage.claims.Lease` under `watch/lease/`, the same mechanism as the per-video claims, so
+of any number of racing runs exactly one holds it, on a disk and on S3 alike; a dead or frozen holder's
+lease passes on once it expires (at once when the holder was a process of this machine that is gone). A
+holder that finds its lease taken over (it was frozen past its expiry) stops before writing the state.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import os
-import re
 import secrets
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -48,9 +40,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ..config import RoundConfig
 from ..errors import ConfigError
+from ..storage.base import ObjectStore
 from ..storage.catalog import TERMINAL, Catalog
-from ..storage.claims import HOST, pid_alive
-from ..storage.objects import ObjectStore, open_workspace
+from ..storage.claims import Lease, Renewal
+from ..storage.uri import open_workspace
 from ..tasks.discover import Discovery, VideoItem, discover_task
 from ..tasks.labelling import resolve_checkpoints
 from .label_round import BatchesFailed, run_round
@@ -61,9 +54,7 @@ log = logging.getLogger(__name__)
 STATE_KEY = "watch/state.parquet"
 LEASE_PREFIX = "watch/lease/"
 DEFAULT_LEASE_SECONDS = 900.0  # a crashed holder on another machine blocks the watcher for at most this long
-KEEP_GENERATIONS = 16  # older lease generations are deleted; a racer that far behind is caught by `_top`
-_GENERATION = re.compile(r"(\d{8})\.json")
-_LIVE_TOKENS: set[str] = set()  # leases held by this process right now
+KEEP_GENERATIONS = 16  # older lease generations are deleted (a racer that far behind: `Lease.take`)
 
 STATE_SCHEMA = pa.schema(
     [
@@ -101,25 +92,8 @@ def _iso(seconds) -> str:
         return "?"
 
 
-def why_free(doc: dict, now: float | None = None) -> str | None:
-    """Why a lease no longer protects the watcher, or None while its holder may still be working."""
-    now = time.time() if now is None else now
-    if doc.get("released"):
-        return "released"
-    if float(doc.get("expires_at") or 0) < now:
-        return "lease expired"
-    if doc.get("host") == HOST:
-        pid = doc.get("pid")
-        if pid == os.getpid():
-            if doc.get("token") not in _LIVE_TOKENS:
-                return "its run in this process is over"
-        elif not pid_alive(pid):
-            return f"its process {pid} on this machine is gone"
-    return None
-
-
-class WatchLease:
-    """The single watch lease of a workspace: acquire, renew in the background, release.
+class WatchLease(Lease):
+    """The single watch lease of a workspace: acquire, renewed in the background, release.
 
     round_for(previous) picks the round id this holder works on, given the lease document in force
     before it (None the first time): a crashed or unfinished round is resumed under its own id.
@@ -128,127 +102,24 @@ class WatchLease:
     def __init__(self, workspace: ObjectStore, seconds: float = DEFAULT_LEASE_SECONDS, prefix: str = LEASE_PREFIX):
         if not seconds > 0:
             raise ConfigError(f"watch lease must be a positive number of seconds, got {seconds}")
-        self.workspace = workspace
-        self.seconds = seconds
-        self.prefix = prefix
-        self.token = uuid.uuid4().hex
-        self.generation: int | None = None
-        self.doc: dict = {}
+        super().__init__(workspace, prefix, seconds, keep=KEEP_GENERATIONS)
         self.previous: dict | None = None
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._renewal: Renewal | None = None
 
-    def _key(self, generation: int) -> str:
-        return f"{self.prefix}{generation:08d}.json"
-
-    def _generations(self) -> list[int]:
-        return sorted(
-            int(m.group(1))
-            for info in self.workspace.list(self.prefix)
-            if (m := _GENERATION.fullmatch(info.key[len(self.prefix) :]))
-        )
-
-    def _read(self, generation: int) -> dict:
-        """The lease document; an unreadable one counts as expired once it is a lease old."""
-        key = self._key(generation)
-        try:
-            doc = json.loads(self.workspace.read_bytes(key))
-            if isinstance(doc, dict):
-                return doc
-        except FileNotFoundError:
-            return {"released": True}  # pruned or removed by hand: nobody is working under it
-        except ValueError:
-            pass
-        info = self.workspace.info(key)
-        return {"round_id": "(unreadable lease)", "expires_at": (info.mtime if info else 0.0) + self.seconds}
-
-    def acquire(self, round_for: Callable[[dict | None], str], races: int = 8) -> dict:
+    def acquire(self, round_for: Callable[[dict | None], str]) -> dict:
         """Hold the lease (returns its document) or raise LeaseBusy naming the live holder."""
-        for _ in range(races):
-            generations = self._generations()
-            top = generations[-1] if generations else None
-            current = self._read(top) if top is not None else None
-            if current is not None and why_free(current) is None:
-                raise LeaseBusy(current)
-            generation = 0 if top is None else top + 1
-            now = time.time()
-            doc = {
-                "generation": generation,
-                "round_id": round_for(current),
-                "token": self.token,
-                "host": HOST,
-                "pid": os.getpid(),
-                "acquired_at": now,
-                "expires_at": now + self.seconds,
-                "released": False,
-            }
-            _LIVE_TOKENS.add(self.token)  # before the lease exists: a racer of this process must see it live
-            if not self.workspace.create_exclusive(self._key(generation), _encode(doc)):
-                _LIVE_TOKENS.discard(self.token)
-                continue  # another run created it first: look again
-            after = self._generations()
-            if after and after[-1] > generation:  # we re-created a pruned number below the one in force
-                _LIVE_TOKENS.discard(self.token)
-                self.workspace.delete(self._key(generation))
-                continue
-            self.generation, self.doc, self.previous = generation, doc, current
-            self._prune(after)
-            self._thread = threading.Thread(target=self._renew_loop, name="watch-lease", daemon=True)
-            self._thread.start()
-            return doc
-        generations = self._generations()
-        raise LeaseBusy(self._read(generations[-1]) if generations else {})
-
-    def _prune(self, generations: list[int]) -> None:
-        for old in generations[:-KEEP_GENERATIONS]:
-            try:
-                self.workspace.delete(self._key(old))
-            except Exception as exc:  # only tidiness
-                log.debug("could not delete old watch lease %s: %s", old, exc)
-
-    def _renew_loop(self) -> None:
-        interval = max(self.seconds / 4, 0.05)
-        while not self._stop.wait(interval):
-            try:
-                self.renew()
-            except Exception as exc:  # a storage fault: the next renewal tries again, well within the lease
-                log.warning("renewing the watch lease failed: %s", exc)
-
-    def renew(self) -> None:
-        """Push the expiry a lease ahead; if someone took over (we were frozen past it), the lease is lost."""
-        if self.generation is None or self.lost:
-            return
-        if not self.holds():
-            return
-        self.doc = dict(self.doc, expires_at=time.time() + self.seconds)
-        self.workspace.write_bytes(self._key(self.generation), _encode(self.doc))
-
-    def holds(self) -> bool:
-        """Whether this run's generation is still the one in force (checked on the store, not remembered)."""
-        if self.generation is None or self.lost:
-            return False
-        generations = self._generations()
-        if generations and generations[-1] > self.generation:
-            self.lost = True
-            log.warning("the watch lease was taken over by generation %d after ours ran out", generations[-1])
-        return not self.lost
+        took, doc = self.take(lambda previous: {"round_id": round_for(previous)}, look_first=True)
+        if not took:
+            raise LeaseBusy(doc or {})
+        self.previous = doc
+        self._renewal = Renewal(lambda: [self], self.seconds, "watch-lease")
+        return self.doc
 
     def release(self, finished: bool) -> None:
         """Give the lease back; `finished=False` asks the next run to resume this run's round."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        try:
-            if self.generation is not None and self.holds():
-                doc = dict(self.doc, released=True, released_at=time.time(), finished=finished)
-                self.workspace.write_bytes(self._key(self.generation), _encode(doc))
-        finally:
-            _LIVE_TOKENS.discard(self.token)
-
-
-def _encode(doc: dict) -> bytes:
-    return json.dumps(doc, sort_keys=True).encode("utf-8")
+        if self._renewal is not None:
+            self._renewal.stop()
+        self.give_back(finished=finished)
 
 
 def new_watch_round_id(now: datetime | None = None) -> str:

@@ -38,8 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..faults import fault_point
+from .base import ObjectStore
 from .layout import CATALOG, validate_round_id
-from .objects import ObjectStore, open_store
+from .uri import open_store
 
 EVENTS = f"{CATALOG}/events/"
 SNAPSHOTS = f"{CATALOG}/snapshots/"

@@ -84,7 +84,7 @@ def shard_refs(workspace: str, rounds: list[str] | None = None) -> list[ShardRef
     Reading a shard never needs its manifest again; the counts let the sampling
     plan be replayed without opening any tar.
     """
-    from ..storage.objects import open_store
+    from ..storage.uri import open_store
     from ..tasks.shards import committed_shards
 
     store = open_store(workspace)
@@ -295,7 +295,7 @@ def _raw_samples(url: str) -> Iterator[dict]:
     from webdataset.tariterators import tarfile_samples
 
     if url.startswith("s3://"):
-        from ..storage.objects import register_s3_gopen
+        from ..storage.s3 import register_s3_gopen
 
         register_s3_gopen()
     return iter(tarfile_samples([{"url": url}]))

@@ -408,7 +408,7 @@ def read_sidecar(store, key: str) -> bytes:
 
 
 def _read_manifest_uri(bucket_store, uri: str) -> tuple[bytes, str]:
-    from ..storage.objects import open_store
+    from ..storage.uri import open_store
 
     if "://" not in uri and not Path(uri).is_absolute() and not Path(uri).exists() and bucket_store.exists(uri):
         return bucket_store.read_bytes(uri), bucket_store.uri(uri)

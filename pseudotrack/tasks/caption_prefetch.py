@@ -5,7 +5,7 @@ stage used to start only after it: fetch and parse the manifest, judge every
 caption, then read the sidecars one request each. None of that needs the whole
 listing. The manifest is found by name and judged at once; a sidecar is read as
 soon as the listing has shown both it and a video the manifest does not caption.
-The plan then finds its captions read and judged (100k videos on moto:
+The plan then finds its captions read and judged (100k videos on SeaweedFS:
 bench/bench_planning.py).
 
 What is read, and what a read's failure means, is exactly what `CaptionIndex`

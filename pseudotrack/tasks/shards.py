@@ -254,7 +254,7 @@ def decode_sample(raw: dict) -> dict:
 def read_shard(url: str) -> Iterator[dict]:
     """Iterate the decoded samples of one shard (local path or s3:// URL)."""
     if url.startswith("s3://"):
-        from ..storage.objects import register_s3_gopen
+        from ..storage.s3 import register_s3_gopen
 
         register_s3_gopen()
     dataset = wds.WebDataset(url, shardshuffle=False, empty_check=False)
