@@ -85,6 +85,12 @@ class RoundConfig:
     retry_failed: bool = False
     # a batch's claims on its videos (storage/claims.py) last this long unless renewed (every quarter lease)
     claim_lease_seconds: float = 600.0
+    # label quality (tasks/quality.py): the forward-backward check runs on this fraction of clips (drawn per
+    # video from the seed); tracks scored below min_track_quality are kept in the shard but not supervised;
+    # a video whose mean score is below min_sample_quality is filtered ("quality: <value> < S"); None: off
+    quality_sample: float = 0.05
+    min_track_quality: float | None = None
+    min_sample_quality: float | None = None
     # orchestration: "local" runs batches in this process; "pool" sends each to the label-batch deployment
     executor: str = "local"
     deployment: str | None = None  # default "label-batch/label-batch"
@@ -134,6 +140,12 @@ class RoundConfig:
             problems.append(
                 f"missing_caption={self.missing_caption!r}: choose one of {', '.join(MISSING_CAPTION_POLICIES)}"
             )
+        for name, optional in (("quality_sample", False), ("min_track_quality", True), ("min_sample_quality", True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                problems.append(f"{name}={value!r} must be a number between 0 and 1" + (" (or unset)" * optional))
         if self.executor not in ("local", "pool"):
             problems.append(f"executor={self.executor!r}: choose local (in this process) or pool (label-batch runs)")
         if self.round_id is not None:
