@@ -162,22 +162,29 @@ def label_and_score(teachers: dict, scenes: int, frames: int, size: tuple[int, i
     }, outs
 
 
-def round_lk_seconds(clips: int) -> float:
-    """Seconds `lk` takes per round-default clip (384x512, 64 frames, 384 queries), median over `clips` scenes."""
+def round_default_costs(clips: int) -> dict:
+    """On round-default clips (384x512, 64 frames, 384 queries), median seconds of `lk`, of the quality
+    signals without forward-backward, and of the forward-backward re-run."""
     teacher = create_teacher("lk")
-    times = []
+    times = {"teacher": [], "quality": [], "fb": []}
     for i in range(clips):
         scene = render_scene(EVAL_SEED + 500 + i, num_frames=64, height=384, width=512, num_points=384)
         queries = np.concatenate([np.zeros((384, 1)), scene.tracks[:, 0]], axis=1).astype(np.float32)
         start = time.perf_counter()
-        teacher.predict(scene.frames, queries)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        out = teacher.predict(scene.frames, queries)
+        times["teacher"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        track_quality(out.tracks, out.visibility, out.confidence, queries, (384, 512), frames=scene.frames)
+        times["quality"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        forward_backward_error(teacher.predict, scene.frames, queries, out.tracks, out.visibility)
+        times["fb"].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scenes", type=int, default=12)
+    parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--height", type=int, default=192)
     parser.add_argument("--width", type=int, default=256)
@@ -222,11 +229,17 @@ def main() -> None:
         )
     cs = CalibrationSet()
     cal_seconds = calibrate(teachers["lk"]).seconds
-    per_clip = round_lk_seconds(args.round_clips)
+    costs = round_default_costs(args.round_clips)
+    per_clip = costs["teacher"]
+    print(
+        f"round-default clip (384x512, 64 frames, 384 queries, median of {args.round_clips}): lk {per_clip:.2f} s; "
+        f"quality signals {costs['quality']:.2f} s = {costs['quality'] / per_clip:.1%} of it without "
+        f"forward-backward, {(costs['quality'] + costs['fb']) / per_clip:.1%} with"
+    )
     print(
         f"calibration cost per round (lk, {cs.scenes} scenes x {cs.frames} frames at {cs.height}x{cs.width}, "
         f"{cs.points} points): {cal_seconds:.2f} s = {cal_seconds / (100 * per_clip):.2%} of labelling 100 "
-        f"round-default clips with lk ({per_clip:.2f} s/clip, median of {args.round_clips})"
+        f"round-default clips with lk"
     )
     print(f"spearman={worst_s:.3f} error_drop={worst_d:.3f} teachers={','.join(results)} (worst over teachers)")
 

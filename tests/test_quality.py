@@ -225,3 +225,16 @@ def test_calibration_scores_lk_against_exact_tracks_and_a_still_teacher_lower() 
     assert json.loads(json.dumps(lk.to_dict()))["teacher"] == "lk"
     with pytest.raises(ConfigError, match="scenes"):
         CalibrationSet(scenes=0)
+
+
+def test_clip_quality_scores_every_teacher_against_the_others_in_one_call() -> None:
+    scene, _, queries = scene_queries(41, points=24)
+    lk, held = create_teacher("lk"), create_teacher("noop")
+    labels = {"lk": lk.predict(scene.frames, queries), "noop": held.predict(scene.frames, queries)}
+    scores, summary = q.clip_quality(scene.frames, queries, labels, predicts={"lk": lk.predict})
+    assert set(scores) == {"lk", "noop"} and all(s.shape == (len(queries),) for s in scores.values())
+    assert summary["forward_backward"] is True and json.loads(json.dumps(summary)) == summary
+    lk_part, noop_part = summary["teachers"]["lk"], summary["teachers"]["noop"]
+    assert lk_part["signals"]["consistency"] is not None and noop_part["signals"]["consistency"] is None
+    assert noop_part["signals"]["confidence"] is None  # all ones: no confidence, unknown
+    assert lk_part["mean"] > noop_part["mean"]

@@ -21,6 +21,12 @@ Signals, each per track, in [0, 1] with 1 = good, NaN = unknown (not measured):
   is the median step of the tracks seen on both frames, raised to the frame's
   global shift (phase correlation) when the frames are given, so a teacher
   whose every track is stuck is caught too. Unknown when the scene is still.
+* ``appearance``: exp(-d / APPEARANCE_TOLERANCE), d the mean absolute colour
+  difference (grey levels) between a 3x3 grid of colours around the track and
+  the same grid at the query, over the frames the teacher sees. It catches a
+  track that slid, consistently, onto another surface (a background point
+  carried along by the object beside it), which the teacher's own checks and
+  forward-backward miss. Unknown without frames.
 * ``agreement``: with other teachers on the same queries, per other teacher
   exp(-d / TOLERANCE) times the fraction of frames whose visibility agrees,
   where d is the mean distance over frames both see; averaged over the others.
@@ -37,10 +43,11 @@ The score (one formula, for every teacher):
 
     score = exp( sum_i w_i * log(max(s_i, EPS)) / sum_i w_i ),  over the signals i that are known
 
-a weighted geometric mean, with weights ``WEIGHTS`` (confidence 1, coverage 1,
-motion 1, agreement 2, consistency 2) and EPS = 1e-3: a track is only as good
-as its worst evidence, unknown signals drop out rather than count as perfect,
-and coverage is always known, so every track gets a score.
+a weighted geometric mean, with weights ``WEIGHTS`` (confidence 1, coverage 0.5,
+motion 1, appearance 2, agreement 2, consistency 2) and EPS = 1e-3: one bad
+signal pulls the score down far more than in an arithmetic mean; unknown
+signals drop out rather than count as perfect; coverage is always known, so
+every track gets a score.
 
 A sample's summary (`sample_quality`) is, per teacher, the mean score, the
 fraction of tracks below a threshold and each signal's mean: plain Python
@@ -336,6 +343,46 @@ def track_quality(
         bad = int((~np.isfinite(scores)).sum())
         raise SampleError("quality", f"{bad} of {n} track quality scores are NaN or infinite")
     return np.clip(scores, 0.0, 1.0).astype(np.float32), {k: v.astype(np.float32) for k, v in signals.items()}
+
+
+def clip_quality(
+    frames: np.ndarray,
+    queries: np.ndarray,
+    labels: Mapping[str, object],
+    predicts: Mapping[str, Predict] | None = None,
+    has_confidence: Mapping[str, bool] | None = None,
+    threshold: float = LOW_QUALITY,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Every teacher's scores on one clip and the sample's `quality` object: the labelling stage's one call.
+
+    labels: teacher name -> its output (anything with .tracks, .visibility, .confidence), all on the
+    same `queries`; each teacher is compared with the others. predicts: teacher name -> its predict,
+    given only for clips chosen for the forward-backward check (`forward_backward_chosen`).
+    has_confidence: teacher name -> whether it has a confidence output (unset: read off the values).
+    Returns ({name: float32 [N] scores}, quality object); raises SampleError("quality", ...).
+    """
+    predicts = predicts or {}
+    has_confidence = has_confidence or {}
+    size = tuple(np.shape(frames)[1:3])
+    scores, parts = {}, {}
+    for name, out in labels.items():
+        others = [(o.tracks, o.visibility) for other, o in labels.items() if other != name]
+        fb = None
+        if name in predicts:
+            fb = forward_backward_error(predicts[name], frames, queries, out.tracks, out.visibility)
+        scores[name], signals = track_quality(
+            out.tracks,
+            out.visibility,
+            out.confidence,
+            queries,
+            size,
+            frames=frames,
+            others=others,
+            fb_error=fb,
+            has_confidence=has_confidence.get(name),
+        )
+        parts[name] = (scores[name], signals)
+    return scores, sample_quality(parts, threshold, forward_backward=bool(predicts))
 
 
 # ---------------------------------------------------------------- forward-backward
