@@ -30,7 +30,7 @@ Signals, each per track, in [0, 1] with 1 = good, NaN = unknown (not measured):
 * ``agreement``: with other teachers on the same queries, per other teacher
   exp(-d / TOLERANCE) times the fraction of frames whose visibility agrees,
   where d is the mean distance over frames both see; averaged over the others.
-* ``consistency``: forward-backward. The track's furthest visible frame from
+* ``consistency``: forward-backward. The track's last visible frame after
   its query becomes a query on the time-reversed clip; the distance e between
   where that track lands on the query frame and the query point gives
   exp(-e / TOLERANCE). It doubles a teacher's cost, so it runs on a sampled
@@ -406,12 +406,13 @@ def forward_backward_error(
     tracks: np.ndarray,
     visibility: np.ndarray,
 ) -> np.ndarray:
-    """Track each point back from its furthest visible frame on the time-reversed clip, float64 [N].
+    """Track each point back from its last visible frame on the time-reversed clip, float64 [N].
 
     The error is the distance (256x256 pixels) between where the re-run lands on the
-    query frame and the query point; NaN for tracks seen on no frame but their query's.
-    Reversal (rather than a query on a later frame of the same clip) lets online
-    teachers, which only look forward, run the check too.
+    query frame and the query point; NaN for tracks seen on no frame after their query.
+    Only frames after the query are used, and the clip is reversed (rather than querying
+    a later frame of the same clip), so online teachers, which only look forward, can
+    run the check too.
     """
     tracks, visibility = _check_labels(tracks, visibility, "the teacher's labels")
     t_len, n, _ = tracks.shape
@@ -421,8 +422,8 @@ def forward_backward_error(
         raise ValueError(f"frames must be [T, H, W, 3] with T={t_len}, got shape {frames.shape}")
     size = frames.shape[1:3]
     frame_index = np.arange(t_len)[:, None]
-    usable = visibility & inside_frame(tracks, size) & (frame_index != query_t[None, :])
-    distance = np.where(usable, np.abs(frame_index - query_t[None, :]), -1)
+    usable = visibility & inside_frame(tracks, size) & (frame_index > query_t[None, :])
+    distance = np.where(usable, frame_index - query_t[None, :], -1)
     end_t = distance.argmax(axis=0)
     checked = distance.max(axis=0) > 0 if n else np.zeros(0, bool)
     error = np.full(n, np.nan)
