@@ -29,7 +29,11 @@ Signals, each per track, in [0, 1] with 1 = good, NaN = unknown (not measured):
   forward-backward miss. Unknown without frames.
 * ``agreement``: with other teachers on the same queries, per other teacher
   exp(-d / TOLERANCE) times the fraction of frames whose visibility agrees,
-  where d is the mean distance over frames both see; averaged over the others.
+  where d is the mean distance over the frames where at least one of the two
+  sees the point and both positions are labels (a teacher that tracks through
+  occlusion labels every frame; lk and TAPIR only where they see the point);
+  averaged over the others. It cannot say which teacher is wrong, so it
+  weighs no more than the teacher's own confidence.
 * ``consistency``: forward-backward. The track's last visible frame after
   its query becomes a query on the time-reversed clip; the distance e between
   where that track lands on the query frame and the query point gives
@@ -44,7 +48,7 @@ The score (one formula, for every teacher):
     score = exp( sum_i w_i * log(max(s_i, EPS)) / sum_i w_i ),  over the signals i that are known
 
 a weighted geometric mean, with weights ``WEIGHTS`` (confidence 1, coverage 0.5,
-motion 1, appearance 2, agreement 2, consistency 2) and EPS = 1e-3: one bad
+motion 1, appearance 2, agreement 1, consistency 2) and EPS = 1e-3: one bad
 signal pulls the score down far more than in an arithmetic mean; unknown
 signals drop out rather than count as perfect; coverage is always known, so
 every track gets a score.
@@ -68,7 +72,7 @@ import numpy as np
 from ..errors import ConfigError, SampleError
 
 SIGNALS = ("confidence", "coverage", "motion", "appearance", "agreement", "consistency")
-WEIGHTS = {"confidence": 1.0, "coverage": 0.5, "motion": 1.0, "appearance": 2.0, "agreement": 2.0, "consistency": 2.0}
+WEIGHTS = {"confidence": 1.0, "coverage": 0.5, "motion": 1.0, "appearance": 2.0, "agreement": 1.0, "consistency": 2.0}
 EPS = 1e-3
 BENCHMARK_SIDE = 256.0
 APPEARANCE_TOLERANCE = 10.0  # grey levels of mean colour difference that score 1/e
@@ -79,8 +83,9 @@ MIN_SCENE_MOTION = 0.5  # pixels of 256x256 per frame: below it the scene counts
 LOW_QUALITY = 0.5  # default threshold of a sample's 'low' fraction
 FB_SALT = 0x9E3779B1  # separates the forward-backward draw from the labelling draws of the same video
 
-# what other teachers said about the same queries: (tracks [T, N, 2], visibility [T, N])
-OtherLabels = tuple[np.ndarray, np.ndarray]
+# what another teacher said about the same queries: (tracks [T, N, 2], visibility [T, N]), optionally with a
+# third item, whether that teacher tracks through occlusion (its positions on frames it does not see count)
+OtherLabels = tuple
 # a teacher's predict: frames uint8 [T, H, W, 3], queries [M, 3] -> object with .tracks [T, M, 2], .visibility
 Predict = Callable[[np.ndarray, np.ndarray], object]
 
@@ -248,20 +253,28 @@ def agreement_signal(
     others: Sequence[OtherLabels],
     query_t: np.ndarray,
     size: tuple[int, int],
+    tracks_occluded: bool = False,
 ) -> np.ndarray:
-    """Agreement with other teachers on the same queries, [N]; NaN without others."""
+    """Agreement with other teachers on the same queries, [N]; NaN without others.
+
+    Positions are compared on the frames where at least one of the two sees the point and both
+    positions mean something: a teacher's position counts where it sees the point, or everywhere
+    when it tracks through occlusion (`tracks_occluded`; lk and TAPIR only hold a lost point).
+    """
     n = tracks.shape[1]
     if not others:
         return np.full(n, np.nan)
     to_256 = _to_256(size)
     not_query = np.arange(tracks.shape[0])[:, None] != query_t[None, :]
+    mine = visibility | tracks_occluded
     scores = []
-    for k, (other_tracks, other_vis) in enumerate(others):
-        other_tracks, other_vis = _check_labels(other_tracks, other_vis, f"other teacher {k}")
+    for k, other in enumerate(others):
+        other_tracks, other_vis = _check_labels(other[0], other[1], f"other teacher {k}")
+        other_through = bool(other[2]) if len(other) > 2 else False
         if other_tracks.shape != tracks.shape:
             raise ValueError(f"other teacher {k}'s tracks {other_tracks.shape} differ from {tracks.shape}")
         dist = np.linalg.norm((tracks - other_tracks) * to_256, axis=-1)
-        both = visibility & other_vis & not_query
+        both = mine & (other_vis | other_through) & (visibility | other_vis) & not_query
         count = both.sum(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_d = np.where(count > 0, np.where(both, dist, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
@@ -314,13 +327,16 @@ def track_quality(
     others: Sequence[OtherLabels] = (),
     fb_error: np.ndarray | None = None,
     has_confidence: bool | None = None,
+    tracks_occluded: bool = False,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-track scores float32 [N] in [0, 1] and the signals behind them (float32 [N] each, NaN = unknown).
 
     tracks [T, N, 2] pixels of a clip of `size` (height, width); visibility [T, N] bool;
     confidence [T, N] or None; queries [N, 3] (t, x, y); frames uint8 [T, H, W, 3] for the
     scene's global motion (optional); others: the other teachers' (tracks, visibility) on the
-    same queries; fb_error [N] from `forward_backward_error` (NaN where not measured).
+    same queries, each optionally with whether it tracks through occlusion; fb_error [N] from
+    `forward_backward_error` (NaN where not measured); tracks_occluded: whether this teacher's
+    positions on frames it does not see are labels too (CoTracker) or held guesses (lk, TAPIR).
     Raises SampleError("quality", reason) for non-finite labels or scores.
     """
     tracks, visibility = _check_labels(tracks, visibility, "the teacher's labels")
@@ -335,7 +351,7 @@ def track_quality(
         "coverage": coverage_signal(tracks, visibility, size),
         "motion": motion_signal(tracks, visibility, size, frames),
         "appearance": appearance_signal(frames, tracks, visibility, query_t, size),
-        "agreement": agreement_signal(tracks, visibility, others, query_t, size),
+        "agreement": agreement_signal(tracks, visibility, others, query_t, size, tracks_occluded),
         "consistency": consistency_signal(fb_error, n),
     }
     scores = combine(signals)
@@ -351,6 +367,7 @@ def clip_quality(
     labels: Mapping[str, object],
     predicts: Mapping[str, Predict] | None = None,
     has_confidence: Mapping[str, bool] | None = None,
+    tracks_occluded: Mapping[str, bool] | None = None,
     threshold: float = LOW_QUALITY,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Every teacher's scores on one clip and the sample's `quality` object: the labelling stage's one call.
@@ -359,14 +376,16 @@ def clip_quality(
     same `queries`; each teacher is compared with the others. predicts: teacher name -> its predict,
     given only for clips chosen for the forward-backward check (`forward_backward_chosen`).
     has_confidence: teacher name -> whether it has a confidence output (unset: read off the values).
+    tracks_occluded: teacher name -> the teacher's `tracks_occluded` (unset: False).
     Returns ({name: float32 [N] scores}, quality object); raises SampleError("quality", ...).
     """
     predicts = predicts or {}
     has_confidence = has_confidence or {}
+    through = tracks_occluded or {}
     size = tuple(np.shape(frames)[1:3])
     scores, parts = {}, {}
     for name, out in labels.items():
-        others = [(o.tracks, o.visibility) for other, o in labels.items() if other != name]
+        others = [(o.tracks, o.visibility, through.get(other, False)) for other, o in labels.items() if other != name]
         fb = None
         if name in predicts:
             fb = forward_backward_error(predicts[name], frames, queries, out.tracks, out.visibility)
@@ -380,6 +399,7 @@ def clip_quality(
             others=others,
             fb_error=fb,
             has_confidence=has_confidence.get(name),
+            tracks_occluded=through.get(name, False),
         )
         parts[name] = (scores[name], signals)
     return scores, sample_quality(parts, threshold, forward_backward=bool(predicts))
