@@ -153,6 +153,27 @@ class RoundConfig:
     claim_lease_seconds: float = field(
         default=600.0, metadata=_help("A batch's claim on its videos lapses after this long unless renewed.")
     )
+    # label quality (tasks/quality.py): the forward-backward check runs on this fraction of clips (drawn per
+    # video from the seed); tracks scored below min_track_quality are kept in the shard but not supervised;
+    # a video whose mean score is below min_sample_quality is filtered ("quality: <value> < S"); None: off
+    quality_sample: float = field(
+        default=0.05,
+        metadata=_help(
+            "Fraction of clips whose labels are also checked forward-backward (doubles their teacher time)."
+        ),
+    )
+    min_track_quality: float | None = field(
+        default=None,
+        metadata=_help(
+            "Tracks scored below this (0..1) stay in the shard, flagged, and are not supervised. Default: off."
+        ),
+    )
+    min_sample_quality: float | None = field(
+        default=None,
+        metadata=_help(
+            "A video whose mean track score is below this (0..1) is filtered with the reason. Default: off."
+        ),
+    )
     # orchestration: "local" runs batches in this process; "pool" sends each to the label-batch deployment
     executor: str = field(
         default="local",
@@ -217,6 +238,12 @@ class RoundConfig:
             problems.append(
                 f"missing_caption={self.missing_caption!r}: choose one of {', '.join(MISSING_CAPTION_POLICIES)}"
             )
+        for name, optional in (("quality_sample", False), ("min_track_quality", True), ("min_sample_quality", True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                problems.append(f"{name}={value!r} must be a number between 0 and 1" + (" (or unset)" * optional))
         if self.executor not in ("local", "pool"):
             problems.append(f"executor={self.executor!r}: choose local (in this process) or pool (label-batch runs)")
         if self.round_id is not None:
