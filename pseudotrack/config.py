@@ -62,6 +62,8 @@ class RoundConfig:
     workers: int = 1
     device: str = "auto"
     teacher_batch: int | None = None  # clips per teacher forward; None: 4 on a GPU, 1 on the CPU
+    # worker processes for a label batch's CPU stages (decode, SIFT, encode); None: the cores minus one, 0: none
+    cpu_workers: int | None = None
     # clips (§3.1): 384x512, 64 frames for an online student, random stride 1..4
     height: int = 384
     width: int = 512
@@ -115,6 +117,11 @@ class RoundConfig:
             )
         if self.teacher_batch is not None and self.teacher_batch < 1:
             problems.append(f"teacher_batch={self.teacher_batch} must be at least 1 (or unset for the default)")
+        if self.cpu_workers is not None and self.cpu_workers < 0:
+            problems.append(
+                f"cpu_workers={self.cpu_workers} must be 0 (CPU stages in the batch's own process), a positive "
+                "number of worker processes, or unset for the host's cores minus one"
+            )
         if not self.claim_lease_seconds > 0:
             problems.append(f"claim_lease_seconds={self.claim_lease_seconds} must be a positive number of seconds")
         if self.videos is not None and self.videos < 1:
