@@ -114,7 +114,8 @@ def test_crashed_worker_fails_its_video_alone(bucket, tmp_path, monkeypatch, sig
     assert summary.labelled == reference.labelled - 1 and summary.failed == reference.failed + 1
     rows = _catalog_rows(tmp_path / "ws")
     assert rows["bear_b.mp4"]["status"] == "failed"
-    assert f'{rows["bear_b.mp4"]["stage"]}: {rows["bear_b.mp4"]["reason"]}' == f"queries: worker crashed (signal {name})"
+    row = rows["bear_b.mp4"]
+    assert f"{row['stage']}: {row['reason']}" == f"queries: worker crashed (signal {name})"
     # every other video labelled exactly as in-process
     ref, got = shard_members(tmp_path / "reference"), shard_members(tmp_path / "ws")
     bear_b = {n for n, data in ref.items() if n.endswith(".json") and b'"bear_b.mp4"' in data}
