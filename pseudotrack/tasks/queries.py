@@ -32,6 +32,13 @@ from ..errors import SampleError
 
 START_BIAS = 3.0
 BORDER = 2.0  # pixels: trackers sample patches around a query, so points this close to an edge are dropped
+# SIFT runs on the keyframe shrunk by SIFT_SCALE, with its first octave's blur at SIFT_SIGMA (OpenCV's default
+# is 1.6 on an image it doubles first), and its points are mapped back: a quarter of the CPU time for queries
+# distributed as before (bench/bench_cpu_stages.py prints both). SIFT_SCALE = 1.0 is the old path.
+SIFT_SCALE = 0.5
+SIFT_SIGMA = 1.0
+SIFT_MIN_SIDE = 192  # pixels: a keyframe whose short side would shrink below this is searched at full size
+DEFAULT_SIFT_SIGMA = 1.6
 
 
 def keyframe_probabilities(num_frames: int, start_bias: float = START_BIAS) -> np.ndarray:
@@ -49,13 +56,31 @@ def choose_keyframes(
     return np.sort(picks).astype(np.int64)
 
 
-def sift_points(gray: np.ndarray, detector=None, border: float = BORDER) -> tuple[np.ndarray, np.ndarray]:
-    """(xy float32 [M, 2], response float32 [M]): strongest first, one per pixel, `border` px from the edges."""
-    detector = detector if detector is not None else cv2.SIFT_create()
-    keypoints = detector.detect(gray, None)
+def sift_points(
+    gray: np.ndarray, detector=None, border: float = BORDER, scale: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(xy float32 [M, 2], response float32 [M]): strongest first, one per pixel, `border` px from the edges.
+
+    scale: detect on the image resized by this factor (None: SIFT_SCALE) and map the points back to `gray`'s
+    pixels. SIFT doubles its input before the first octave, so most of its time goes to the finest scale.
+    """
+    scale = SIFT_SCALE if scale is None else scale
+    if min(gray.shape[:2]) * scale < SIFT_MIN_SIDE:
+        scale = 1.0
+    detector = detector if detector is not None else cv2.SIFT_create(sigma=sift_sigma(scale))
+    if scale != 1.0:
+        small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        keypoints = detector.detect(small, None)
+    else:
+        keypoints = detector.detect(gray, None)
     if not keypoints:
         return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
     xy = np.array([k.pt for k in keypoints], np.float32)
+    if scale != 1.0:
+        # OpenCV reports a point found on the image it doubled a quarter of the shrunk image's pixel off
+        # (x = column / 2); the true position there is x - 0.25, and pixel centres map as (x + 0.5) / scale - 0.5
+        factor = np.float32([gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]])
+        xy = ((xy + 0.25) * factor - 0.5).astype(np.float32)
     response = np.array([k.response for k in keypoints], np.float32)
     order = np.argsort(-response, kind="stable")
     xy, response = xy[order], response[order]
@@ -66,6 +91,11 @@ def sift_points(gray: np.ndarray, detector=None, border: float = BORDER) -> tupl
     _, first = np.unique(cells[:, 1] * (w + 1) + cells[:, 0], return_index=True)
     keep = np.sort(first)  # the strongest point of each pixel, still in order of response
     return xy[keep], response[keep]
+
+
+def sift_sigma(scale: float) -> float:
+    """The detector's first blur for SIFT on an image shrunk by `scale` (OpenCV's default on a full image)."""
+    return DEFAULT_SIFT_SIGMA if scale == 1.0 else SIFT_SIGMA
 
 
 def allocate(available: list[int], total: int) -> list[int]:
@@ -93,9 +123,11 @@ def sample_queries(
     start_bias: float = START_BIAS,
     min_per_keyframe: int | None = None,
     border: float = BORDER,
+    sift_scale: float | None = None,
 ) -> tuple[np.ndarray, dict]:
     """frames: uint8 [T, H, W, 3] RGB -> (queries float32 [num_queries, 3] (t, x, y) in pixels, stats).
 
+    sift_scale: SIFT on keyframes shrunk by this factor (None: SIFT_SCALE; 1.0: full size, the old path).
     min_per_keyframe: the fewest SIFT points a keyframe may give before the
     clip fails; None means a quarter of its share (at least 1), 0 checks only
     the total. Rows are grouped by keyframe in time order, strongest first.
@@ -109,8 +141,11 @@ def sample_queries(
     keyframes = choose_keyframes(len(frames), num_keyframes, rng, start_bias)
     share = num_queries // len(keyframes)
     minimum = max(1, share // 4) if min_per_keyframe is None else min_per_keyframe
-    detector = cv2.SIFT_create()
-    found = [sift_points(cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY), detector, border) for t in keyframes]
+    sift_scale = SIFT_SCALE if sift_scale is None else sift_scale
+    if min(frames.shape[1:3]) * sift_scale < SIFT_MIN_SIDE:
+        sift_scale = 1.0
+    detector = cv2.SIFT_create(sigma=sift_sigma(sift_scale))
+    found = [sift_points(cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY), detector, border, sift_scale) for t in keyframes]
     counts = [len(xy) for xy, _ in found]
     poor = [int(t) for t, c in zip(keyframes, counts, strict=True) if c < minimum]
     if poor or sum(counts) < num_queries:
