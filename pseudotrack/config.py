@@ -77,6 +77,8 @@ class RoundConfig:
     query_start_bias: float = 3.0
     # a keyframe with fewer SIFT points fails the clip; None: a quarter of its share, 0: only the total counts
     query_min_per_keyframe: int | None = None
+    # SIFT on keyframes shrunk by this factor, points mapped back (a quarter of the CPU time); 1.0: full size
+    query_sift_scale: float = 0.5
     # caption filter
     rules: str | None = None
     captions: str | None = None
@@ -131,6 +133,8 @@ class RoundConfig:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.query_min_per_keyframe is not None and self.query_min_per_keyframe < 0:
             problems.append(f"query_min_per_keyframe={self.query_min_per_keyframe} must be 0 or more (or unset)")
+        if not 0 < self.query_sift_scale <= 1:
+            problems.append(f"query_sift_scale={self.query_sift_scale} must be above 0 and at most 1 (full size)")
         if self.query_start_bias < 0:
             problems.append(f"query_start_bias={self.query_start_bias} must be 0 (uniform keyframes) or more")
         if self.height % 2 or self.width % 2 or self.height < 16 or self.width < 16:

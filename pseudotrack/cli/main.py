@@ -46,6 +46,13 @@ def round_command(
         int | None,
         typer.Option(help="Clips per teacher forward pass (halved on out-of-memory). Default: 4 on a GPU, 1 on CPU."),
     ] = None,
+    cpu_workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Worker processes per label batch for decode, SIFT and encode, ahead of the teacher. "
+            "Default: the host's cores minus one; 0: all in the batch's own process."
+        ),
+    ] = None,
     round_id: Annotated[
         str | None,
         typer.Option(help="Name of the round ([A-Za-z0-9_-]); reuse one to resume it. Default: new."),
@@ -87,6 +94,7 @@ def round_command(
             batch_size=batch_size,
             workers=workers,
             teacher_batch=teacher_batch,
+            cpu_workers=cpu_workers,
             device=device,
             height=height,
             width=width,

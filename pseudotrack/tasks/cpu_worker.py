@@ -23,6 +23,8 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
+import cv2
+
 from ..errors import SampleError
 from ..faults import configure_from_env, fault_point
 from .decode import _decord, encode_clip
@@ -66,6 +68,7 @@ def cpu_stages(video, data: bytes, config, names: list[str], on_stage=None) -> t
 def worker_main(conn, fault_vars: dict[str, str]) -> None:
     """A worker process's loop (the target the batch starts)."""
     configure_from_env(fault_vars)
+    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only contend with the other workers
     _decord()  # torch and decord loaded before "ready", not on the first clip
     parent = multiprocessing.parent_process()
     watched = [conn] + ([parent.sentinel] if parent is not None else [])

@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0  # seconds for a worker to import its libraries and say it is ready
 TEACHER_BOUND = 0.9  # a teacher busy at least this fraction of a batch's time is the bound, not the CPU
-_PRELOAD = ["pseudotrack.tasks.cpu_worker"]
+# imported once by the forkserver, so a worker starts in milliseconds (decord wants torch imported before it)
+_PRELOAD = ["torch", "decord", "pseudotrack.tasks.cpu_worker"]
 
 
 def cpu_worker_count(cpu_workers: int | None) -> int:

@@ -84,6 +84,7 @@ def prepare_video(
         rng=rng,
         start_bias=config.query_start_bias,
         min_per_keyframe=config.query_min_per_keyframe,
+        sift_scale=config.query_sift_scale,
     )
     t2 = time.perf_counter()
     chosen = sorted(rng.choice(teachers.names, size=config.teachers_per_clip, replace=False).tolist())

@@ -33,8 +33,10 @@ from ..errors import SampleError
 START_BIAS = 3.0
 BORDER = 2.0  # pixels: trackers sample patches around a query, so points this close to an edge are dropped
 # SIFT runs on the keyframe shrunk by SIFT_SCALE, with its first octave's blur at SIFT_SIGMA (OpenCV's default
-# is 1.6 on an image it doubles first), and its points are mapped back: a quarter of the CPU time for queries
-# distributed as before (bench/bench_cpu_stages.py prints both). SIFT_SCALE = 1.0 is the old path.
+# is 1.6 on an image it doubles first), and its points are mapped back: a quarter of the CPU time, as many
+# queries per keyframe, the same clips refused, a few more queries off the strongest edges (its finest scale
+# is gone; bench/bench_cpu_stages.py prints both paths). SIFT_SCALE = 1.0 is the old path
+# (RoundConfig.query_sift_scale sets it per round).
 SIFT_SCALE = 0.5
 SIFT_SIGMA = 1.0
 SIFT_MIN_SIDE = 192  # pixels: a keyframe whose short side would shrink below this is searched at full size
