@@ -11,7 +11,7 @@ cpu_workers=0 (every stage in turn, as before) and once pipelined.
 
 The teacher's time is chosen so the CPU can keep up with it on this machine:
 the CPU stages of one clip are timed first (median of three, one process) and
-the teacher gets --margin times that, unless --teacher-s is given. The
+the teacher gets --margin (2) times that over the workers, unless --teacher-s is given. The
 workers default to the host's cores minus one. A one-clip pipelined round runs
 first so the worker processes' forkserver (started once per process, then
 reused by every batch) is not counted.
@@ -95,7 +95,7 @@ def cpu_seconds_per_clip(sources: list[Path], config: RoundConfig) -> float:
     return statistics.median(times)
 
 
-def label(bucket: Path, workspace: Path, workers: int, clips: int) -> tuple[float, float]:
+def label(bucket: Path, workspace: Path, workers: int, clips: int) -> tuple[float, float, dict]:
     config = RoundConfig(
         bucket=str(bucket),
         workspace=str(workspace),
@@ -108,7 +108,12 @@ def label(bucket: Path, workspace: Path, workers: int, clips: int) -> tuple[floa
     )
     summary = run_round(config)
     assert summary.labelled == clips and summary.failed == 0, summary
-    return teacher_busy(summary.stage_seconds), summary.labelled / summary.stage_seconds["batch"]
+    stages = summary.stage_seconds
+    return teacher_busy(stages), summary.labelled / stages["batch"], stages
+
+
+def _brief(stages: dict) -> str:
+    return " ".join(f"{k}={v:.1f}" for k, v in sorted(stages.items()))
 
 
 def main() -> None:
@@ -116,7 +121,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=24)
     parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (default: cores - 1)")
     parser.add_argument("--teacher-s", type=float, default=None, help="stand-in teacher seconds per clip")
-    parser.add_argument("--margin", type=float, default=1.6, help="teacher time / one clip's CPU stages")
+    parser.add_argument("--margin", type=float, default=2.0, help="teacher time / one clip's CPU stages")
     args = parser.parse_args()
     workers = cpu_worker_count(args.workers)
     with tempfile.TemporaryDirectory(prefix="bench-label-worker-") as tmp:
@@ -129,10 +134,10 @@ def main() -> None:
         print(f"stand-in teacher: {teacher_s:.2f} s per clip; CPU workers: {workers}; clips: {args.clips}")
         write_bucket(root / "warm", 1)
         label(root / "warm", root / "ws-warm", workers, 1)
-        busy0, rate0 = label(root / "bucket", root / "ws-seq", 0, args.clips)
-        print(f"sequential: teacher busy {busy0:.3f}, {rate0:.3f} clips/s")
-        busy, rate = label(root / "bucket", root / "ws-pipe", workers, args.clips)
-        print(f"pipelined:  teacher busy {busy:.3f}, {rate:.3f} clips/s")
+        busy0, rate0, stages0 = label(root / "bucket", root / "ws-seq", 0, args.clips)
+        print(f"sequential: teacher busy {busy0:.3f}, {rate0:.3f} clips/s; seconds {_brief(stages0)}")
+        busy, rate, stages = label(root / "bucket", root / "ws-pipe", workers, args.clips)
+        print(f"pipelined:  teacher busy {busy:.3f}, {rate:.3f} clips/s; seconds {_brief(stages)}")
     print(
         f"pipelined busy={busy:.3f} clips/s={rate:.3f} sequential busy={busy0:.3f} clips/s={rate0:.3f} "
         f"workers={workers} teacher_s={teacher_s:.2f}"

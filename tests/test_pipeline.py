@@ -93,6 +93,10 @@ def test_labels_identical_for_any_worker_count(bucket, tmp_path):
     stages = results[1][0].stage_seconds
     assert {"read", "decode", "queries", "encode", "teacher", "batch"} <= stages.keys()
     assert 0 < stages["teacher"] < stages["batch"]
+    # the catalog's duration_s is the source video's length (it was empty on every row)
+    rows = _catalog_rows(tmp_path / "ws1")
+    assert rows["bear_a.mp4"]["duration_s"] == pytest.approx(82 / 30, rel=0.02)
+    assert all(r["duration_s"] > 0 for r in rows.values() if r["status"] == "labelled")
 
 
 def _catalog_rows(workspace: Path) -> dict[str, dict]:
