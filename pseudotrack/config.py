@@ -104,6 +104,14 @@ class RoundConfig:
         default=None,
         metadata=_help("Clips per teacher forward pass (halved on out-of-memory). Default: 4 on a GPU, 1 on CPU."),
     )
+    # worker processes for a label batch's CPU stages (decode, SIFT, encode); None: the cores minus one, 0: none
+    cpu_workers: int | None = field(
+        default=None,
+        metadata=_help(
+            "Worker processes for a label batch's CPU stages (decode, SIFT, encode), ahead of the teacher. "
+            "Default: the cores minus one; 0: all in the batch's own process."
+        ),
+    )
     # clips (§3.1): 384x512, 64 frames for an online student, random stride 1..4
     height: int = field(default=384, metadata=_help("Clip height in pixels (even)."))
     width: int = field(default=512, metadata=_help("Clip width in pixels (even)."))
@@ -132,6 +140,11 @@ class RoundConfig:
     query_min_per_keyframe: int | None = field(
         default=None,
         metadata=_help("A keyframe with fewer SIFT points fails the clip. Default: a quarter of its share; 0: off."),
+    )
+    # SIFT on keyframes shrunk by this factor, points mapped back (a quarter of the CPU time); 1.0: full size
+    query_sift_scale: float = field(
+        default=0.5,
+        metadata=_help("SIFT runs on keyframes shrunk by this factor, points mapped back to full size; 1: full size."),
     )
     # caption filter
     rules: str | None = field(
@@ -214,6 +227,11 @@ class RoundConfig:
             )
         if self.teacher_batch is not None and self.teacher_batch < 1:
             problems.append(f"teacher_batch={self.teacher_batch} must be at least 1 (or unset for the default)")
+        if self.cpu_workers is not None and self.cpu_workers < 0:
+            problems.append(
+                f"cpu_workers={self.cpu_workers} must be 0 (CPU stages in the batch's own process), a positive "
+                "number of worker processes, or unset for the host's cores minus one"
+            )
         if not self.claim_lease_seconds > 0:
             problems.append(f"claim_lease_seconds={self.claim_lease_seconds} must be a positive number of seconds")
         if self.videos is not None and self.videos < 1:
@@ -223,6 +241,8 @@ class RoundConfig:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.query_min_per_keyframe is not None and self.query_min_per_keyframe < 0:
             problems.append(f"query_min_per_keyframe={self.query_min_per_keyframe} must be 0 or more (or unset)")
+        if not 0 < self.query_sift_scale <= 1:
+            problems.append(f"query_sift_scale={self.query_sift_scale} must be above 0 and at most 1 (full size)")
         if self.query_start_bias < 0:
             problems.append(f"query_start_bias={self.query_start_bias} must be 0 (uniform keyframes) or more")
         if self.height % 2 or self.width % 2 or self.height < 16 or self.width < 16:

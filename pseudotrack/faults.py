@@ -8,6 +8,7 @@ lands where it says. Production code calls `fault_point(name)` at each stage
 boundary; unless a variable below is set, that is one global lookup.
 
     PSEUDOTRACK_FAULT_POINT="name:n[,name:n...]"  SIGKILL this process the n-th time `name` is reached
+    PSEUDOTRACK_FAULT_SEGV="name:n[,...]"         SIGSEGV instead (a library crashing on a damaged file)
     PSEUDOTRACK_FAULT_PAUSE="name:seconds[,...]"  sleep at every `name` (stretches a stage so rounds overlap)
     PSEUDOTRACK_FAULT_BARRIER="name:dir:k"        the first time `name` is reached, wait (up to 120 s) until
                                                   k processes have reached it, counted as files in `dir`
@@ -26,14 +27,22 @@ from collections import Counter
 from pathlib import Path
 
 POINT_VAR = "PSEUDOTRACK_FAULT_POINT"
+SEGV_VAR = "PSEUDOTRACK_FAULT_SEGV"
 PAUSE_VAR = "PSEUDOTRACK_FAULT_PAUSE"
 BARRIER_VAR = "PSEUDOTRACK_FAULT_BARRIER"
 BARRIER_TIMEOUT = 120.0
 
 
 class _Plan:
-    def __init__(self, kills: dict[str, int], pauses: dict[str, float], barrier: tuple[str, str, int] | None):
+    def __init__(
+        self,
+        kills: dict[str, int],
+        pauses: dict[str, float],
+        barrier: tuple[str, str, int] | None,
+        segvs: dict[str, int] | None = None,
+    ):
         self.kills = kills
+        self.segvs = segvs or {}
         self.pauses = pauses
         self.barrier = barrier
         self.hits: Counter[str] = Counter()
@@ -46,6 +55,8 @@ class _Plan:
             count = self.hits[name]
         if self.kills.get(name) == count:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.segvs.get(name) == count:
+            os.kill(os.getpid(), signal.SIGSEGV)
         if name in self.pauses:
             time.sleep(self.pauses[name])
         if self.barrier and self.barrier[0] == name and not self.barrier_done:
@@ -74,11 +85,17 @@ def configure_from_env(env: dict[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     kills = {name: int(n) for name, n in _pairs(env.get(POINT_VAR, ""))}
     pauses = {name: float(s) for name, s in _pairs(env.get(PAUSE_VAR, ""))}
+    segvs = {name: int(n) for name, n in _pairs(env.get(SEGV_VAR, ""))}
     barrier = None
     if env.get(BARRIER_VAR):
         name, folder, k = env[BARRIER_VAR].rsplit(":", 2)
         barrier = (name, folder, int(k))
-    _plan = _Plan(kills, pauses, barrier) if (kills or pauses or barrier) else None
+    _plan = _Plan(kills, pauses, barrier, segvs) if (kills or pauses or barrier or segvs) else None
+
+
+def fault_env() -> dict[str, str]:
+    """This process's fault variables, for a worker process to configure itself with (`configure_from_env`)."""
+    return {k: v for k, v in os.environ.items() if k in (POINT_VAR, SEGV_VAR, PAUSE_VAR, BARRIER_VAR)}
 
 
 def start_trace() -> None:

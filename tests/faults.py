@@ -143,12 +143,18 @@ class RoundRunner:
     def start(self, config: dict, *, kill: str | None = None, env: dict | None = None, **job) -> tuple:
         """Start a round; `kill` = "point:n" SIGKILLs it the n-th time it reaches that fault point."""
         env = dict(env or {})
-        unset = ["PSEUDOTRACK_FAULT_POINT", "PSEUDOTRACK_FAULT_PAUSE", "PSEUDOTRACK_FAULT_BARRIER"]
+        unset = [
+            "PSEUDOTRACK_FAULT_POINT",
+            "PSEUDOTRACK_FAULT_SEGV",
+            "PSEUDOTRACK_FAULT_PAUSE",
+            "PSEUDOTRACK_FAULT_BARRIER",
+        ]
         if kill:
             env["PSEUDOTRACK_FAULT_POINT"] = kill
         result = self.tmp / f"result-{uuid.uuid4().hex}.json"
         payload = {"config": config, "env": env, "unset": [u for u in unset if u not in env], "result": str(result)}
-        process = self.ctx.Process(target=_child_main, args=({**payload, **job},), daemon=True)
+        # not daemonic: a round starts its own CPU worker processes (tasks/pipeline.py), which daemons may not
+        process = self.ctx.Process(target=_child_main, args=({**payload, **job},), daemon=False)
         process.start()
         return process, result
 

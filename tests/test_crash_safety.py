@@ -45,6 +45,10 @@ KILLS = [
     ("store.tmp_written", 23),
     ("batch.recorded", 1),
     ("round.summary", 1),
+    # the pipelined batch (the default: cpu_workers=None gives CPU worker processes): its process killed while
+    # the teacher takes a clip and others are being decoded in a worker or wait for their turn
+    ("pipeline.teacher", 1),
+    ("pipeline.teacher", 5),
 ]
 # a kill, then a kill of the rerun at a point every run reaches, then the final rerun (with the round id given)
 CHAINS = [
@@ -100,6 +104,28 @@ def test_rerun_killed_again(crash_env, first, second, round_id):
     check_invariants(workspace, videos, reference, complete=False)
     _rerun_and_check(runner, bucket, workspace, round_id, videos, reference)
     SURVIVED.extend([first, second])
+
+
+def test_worker_killed_mid_decode(crash_env):
+    """A CPU worker SIGKILLed while decoding one video (the kernel's out-of-memory killer): that video alone
+    fails with its stage and the signal, the round finishes; a rerun that retries failures labels it as an
+    uninterrupted run does."""
+    runner, bucket, videos, reference, tmp = crash_env
+    workspace = str(tmp / "ws-worker-killed")
+    victim = sorted(reference)[1]
+    config = tiny_config(bucket, workspace, "r", cpu_workers=1)
+    done = runner.run(config, kill=f"worker.decode.{victim}:1")
+    assert done.exitcode == 0 and done.ok, done.error
+    assert done.summary["failure_reasons"].get("decode: worker crashed (signal SIGKILL)") == 1, done.summary
+    assert done.summary["labelled"] == EXPECTED["labelled"] - 1
+    others = {key: labels for key, labels in reference.items() if key != victim}
+    counts = check_invariants(workspace, videos, others)
+    assert counts["states"]["failed"] == EXPECTED["failed"] + 1
+    rerun = runner.run(tiny_config(bucket, workspace, "r", cpu_workers=1, retry_failed=True))
+    assert rerun.ok, rerun.error
+    counts = check_invariants(workspace, videos, reference, one_event_per_video=False)
+    assert counts["states"] == EXPECTED
+    SURVIVED.append(f"worker.decode.{victim}:1")
 
 
 @pytest.mark.parametrize("kill", ["shard.uploaded:2", "shard.committed:3"])

@@ -194,7 +194,11 @@ def test_a_full_disk_while_encoding_leaves_the_videos_pending(bucket, tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     workspace = tmp_path / "ws"
-    config = RoundConfig(bucket=str(bucket), workspace=str(workspace), round_id="full", teachers=["lk"], **SMALL)
+    # in-process CPU stages (cpu_workers=0), where the patch reaches the encoder; a worker's own unexpected error
+    # fails the batch the same way (tasks/pipeline.py)
+    config = RoundConfig(
+        bucket=str(bucket), workspace=str(workspace), round_id="full", teachers=["lk"], cpu_workers=0, **SMALL
+    )
     with monkeypatch.context() as patch:
         patch.setattr(labelling, "encode_clip_described", no_space)
         with pytest.raises(BatchesFailed):

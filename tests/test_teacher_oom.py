@@ -261,7 +261,9 @@ def _bucket(folder: Path) -> list[PlannedVideo]:
     return videos
 
 
-def _round(tmp_path: Path, name: str, teacher: str, batch: int, videos, bucket) -> dict:
+def _round(tmp_path: Path, name: str, teacher: str, batch: int, videos, bucket, cpu_workers: int = 0) -> dict:
+    """cpu_workers=0 by default: the in-process batch gives the teacher its clips `batch` at a time, in order
+    (the pipelined one gives them as they arrive from the workers, so its groups depend on timing)."""
     config = RoundConfig(
         bucket=str(bucket),
         workspace=str(tmp_path / name),
@@ -276,6 +278,7 @@ def _round(tmp_path: Path, name: str, teacher: str, batch: int, videos, bucket) 
         num_queries=24,
         num_keyframes=4,
         seed=3,
+        cpu_workers=cpu_workers,
     )
     workspace = open_store(str(tmp_path / name))
     result = label_batch(
@@ -313,4 +316,21 @@ def test_labelling_splits_on_out_of_memory_and_fails_only_the_nan_clip(tmp_path)
         ours, theirs = got["samples"][key]["labels"][TEST_TEACHER], want["samples"][key]["labels"]["lk"]
         np.testing.assert_array_equal(ours["tracks"], theirs["tracks"])
         np.testing.assert_array_equal(ours["visibility"], theirs["visibility"])
+        np.testing.assert_array_equal(got["samples"][key]["queries"], want["samples"][key]["queries"])
+
+
+def test_pipelined_batch_fails_only_the_nan_clip(tmp_path):
+    """With CPU worker processes the teacher still fails the NaN clip alone, and its neighbours get lk's labels."""
+    bucket = tmp_path / "bucket"
+    videos = _bucket(bucket)
+    got = _round(tmp_path, "pipelined", TEST_TEACHER, 4, videos, bucket, cpu_workers=1)
+    want = _round(tmp_path, "plain", "lk", 1, videos, bucket)
+    rows = got["rows"]
+    assert rows["v2.mp4"]["status"] == "failed" and rows["v2.mp4"]["stage"] == "teacher"
+    assert rows["v2.mp4"]["reason"] == f"{TEST_TEACHER} returned NaN or infinite values"
+    labelled = [f"v{i}.mp4" for i in (0, 1, 3, 4)]
+    assert set(got["samples"]) == set(labelled) and got["result"].labelled == 4 and got["result"].failed == 1
+    for key in labelled:
+        ours, theirs = got["samples"][key]["labels"][TEST_TEACHER], want["samples"][key]["labels"]["lk"]
+        np.testing.assert_array_equal(ours["tracks"], theirs["tracks"])
         np.testing.assert_array_equal(got["samples"][key]["queries"], want["samples"][key]["queries"])

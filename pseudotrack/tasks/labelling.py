@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -46,19 +45,11 @@ from ..teachers.base import (
 )
 from .clip_codec import encode_clip_described
 from .containers import MAX_SOURCE_BYTES, check_source_size
-from .decode import decode_clip, probe_video
-from .queries import sample_queries
+from .pipeline import cpu_worker_count, label_pipelined, start_pool, teacher_busy
+from .prepare import PlannedVideo, PreparedVideo, prepare_video
 from .shards import Sample, ShardSink
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PlannedVideo:
-    key: str
-    size: int
-    etag: str
-    caption: str | None = None
 
 
 @dataclass
@@ -72,12 +63,8 @@ class BatchResult:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # why planned videos were left to others -> count
-
-
-def video_rng(seed: int, key: str) -> np.random.Generator:
-    """A generator that depends only on the round seed and the video, not on batch composition."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+    teacher_busy: float = 0.0  # the teacher's share of the batch's time (stage_seconds["teacher"] / ["batch"])
+    clips_per_s: float = 0.0  # videos labelled per second of the batch
 
 
 def batch_id_for(round_id: str, keys: list[str]) -> str:
@@ -159,53 +146,6 @@ class TeacherPool:
             return teacher
 
 
-@dataclass
-class PreparedVideo:
-    """A video decoded and queried, waiting for its teachers."""
-
-    video: PlannedVideo
-    clip: object  # decode.Clip
-    facts: object  # decode.VideoFacts
-    queries: np.ndarray
-    query_stats: dict
-    chosen: list[str]
-
-
-def prepare_video(
-    video: PlannedVideo, data: bytes, config: RoundConfig, teachers: TeacherPool, timings: dict[str, float]
-) -> PreparedVideo:
-    """Decode the clip, sample its queries and draw its teachers; raises SampleError with the stage that failed."""
-    rng = video_rng(config.seed, video.key)
-    t0 = time.perf_counter()
-    facts = probe_video(data, video.key)
-    clip = decode_clip(
-        data,
-        video.key,
-        height=config.height,
-        width=config.width,
-        num_frames=config.num_frames,
-        max_stride=config.max_stride,
-        min_frames=config.min_frames,
-        rng=rng,
-        facts=facts,
-        resize=config.resize,
-    )
-    t1 = time.perf_counter()
-    queries, query_stats = sample_queries(
-        clip.frames,
-        num_queries=config.num_queries,
-        num_keyframes=config.num_keyframes,
-        rng=rng,
-        start_bias=config.query_start_bias,
-        min_per_keyframe=config.query_min_per_keyframe,
-    )
-    t2 = time.perf_counter()
-    chosen = sorted(rng.choice(teachers.names, size=config.teachers_per_clip, replace=False).tolist())
-    timings["decode"] = timings.get("decode", 0.0) + t1 - t0
-    timings["queries"] = timings.get("queries", 0.0) + t2 - t1
-    return PreparedVideo(video, clip, facts, queries, query_stats, chosen)
-
-
 def teacher_batch_size(config: RoundConfig, device: str) -> int:
     """Clips per teacher forward: the configured number, else 4 on a GPU (fills it) and 1 on the CPU
     (batching buys nothing there and holds more clips in memory)."""
@@ -274,7 +214,10 @@ def finish_video(
         p.chosen,
     )
     t3 = time.perf_counter()
-    clip_bytes, stored = encode_clip_described(clip.frames, clip.fps)
+    if p.clip_bytes is not None:  # a worker process encoded it ahead of the teachers
+        clip_bytes, stored = p.clip_bytes, p.clip_stored
+    else:
+        clip_bytes, stored = encode_clip_described(clip.frames, clip.fps)
     t4 = time.perf_counter()
     shas = [teachers.get(n).checkpoint_sha256 for n in chosen]
     key = sample_key(video.key, video.etag)
@@ -312,6 +255,7 @@ def finish_video(
         "status": "labelled",
         "num_frames": facts.num_frames,
         "fps": facts.fps,
+        "duration_s": facts.duration_s,
         "width": facts.width,
         "height": facts.height,
         "clip_frames": len(clip.frames),
@@ -322,7 +266,8 @@ def finish_video(
         "teacher_sha256": shas,
         "sample_key": key,
     }
-    timings["encode"] = timings.get("encode", 0.0) + t4 - t3
+    if p.clip_bytes is None:
+        timings["encode"] = timings.get("encode", 0.0) + t4 - t3
     return Sample(key, clip_bytes, queries, labels, meta), row
 
 
@@ -382,6 +327,45 @@ def label_in_groups(
                 except Exception as exc:
                     outcome = exc
             yield video, outcome
+
+
+def read_source(video: PlannedVideo, bucket) -> bytes:
+    """The video's bytes; SampleError when it is too large or gone (other storage faults escape)."""
+    data = None
+    try:
+        if video.size <= MAX_SOURCE_BYTES:  # a larger file fails below, unread: it would not fit in memory
+            data = bucket.read_bytes(video.key)
+    except FileNotFoundError:
+        pass
+    check_source_size(video.size, video.key)
+    if data is None:
+        raise SampleError("read", f"{bucket.uri(video.key)} disappeared after it was listed")
+    return data
+
+
+def labelled_outcomes(
+    videos: list[PlannedVideo], config: RoundConfig, teachers: TeacherPool, bucket, timings: dict[str, float]
+) -> Iterator[tuple[PlannedVideo, tuple[Sample, dict] | Exception]]:
+    """`label_in_groups`, or the same outcomes in the same order from the pipelined batch (tasks/pipeline.py)
+    when the config gives CPU worker processes and they start."""
+    workers = cpu_worker_count(config.cpu_workers)
+    pool = start_pool(workers) if workers and videos else None
+    if pool is None:
+        yield from label_in_groups(videos, config, teachers, bucket, timings)
+        return
+    size = teacher_batch_size(config, teachers.device)
+    yield from label_pipelined(
+        pool,
+        videos,
+        config,
+        teachers.names,
+        teacher_batch=size,
+        device=teachers.device,
+        read=lambda video: read_source(video, bucket),
+        teach=lambda prepared: run_teachers(prepared, teachers, size, timings),
+        finish=lambda p, labels: finish_video(p, labels, config, teachers, timings),
+        timings=timings,
+    )
 
 
 def failed_row(video: PlannedVideo, stage: str, reason: str) -> dict:
@@ -490,7 +474,7 @@ def _label_claimed(
             pending_failures = []
 
     try:
-        for video, outcome in label_in_groups(videos, config, teachers, bucket, timings):
+        for video, outcome in labelled_outcomes(videos, config, teachers, bucket, timings):
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
@@ -529,6 +513,9 @@ def _label_claimed(
         sink.abort()
         raise
     result.seconds = time.perf_counter() - started
+    timings["batch"] = result.seconds
+    result.teacher_busy = teacher_busy(timings)
+    result.clips_per_s = result.labelled / result.seconds if result.seconds > 0 else 0.0
     return result
 
 

@@ -30,9 +30,14 @@ import cv2
 import numpy as np
 
 from ..errors import SampleError
-from ..teachers.support_points import BORDER, sift_points
+from ..teachers.support_points import BORDER, SIFT_MIN_SIDE, sift_points, sift_sigma
 
 START_BIAS = 3.0
+# SIFT runs on the keyframe shrunk by SIFT_SCALE (support_points.sift_points maps its points back): a quarter
+# of the CPU time, as many queries per keyframe, the same clips refused, a few more queries off the strongest
+# edges (its finest scale is gone; bench/bench_cpu_stages.py prints both paths). SIFT_SCALE = 1.0 is the old
+# path (RoundConfig.query_sift_scale sets it per round).
+SIFT_SCALE = 0.5
 
 
 def keyframe_probabilities(num_frames: int, start_bias: float = START_BIAS) -> np.ndarray:
@@ -75,9 +80,11 @@ def sample_queries(
     start_bias: float = START_BIAS,
     min_per_keyframe: int | None = None,
     border: float = BORDER,
+    sift_scale: float | None = None,
 ) -> tuple[np.ndarray, dict]:
     """frames: uint8 [T, H, W, 3] RGB -> (queries float32 [num_queries, 3] (t, x, y) in pixels, stats).
 
+    sift_scale: SIFT on keyframes shrunk by this factor (None: SIFT_SCALE; 1.0: full size, the old path).
     min_per_keyframe: the fewest SIFT points a keyframe may give before the
     clip fails; None means a quarter of its share (at least 1), 0 checks only
     the total. Rows are grouped by keyframe in time order, strongest first.
@@ -91,8 +98,11 @@ def sample_queries(
     keyframes = choose_keyframes(len(frames), num_keyframes, rng, start_bias)
     share = num_queries // len(keyframes)
     minimum = max(1, share // 4) if min_per_keyframe is None else min_per_keyframe
-    detector = cv2.SIFT_create()
-    found = [sift_points(cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY), detector, border) for t in keyframes]
+    sift_scale = SIFT_SCALE if sift_scale is None else sift_scale
+    if min(frames.shape[1:3]) * sift_scale < SIFT_MIN_SIDE:
+        sift_scale = 1.0
+    detector = cv2.SIFT_create(sigma=sift_sigma(sift_scale))
+    found = [sift_points(cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY), detector, border, sift_scale) for t in keyframes]
     counts = [len(xy) for xy, _ in found]
     poor = [int(t) for t, c in zip(keyframes, counts, strict=True) if c < minimum]
     if poor or sum(counts) < num_queries:

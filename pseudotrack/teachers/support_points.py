@@ -15,6 +15,11 @@ import cv2
 import numpy as np
 
 BORDER = 2.0  # pixels: trackers sample patches around a point, so points this close to an edge are dropped
+# SIFT on a shrunk image starts with a first blur of SIFT_SIGMA (OpenCV's default, DEFAULT_SIFT_SIGMA, is for
+# an image it doubles first); an image whose short side would shrink below SIFT_MIN_SIDE is searched at full size
+SIFT_SIGMA = 1.0
+DEFAULT_SIFT_SIGMA = 1.6
+SIFT_MIN_SIDE = 192  # pixels
 
 
 def grid_points(size: int, height: float, width: float, centre: tuple[float, float] | None = None) -> np.ndarray:
@@ -35,13 +40,31 @@ def grid_points(size: int, height: float, width: float, centre: tuple[float, flo
     return np.stack([gx.reshape(-1), gy.reshape(-1)], axis=-1)
 
 
-def sift_points(gray: np.ndarray, detector=None, border: float = BORDER) -> tuple[np.ndarray, np.ndarray]:
-    """(xy float32 [M, 2], response float32 [M]): strongest first, one per pixel, `border` px from the edges."""
-    detector = detector if detector is not None else cv2.SIFT_create()
-    keypoints = detector.detect(gray, None)
+def sift_points(
+    gray: np.ndarray, detector=None, border: float = BORDER, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(xy float32 [M, 2], response float32 [M]): strongest first, one per pixel, `border` px from the edges.
+
+    scale: detect on the image resized by this factor and map the points back to `gray`'s pixels (the query
+    sampler shrinks keyframes: SIFT doubles its input before the first octave, so most of its time goes to the
+    finest scale). Below SIFT_MIN_SIDE pixels on the short side the image is searched at full size.
+    """
+    if min(gray.shape[:2]) * scale < SIFT_MIN_SIDE:
+        scale = 1.0
+    detector = detector if detector is not None else cv2.SIFT_create(sigma=sift_sigma(scale))
+    if scale != 1.0:
+        small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        keypoints = detector.detect(small, None)
+    else:
+        keypoints = detector.detect(gray, None)
     if not keypoints:
         return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
     xy = np.array([k.pt for k in keypoints], np.float32)
+    if scale != 1.0:
+        # OpenCV reports a point found on the image it doubled a quarter of the shrunk image's pixel off
+        # (x = column / 2); the true position there is x - 0.25, and pixel centres map as (x + 0.5) / scale - 0.5
+        factor = np.float32([gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]])
+        xy = ((xy + 0.25) * factor - 0.5).astype(np.float32)
     response = np.array([k.response for k in keypoints], np.float32)
     order = np.argsort(-response, kind="stable")
     xy, response = xy[order], response[order]
@@ -52,6 +75,11 @@ def sift_points(gray: np.ndarray, detector=None, border: float = BORDER) -> tupl
     _, first = np.unique(cells[:, 1] * (w + 1) + cells[:, 0], return_index=True)
     keep = np.sort(first)  # the strongest point of each pixel, still in order of response
     return xy[keep], response[keep]
+
+
+def sift_sigma(scale: float) -> float:
+    """The detector's first blur for SIFT on an image shrunk by `scale` (OpenCV's default on a full image)."""
+    return DEFAULT_SIFT_SIGMA if scale == 1.0 else SIFT_SIGMA
 
 
 def early_sift_points(frames: np.ndarray, count: int, rng: np.random.Generator, keyframes: int = 4) -> np.ndarray:

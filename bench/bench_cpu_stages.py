@@ -1,0 +1,140 @@
+"""CPU seconds per clip of a label batch's CPU stages (decode, SIFT queries, encode), and what SIFT's speed-up
+does to the queries: the old path (SIFT on the full keyframe) beside the new one (`queries.SIFT_SCALE`).
+
+On the clips in the shared videos folder, each drawn several times (a draw is a video key: its own stride,
+start and keyframes, as in a round), at the recipe's size (64 frames of 384x512, 384 queries on 8 keyframes):
+
+  - CPU seconds (process time, one OpenCV thread, as in a CPU worker) of decode (probe + clip), SIFT
+    queries per SIFT variant, and clip encoding;
+  - per SIFT variant: distinct SIFT points per keyframe, queries taken per keyframe, the fraction of queries
+    within 2 px of a strong gradient (Sobel magnitude at or above the keyframe's 90th percentile), the
+    fraction of queries within 2 px of one of the old path's queries, and how many draws fail
+    `too few features`, on the clips as they are and blurred (a Gaussian of sigma --blur px: fewer features,
+    so the rule is exercised).
+
+    python bench/bench_cpu_stages.py [--draws 6] [--scales 1.0,0.5] [--blur 2.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pseudotrack.errors import SampleError
+from pseudotrack.tasks import queries as Q
+from pseudotrack.tasks.clip_codec import encode_clip
+from pseudotrack.tasks.decode import decode_clip, probe_video
+from pseudotrack.tasks.prepare import video_rng
+
+
+def shared_videos() -> Path:
+    root = Path(os.environ.get("PSEUDOTRACK_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+    return root / "videos"
+
+
+def near_strong(frames: np.ndarray, queries: np.ndarray) -> float:
+    """Fraction of queries within 2 px of a pixel whose gradient magnitude is in its keyframe's top 10%."""
+    hits = 0
+    for t in np.unique(queries[:, 0]).astype(int):
+        gray = cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY).astype(np.float32)
+        mag = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+        strong = cv2.dilate((mag >= np.percentile(mag, 90)).astype(np.uint8), np.ones((5, 5), np.uint8))
+        rows = queries[queries[:, 0] == t]
+        x = np.clip(np.round(rows[:, 1]).astype(int), 0, gray.shape[1] - 1)
+        y = np.clip(np.round(rows[:, 2]).astype(int), 0, gray.shape[0] - 1)
+        hits += int(strong[y, x].sum())
+    return hits / len(queries)
+
+
+def near_old(queries: np.ndarray, old: np.ndarray) -> float:
+    """Fraction of `queries` within 2 px of an `old` query on the same keyframe."""
+    close = 0
+    for t in np.unique(queries[:, 0]):
+        a, b = queries[queries[:, 0] == t, 1:], old[old[:, 0] == t, 1:]
+        if len(b):
+            d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(1)
+            close += int((d <= 2.0).sum())
+    return close / len(queries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=6, help="draws (video keys) per clip")
+    parser.add_argument("--scales", default=f"1.0,{Q.SIFT_SCALE}", help="SIFT scales; the first is the baseline")
+    parser.add_argument("--blur", type=float, default=2.5)
+    parser.add_argument("--frames", type=int, default=64)
+    args = parser.parse_args()
+    cv2.setNumThreads(1)  # as in a CPU worker: CPU seconds on one core
+    scales = list(dict.fromkeys(float(s) for s in args.scales.split(",")))
+    paths = sorted(shared_videos().glob("*.mp4"))
+    decode_s, encode_s, clips = [], [], 0
+    sift_s = {s: [] for s in scales}
+    stats = {
+        (s, kind): {"found": [], "taken": [], "strong": [], "same": [], "fail": 0} for s in scales for kind in "cb"
+    }
+    decode_clip(paths[0].read_bytes(), "warm-up", rng=np.random.default_rng(0))  # torch and decord imports
+    for path in paths:
+        data = path.read_bytes()
+        for draw in range(args.draws):
+            key = f"{path.stem}-{draw}.mp4"
+            rng = video_rng(0, key)
+            t = time.process_time()
+            facts = probe_video(data, key)
+            clip = decode_clip(data, key, num_frames=args.frames, min_frames=16, rng=rng, facts=facts)
+            decode_s.append(time.process_time() - t)
+            t = time.process_time()
+            encode_clip(clip.frames, clip.fps)
+            encode_s.append(time.process_time() - t)
+            clips += 1
+            blurred = np.stack([cv2.GaussianBlur(f, (0, 0), args.blur) for f in clip.frames])
+            state = rng.bit_generator.state
+            for kind, frames in (("c", clip.frames), ("b", blurred)):
+                old = None
+                for s in scales:
+                    rng.bit_generator.state = state  # every variant gets the same keyframes
+                    t = time.process_time()
+                    try:
+                        queries, qs = Q.sample_queries(frames, 384, 8, rng=rng, sift_scale=s)
+                    except SampleError:
+                        stats[s, kind]["fail"] += 1
+                        continue
+                    finally:
+                        if kind == "c":
+                            sift_s[s].append(time.process_time() - t)
+                    got = stats[s, kind]
+                    got["found"] += qs["found"]
+                    got["taken"] += qs["taken"]
+                    got["strong"].append(near_strong(frames, queries))
+                    old = queries if old is None else old
+                    got["same"].append(near_old(queries, old))
+    print(f"clips: {len(paths)} videos x {args.draws} draws = {clips}, {args.frames} frames at 384x512, one thread")
+    print(f"decode  {np.mean(decode_s):.3f} CPU s/clip")
+    print(f"encode  {np.mean(encode_s):.3f} CPU s/clip")
+    for s in scales:
+        print(f"sift scale={s:g}  {np.mean(sift_s[s]):.3f} CPU s/clip")
+    for kind, what in (("c", "as they are"), ("b", f"blurred sigma={args.blur:g}")):
+        print(f"queries on the clips {what}:")
+        for s in scales:
+            g = stats[s, kind]
+            if not g["found"]:
+                print(f"  scale={s:g}: every draw failed ({g['fail']})")
+                continue
+            print(
+                f"  scale={s:g}: found/keyframe mean={np.mean(g['found']):.0f} min={np.min(g['found'])}"
+                f"  taken/keyframe mean={np.mean(g['taken']):.1f} min={np.min(g['taken'])} max={np.max(g['taken'])}"
+                f"  near strong gradient={np.mean(g['strong']):.3f} (sd {np.std(g['strong']):.3f})"
+                f"  within 2px of old={np.mean(g['same']):.3f}  too few features={g['fail']}/{clips}"
+            )
+    base = np.mean(decode_s) + np.mean(sift_s[scales[0]]) + np.mean(encode_s)
+    for s in scales:
+        total = np.mean(decode_s) + np.mean(sift_s[s]) + np.mean(encode_s)
+        print(f"decode+sift+encode scale={s:g}: {total:.3f} CPU s/clip ({total / base:.2f} of scale={scales[0]:g})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""The pipelined label batch: CPU stages in worker processes, the teacher fed as clips arrive.
+
+Run one after another, a clip's stages leave the GPU idle while the CPU
+decodes, samples SIFT queries and encodes (on a GPU host the CPU stages take
+several times the teacher's forward). Here:
+
+    batch process, main thread      reads each video (storage), hands it to an idle worker, takes results
+                                    back, and yields (video, outcome) in the batch's planned order, so the
+                                    caller writes shards and catalog rows in that order, as before
+    batch process, teacher thread   takes prepared clips as they arrive, up to `teacher_batch` per call
+                                    (the usual grouping by teacher), and runs the teachers
+    worker processes (N)            decode, SIFT queries and clip encoding, one video at a time
+                                    (tasks/cpu_worker.py); forkserver context (torch and fork do not mix),
+                                    preloaded once per batch process, so later batches start in milliseconds
+
+Bounded: at most Q = 2 * N + teacher_batch videos are between "read" and
+"yielded" at any time (in a worker, queued for the teacher, or waiting for
+an earlier video to be yielded). Each holds its decoded clip: at 64 frames
+of 384x512 RGB that is 37.7 MB, plus its encoded bytes (3-6 MB) and queries
+(a few KB). So the batch's process holds at most Q clips: 1 worker and
+teacher_batch 1 on a CPU host give Q = 3 (about 130 MB); 15 workers and
+teacher_batch 4 on a 16-core GPU host give Q = 34 (about 1.4 GB), plus one
+clip being decoded in each worker.
+
+Guarantees kept: labels do not depend on the worker count or arrival order
+(each video's random draws come from `video_rng`, and the teacher's grouping
+is the usual one, which is exact on the CPU at one clip per forward). A
+worker that dies (a library's SIGSEGV on a damaged file, the kernel's SIGKILL
+for memory) fails only its video, with the stage it was in and the signal,
+and is replaced. A pool that cannot start leaves the batch to run in-process
+(one warning). Killing the batch's process stops its workers (they watch
+their parent) and leaves what the in-process path leaves: only shards whose
+manifest was written count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import wait
+
+from ..errors import SampleError
+from ..faults import fault_env, fault_point
+from .cpu_worker import worker_main
+from .prepare import PlannedVideo, PreparedVideo
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 120.0  # seconds for a worker to import its libraries and say it is ready
+TEACHER_BOUND = 0.9  # a teacher busy at least this fraction of a batch's time is the bound, not the CPU
+# imported once by the forkserver, so a worker starts in milliseconds (decord wants torch imported before it)
+_PRELOAD = ["torch", "decord", "pseudotrack.tasks.cpu_worker"]
+
+
+def cpu_worker_count(cpu_workers: int | None) -> int:
+    """Worker processes for the CPU stages: the configured number, else the host's cores minus one (at least 1)."""
+    if cpu_workers is not None:
+        return cpu_workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def in_flight_limit(workers: int, teacher_batch: int) -> int:
+    """Q: the most videos read and not yet yielded (see the module docstring for the memory it implies)."""
+    return 2 * workers + teacher_batch
+
+
+def teacher_busy(stage_seconds: dict[str, float]) -> float:
+    """The fraction of a batch's (or a round's batches') time the teacher was running."""
+    total = stage_seconds.get("batch", 0.0)
+    return stage_seconds.get("teacher", 0.0) / total if total > 0 else 0.0
+
+
+def bound_by(stage_seconds: dict[str, float]) -> str:
+    """'teacher' when the teacher was busy almost all the time (more CPU workers would not help), else 'cpu'."""
+    return "teacher" if teacher_busy(stage_seconds) >= TEACHER_BOUND else "cpu"
+
+
+def signal_name(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class _Worker:
+    def __init__(self, process, conn):
+        self.process = process
+        self.conn = conn
+        self.job: int | None = None  # the index of the video it holds
+        self.stage = "decode"
+        self.ready = False
+
+
+class CpuPool:
+    """Worker processes that run `cpu_worker.cpu_stages`, replaced when they die."""
+
+    def __init__(self, size: int):
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(_PRELOAD)
+        self.workers: list[_Worker] = []
+        self.replaced = 0
+        try:
+            for _ in range(size):
+                self.workers.append(self._start())
+            for worker in self.workers:
+                self._await_ready(worker)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> _Worker:
+        mine, theirs = self.context.Pipe(duplex=True)
+        process = self.context.Process(
+            target=worker_main, args=(theirs, fault_env()), daemon=True, name="pseudotrack-cpu-worker"
+        )
+        process.start()
+        theirs.close()
+        return _Worker(process, mine)
+
+    def _await_ready(self, worker: _Worker) -> None:
+        ready = wait([worker.conn, worker.process.sentinel], timeout=START_TIMEOUT)
+        if worker.conn in ready:
+            try:
+                if worker.conn.recv() == ("ready",):
+                    worker.ready = True
+                    return
+            except (EOFError, OSError):
+                pass
+        worker.process.join(1.0)
+        raise RuntimeError(f"a CPU worker process did not start ({signal_name(worker.process.exitcode)})")
+
+    def idle(self) -> _Worker | None:
+        return next((w for w in self.workers if w.job is None), None)
+
+    def submit(self, worker: _Worker, index: int, job: tuple) -> None:
+        worker.job, worker.stage = index, "decode"
+        worker.conn.send(job)
+
+    def replace(self, worker: _Worker) -> None:
+        """A dead worker's place goes to a new one (raises if it cannot start)."""
+        worker.conn.close()
+        worker.process.join(1.0)
+        self.workers.remove(worker)
+        fresh = self._start()
+        self.workers.append(fresh)
+        self._await_ready(fresh)
+        self.replaced += 1
+
+    def close(self) -> None:
+        for worker in self.workers:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                worker.conn.send(None)
+        deadline = time.monotonic() + 5.0
+        for worker in self.workers:
+            if worker.job is None:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():  # busy on a clip nobody wants any more
+                worker.process.kill()
+                worker.process.join(5.0)
+            worker.conn.close()
+        self.workers = []
+
+
+def start_pool(workers: int) -> CpuPool | None:
+    """The worker pool, or None (with one warning) when it cannot start: the batch then runs in-process."""
+    try:
+        return CpuPool(workers)
+    except Exception as exc:
+        log.warning("CPU worker pool of %d could not start (%s); labelling in this process instead", workers, exc)
+        return None
+
+
+def _result_outcome(video: PlannedVideo, result: tuple) -> PreparedVideo | Exception:
+    kind = result[0]
+    if kind == "ok":
+        return result[1]
+    if kind == "sample_error":
+        return SampleError(result[1], result[2])
+    # not the video's fault (a bug, a full disk): the batch fails and the video stays pending, as in-process
+    log.warning("labelling %s failed unexpectedly in a CPU worker:\n%s", video.key, result[3])
+    return RuntimeError(f"a CPU worker failed on {video.key}: {result[1]}: {result[2]}")
+
+
+def _pin(prepared: PreparedVideo) -> None:
+    """On CUDA, move the frames into page-locked memory (a numpy view of it) so the teacher's host-to-device
+    copies run at full speed; the teachers' `torch.from_numpy(frames).to(device)` keeps the pinning."""
+    import torch
+
+    frames = prepared.clip.frames
+    prepared.clip.frames = torch.from_numpy(frames).pin_memory().numpy()
+
+
+def label_pipelined(
+    pool: CpuPool,
+    videos: list[PlannedVideo],
+    config,
+    names: list[str],
+    *,
+    teacher_batch: int,
+    device: str,
+    read: Callable[[PlannedVideo], bytes],
+    teach: Callable[[list[PreparedVideo]], list],
+    finish: Callable[[PreparedVideo, dict], tuple],
+    timings: dict[str, float],
+) -> Iterator[tuple[PlannedVideo, tuple | Exception]]:
+    """(video, (sample, row) or the exception that failed it) for each video, in `videos`' order.
+
+    read: the video's bytes, or raises SampleError (a storage fault past its retries escapes, failing the batch);
+    teach: prepared clips -> for each, its labels by teacher or the exception that failed it (`run_teachers`),
+    called from the teacher thread;
+    finish: a labelled clip -> (sample, catalog row) (`finish_video`). Closes `pool` when done.
+    """
+    limit = in_flight_limit(len(pool.workers), teacher_batch)
+    outcomes: dict[int, object] = {}  # index -> exception, or (prepared, labels-or-exception) from the teacher
+    lock = threading.Lock()
+    to_teacher: queue.Queue = queue.Queue()
+    wake_r, wake_w = multiprocessing.Pipe(duplex=False)
+    teacher_failure: list[BaseException] = []
+    pin = device.startswith("cuda")
+
+    def teacher_loop() -> None:
+        try:
+            while True:
+                item = to_teacher.get()
+                if item is None:
+                    return
+                group = [item]
+                while len(group) < teacher_batch:
+                    try:
+                        more = to_teacher.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        to_teacher.put(None)
+                        break
+                    group.append(more)
+                fault_point("pipeline.teacher")  # crash tests: the batch's process killed with clips in flight
+                results = teach([p for _, p in group])
+                with lock:
+                    for (index, p), labels in zip(group, results, strict=True):
+                        outcomes[index] = (p, labels)
+                wake_w.send(len(group))
+        except BaseException as exc:  # the batch fails with it, in the main thread
+            teacher_failure.append(exc)
+            wake_w.send(-1)
+
+    teacher = threading.Thread(target=teacher_loop, name="pseudotrack-teacher", daemon=True)
+    teacher.start()
+    next_read = next_yield = 0
+    try:
+        while next_yield < len(videos):
+            with lock:
+                outcome = outcomes.pop(next_yield, None)
+            if outcome is not None:
+                video = videos[next_yield]
+                if isinstance(outcome, tuple):
+                    p, labels = outcome
+                    if isinstance(labels, Exception):
+                        outcome = labels
+                    else:
+                        try:
+                            outcome = finish(p, labels)
+                        except Exception as exc:
+                            outcome = exc
+                next_yield += 1
+                yield video, outcome
+                continue
+            worker = pool.idle()
+            if next_read < len(videos) and next_read - next_yield < limit and worker is not None:
+                video = videos[next_read]
+                t = time.perf_counter()
+                try:
+                    data = read(video)
+                except SampleError as exc:
+                    data = exc
+                timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
+                if isinstance(data, Exception):
+                    with lock:
+                        outcomes[next_read] = data
+                else:
+                    pool.submit(worker, next_read, (next_read, video, data, config, names))
+                del data
+                next_read += 1
+                continue
+            _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pin)
+            if teacher_failure:
+                raise teacher_failure[0]
+    finally:
+        to_teacher.put(None)
+        pool.close()
+        teacher.join()
+        wake_r.close()
+        wake_w.close()
+
+
+def _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pin) -> None:
+    """Block until a worker reports, dies, or the teacher finishes a group; take in what arrived."""
+    by_conn = {w.conn: w for w in pool.workers}
+    by_sentinel = {w.process.sentinel: w for w in pool.workers}
+    t = time.perf_counter()
+    ready = wait([wake_r, *by_conn, *by_sentinel])
+    timings["wait"] = timings.get("wait", 0.0) + time.perf_counter() - t
+    if wake_r in ready:
+        while wake_r.poll():
+            wake_r.recv()
+    dead = []
+    for handle in ready:
+        worker = by_conn.get(handle) or by_sentinel.get(handle)
+        if worker is None:
+            continue
+        if not _drain(worker, videos, outcomes, lock, to_teacher, timings, pin):
+            dead.append(worker)
+    for worker in dict.fromkeys(dead):
+        worker.process.join(1.0)
+        if worker.process.is_alive():
+            continue  # its pipe broke but it lives on: the sentinel will tell
+        _drain(worker, videos, outcomes, lock, to_teacher, timings, pin)  # what it sent before it died
+        if worker.job is not None:
+            reason = f"worker crashed ({signal_name(worker.process.exitcode)})"
+            log.warning("%s: %s: %s; starting a new worker", videos[worker.job].key, worker.stage, reason)
+            with lock:
+                outcomes[worker.job] = SampleError(worker.stage, reason)
+        pool.replace(worker)
+
+
+def _drain(worker: _Worker, videos, outcomes, lock, to_teacher, timings, pin) -> bool:
+    """Take in every message the worker has sent; False when its pipe is closed (it died)."""
+    try:
+        while worker.conn.poll():
+            message = worker.conn.recv()
+            if message[0] == "stage":
+                worker.stage = message[1]
+            elif message[0] == "done":
+                _, index, result = message
+                for stage, seconds in result[-1].items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+                got = _result_outcome(videos[index], result)
+                worker.job = None
+                if isinstance(got, PreparedVideo):
+                    if pin:
+                        _pin(got)
+                    to_teacher.put((index, got))
+                else:
+                    with lock:
+                        outcomes[index] = got
+    except (EOFError, OSError):
+        return False
+    return worker.process.is_alive() or worker.job is None
