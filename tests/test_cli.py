@@ -29,7 +29,7 @@ runner = CliRunner()
                 "--checkpoints",
                 "--seed",
                 "--batch-size",
-                "default: 32",
+                "Default: 32",
                 "--teacher-batch",
             ],
         ),

@@ -219,7 +219,7 @@ def test_single_predict_turns_out_of_memory_into_a_sample_error(tapir, monkeypat
     def no_memory(group):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    monkeypatch.setattr(tapir, "_forward", no_memory)
+    monkeypatch.setattr(tapir, "forward", no_memory)
     with pytest.raises(SampleError, match="tapir ran out of memory on 8 frames and 3 queries"):
         tapir.predict(clip(8, 11), queries(8, 3, 11))
 
