@@ -217,18 +217,9 @@ def test_a_video_that_does_not_decode_is_terminally_failed(bucket, tmp_path):
     assert summary.labelled >= 1 and again.planned == 0  # terminal: not tried again
 
 
-def test_a_full_disk_is_not_retried_but_a_storage_fault_is():
-    """Prefect retries a batch for storage faults; a full disk stays full, so retrying it only wastes time."""
-    from pseudotrack.tasks.labelling import _is_storage_fault
+def test_a_batch_is_not_retried_by_prefect():
+    """One retry policy, the store's (storage/base.py): a storage fault past it, a full disk or a bug fails the
+    batch once, and the round says how to resume, instead of Prefect running the whole batch again."""
+    from pseudotrack.tasks.labelling import label_batch_task
 
-    class Failed:
-        def __init__(self, exc):
-            self.exc = exc
-
-        def result(self):
-            raise self.exc
-
-    assert not _is_storage_fault(None, None, Failed(OSError(errno.ENOSPC, "No space left on device")))
-    assert _is_storage_fault(None, None, Failed(ConnectionError("connection reset")))
-    assert _is_storage_fault(None, None, Failed(TimeoutError("read timed out")))
-    assert not _is_storage_fault(None, None, Failed(RuntimeError("CUDA error: an illegal memory access")))
+    assert label_batch_task.retries == 0 and label_batch_task.retry_condition_fn is None

@@ -10,14 +10,14 @@ too short, gives too few features, or a teacher returns NaN for that clip
 alone). Anything else is not the video's fault and never becomes a `failed`
 row: a teacher that cannot load, a CUDA error, a full disk, a bug of ours. It
 fails the batch instead, its videos stay pending, and the round says how to
-resume. Storage faults that outlast the client's retries are retried whole by
-Prefect; the shard names are deterministic, so a retried batch overwrites,
-never duplicates.
+resume. Storage faults are retried by the store alone (storage/base.py, the
+package's one retry policy); one that outlasts it fails the batch, and a re-run
+resumes it: shard names are deterministic, so a re-run overwrites, never
+duplicates.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import threading
@@ -519,24 +519,7 @@ def _label_claimed(
     return result
 
 
-def _is_storage_fault(task, task_run, state) -> bool:
-    """Retry a batch only for storage and network faults, not for bugs nor a full disk (it stays full)."""
-    try:
-        state.result()
-    except OSError as exc:
-        return exc.errno != errno.ENOSPC
-    except Exception as exc:
-        return type(exc).__module__.startswith(("botocore", "boto3", "urllib3"))
-    return False
-
-
-@task(
-    name="label-batch",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=_is_storage_fault,
-    cache_policy=NO_CACHE,
-)
+@task(name="label-batch", cache_policy=NO_CACHE)  # no retries here: the store's policy is the only one
 def label_batch_task(
     videos: list[PlannedVideo],
     config: RoundConfig,
