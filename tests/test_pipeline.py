@@ -78,7 +78,7 @@ def test_labels_identical_for_any_worker_count(bucket, tmp_path):
         results[workers] = (summary, shard_members(tmp_path / f"ws{workers}"))
     base, members = results[0]
     assert base.labelled == 6 and base.failed == 1, base
-    assert len([m for m in members if m.endswith(".mp4")]) == 6
+    assert len([m for m in members if m.endswith(".clip.mkv")]) == 6
     for workers in (1, 3):
         summary, got = results[workers]
         assert (summary.labelled, summary.failed, summary.failure_reasons) == (
