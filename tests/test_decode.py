@@ -180,6 +180,12 @@ def test_stored_generated_clips_are_near_lossless(make):
     assert back.shape == frames.shape and psnr(back, frames) >= 40.0
 
 
+def test_a_clip_stores_as_the_same_bytes_every_time():
+    """Labels are bit-identical whatever process encodes them: no random container UIDs in the stored clip."""
+    frames = videos.translating_frames(4, 32, 48, 1, 0)
+    assert encode_clip(frames, 24.0) == encode_clip(frames, 24.0)
+
+
 def test_one_noisy_frame_among_smooth_ones_raises_the_quality():
     """The PSNR check decodes back the largest JPEGs, so one noise frame in a long smooth clip is caught
     wherever it sits (evenly spaced picks would miss frame 13 of 40); every frame then reads back at 40 dB."""

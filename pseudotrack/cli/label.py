@@ -114,7 +114,11 @@ def status(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Counts per round by state, teacher and failure reason, read from the catalog (--failed: the failed videos)."""
+    """Counts per round by state, teacher and failure reason, read from the catalog (--failed: the failed videos).
+
+    Finished rounds also show the teacher's busy fraction, clips/s and what bounded them (cpu or teacher),
+    from runs/<round>/summary.json.
+    """
     from ..errors import ConfigError
     from ..storage.catalog import Catalog
     from ..storage.uri import open_store

@@ -112,7 +112,9 @@ def mux_jpegs(data: list[bytes], width: int, height: int, fps: float, container_
 
     rate = Fraction(fps if math.isfinite(fps) and fps > 0 else DEFAULT_FPS).limit_denominator(1001)
     buf = io.BytesIO()
-    with av.open(buf, "w", format=container_format) as out:
+    # bitexact: without it FFmpeg's Matroska writer puts random segment and track UIDs (and its version) in
+    # every file, so the same clip would not give the same bytes in two runs or two worker processes
+    with av.open(buf, "w", format=container_format, container_options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream("mjpeg", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuvj444p"
         # Matroska's statistics tag, in the header: a reader can tell a clip cut short from a short clip
