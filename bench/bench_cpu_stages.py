@@ -12,13 +12,23 @@ start and keyframes, as in a round), at the recipe's size (64 frames of 384x512,
     `too few features`, on the clips as they are and blurred (a Gaussian of sigma --blur px: fewer features,
     so the rule is exercised).
 
-    python bench/bench_cpu_stages.py [--draws 6] [--scales 1.0,0.5] [--blur 2.5]
+With `--base COMMIT` (e.g. 36fd075, before decode and encode were cut) it also times decode, SIFT at
+`queries.SIFT_SCALE` and encode with that commit's package (`git archive` into a temporary folder, run in a
+subprocess on the same draws), and prints both, and their sums, in one run.
+
+    python bench/bench_cpu_stages.py [--draws 6] [--scales 1.0,0.5] [--blur 2.5] [--base 36fd075]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,14 +72,74 @@ def near_old(queries: np.ndarray, old: np.ndarray) -> float:
     return close / len(queries)
 
 
+def stage_seconds(paths: list[Path], draws: int, frames: int) -> dict[str, float]:
+    """Mean CPU seconds per clip of decode (probe + clip), SIFT queries at `queries.SIFT_SCALE` and encode."""
+    got = {"decode": [], "sift": [], "encode": []}
+    decode_clip(paths[0].read_bytes(), "warm-up", rng=np.random.default_rng(0))  # torch and decord imports
+    for path in paths:
+        data = path.read_bytes()
+        for draw in range(draws):
+            key = f"{path.stem}-{draw}.mp4"
+            rng = video_rng(0, key)
+            t = time.process_time()
+            clip = decode_clip(data, key, num_frames=frames, min_frames=16, rng=rng, facts=probe_video(data, key))
+            got["decode"].append(time.process_time() - t)
+            t = time.process_time()
+            Q.sample_queries(clip.frames, 384, 8, rng=rng, sift_scale=Q.SIFT_SCALE)
+            got["sift"].append(time.process_time() - t)
+            t = time.process_time()
+            encode_clip(clip.frames, clip.fps)
+            got["encode"].append(time.process_time() - t)
+    return {k: float(np.mean(v)) for k, v in got.items()}
+
+
+def base_stage_seconds(commit: str, draws: int, frames: int) -> dict[str, float]:
+    """`stage_seconds` with the package as it was at `commit`, in a subprocess (this file run with --stages-only)."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", commit, "pseudotrack"], check=True, capture_output=True
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        env = {**os.environ, "PYTHONPATH": tmp}
+        out = subprocess.run(
+            [sys.executable, __file__, "--stages-only", "--draws", str(draws), "--frames", str(frames)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+        ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def print_stages(label: str, got: dict[str, float]) -> None:
+    total = got["decode"] + got["sift"] + got["encode"]
+    print(
+        f"{label}: decode {got['decode']:.3f}  sift scale={Q.SIFT_SCALE:g} {got['sift']:.3f}  "
+        f"encode {got['encode']:.3f}  sum {total:.3f} CPU s/clip"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=6, help="draws (video keys) per clip")
     parser.add_argument("--scales", default=f"1.0,{Q.SIFT_SCALE}", help="SIFT scales; the first is the baseline")
     parser.add_argument("--blur", type=float, default=2.5)
     parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--base", help="a commit whose decode and encode to time beside this tree's (e.g. 36fd075)")
+    parser.add_argument("--stages-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cv2.setNumThreads(1)  # as in a CPU worker: CPU seconds on one core
+    if args.stages_only:
+        print(json.dumps(stage_seconds(sorted(shared_videos().glob("*.mp4")), args.draws, args.frames)))
+        return
+    if args.base:
+        before = base_stage_seconds(args.base, args.draws, args.frames)
+        after = stage_seconds(sorted(shared_videos().glob("*.mp4")), args.draws, args.frames)
+        print_stages(f"before ({args.base})", before)
+        print_stages("after (this tree)", after)
     scales = list(dict.fromkeys(float(s) for s in args.scales.split(",")))
     paths = sorted(shared_videos().glob("*.mp4"))
     decode_s, encode_s, clips = [], [], 0
@@ -134,6 +204,13 @@ def main() -> None:
     for s in scales:
         total = np.mean(decode_s) + np.mean(sift_s[s]) + np.mean(encode_s)
         print(f"decode+sift+encode scale={s:g}: {total:.3f} CPU s/clip ({total / base:.2f} of scale={scales[0]:g})")
+    if args.base:  # against the issue's baseline: the base commit's decode and encode with SIFT on full keyframes
+        start = before["decode"] + np.mean(sift_s[scales[0]]) + before["encode"]
+        now = after["decode"] + after["sift"] + after["encode"]
+        print(
+            f"decode+sift+encode: {args.base} with sift scale={scales[0]:g} {start:.3f} -> this tree "
+            f"{now:.3f} CPU s/clip ({now / start:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

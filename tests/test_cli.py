@@ -294,6 +294,37 @@ def test_status_failed_lists_each_failed_video(tmp_path):
     assert "all videos (latest state)" in summary.output  # a heading line, not a title wrapped to the table's width
 
 
+def test_status_shows_what_bounds_each_round(tmp_path):
+    from pseudotrack.storage.catalog import Catalog
+    from pseudotrack.storage.uri import open_store
+
+    store = open_store(str(tmp_path))
+    Catalog(store).append(
+        [
+            {"video_key": f"{r}.mp4", "etag": "1", "status": "filtered", "filter_rule": "cgi", "round_id": r}
+            for r in ("r1", "r2", "r3")
+        ]
+    )
+    stages = {"r1": {"batch": 10.0, "teacher": 9.5, "cpu": 12.0}, "r2": {"batch": 8.0, "teacher": 2.0, "cpu": 14.0}}
+    for name, labelled in (("r1", 20), ("r2", 4)):
+        summary = {"round_id": name, "labelled": labelled, "stage_seconds": stages[name]}
+        store.write_bytes(f"runs/{name}/summary.json", json.dumps(summary).encode())
+    store.write_bytes("runs/r3/summary.json", b'{"round_id": "r3", "planned": 3}')  # still running: no batch time
+    result = runner.invoke(app, ["status", "--workspace", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    r1 = [line for line in lines if line.strip("│ ").startswith("r1") and "%" in line]
+    r2 = [line for line in lines if line.strip("│ ").startswith("r2") and "%" in line]
+    assert len(r1) == 1 and "95%" in r1[0] and "2.00" in r1[0] and "teacher" in r1[0]
+    assert len(r2) == 1 and "25%" in r2[0] and "0.50" in r2[0] and "cpu" in r2[0]
+    assert not [line for line in lines if line.strip("│ ").startswith("r3") and "%" in line]
+    as_json = json.loads(runner.invoke(app, ["status", "--workspace", str(tmp_path), "--json"]).output)
+    assert as_json["throughput"]["r1"]["bound_by"] == "teacher" and as_json["throughput"]["r2"]["bound_by"] == "cpu"
+    assert set(as_json["throughput"]) == {"r1", "r2"}
+    only = json.loads(runner.invoke(app, ["status", "--workspace", str(tmp_path), "--round-id", "r2", "--json"]).output)
+    assert set(only["throughput"]) == {"r2"}
+
+
 # --------------------------------------------------------------------------- output
 
 

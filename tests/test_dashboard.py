@@ -165,7 +165,8 @@ def build_workspace(root: Path) -> dict:
             )
         )
     catalog.append(rows)
-    summary = {"round_id": "r1", "planned": 48, "recovered": 0, "filtered": 7, "failed": 6, "labelled": 43}
+    summary = {"round_id": "r1", "planned": 48, "recovered": 0, "filtered": 7, "failed": 6, "labelled": 43,
+               "stage_seconds": {"batch": 20.0, "teacher": 19.0, "cpu": 31.0, "wait": 0.5}}  # fmt: skip
     store.write_bytes("runs/r1/summary.json", json.dumps(summary).encode())
     store.write_bytes("runs/r1/config.json", json.dumps({"videos": 100}).encode())
     store.write_bytes("runs/r2/config.json", json.dumps({"videos": 20}).encode())
@@ -271,6 +272,26 @@ def test_collect_matches_what_was_written(workspace):
     assert round(sum(v * h for v, h in zip(tp["series"]["failed"], hours, strict=True))) == 5
     assert sum(r["finished"] for r in data["rounds"]) == 52
     json.dumps(data, allow_nan=False)  # the API serves it as strict JSON
+
+
+def test_throughput_per_round_says_what_bounds_it(workspace, tmp_path):
+    """r1's summary.json: teacher 19 of 20 batch seconds -> 95% busy, bound by the teacher, 43 / 20 clips/s;
+    r2 is running (no summary.json); a round whose teacher idled is bound by the CPU."""
+    root, _ = workspace
+    store = open_store(str(root))
+    data = views.collect(store, Catalog(store), views.FileCache())
+    (row,) = data["pipeline"]["rows"]
+    assert row["round_id"] == "r1" and row["bound_by"] == "teacher"
+    assert row["teacher_busy"] == pytest.approx(0.95) and row["clips_per_s"] == pytest.approx(43 / 20)
+    html = dash.render_page(data, str(root), 5.0)
+    table = html[html.index('<table id="pipeline">') :]
+    table = table[: table.index("</table>")]
+    assert "r1" in table and "95%" in table and "2.15" in table and ">teacher<" in table
+    cpu = {"summary": {"labelled": 10, "stage_seconds": {"batch": 10.0, "teacher": 4.0}}}
+    rows = views.pipeline_rows({"r3": cpu, "r4": {"summary": {"planned": 5}}, "r5": {"config": {}}})["rows"]
+    assert [(r["round_id"], r["bound_by"], r["teacher_busy"], r["clips_per_s"]) for r in rows] == [
+        ("r3", "cpu", 0.4, 1.0)
+    ]
 
 
 def test_catalog_read_state_and_labelled_sample(tmp_path):

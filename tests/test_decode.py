@@ -11,7 +11,14 @@ import videos
 
 from pseudotrack.errors import SampleError
 from pseudotrack.synthetic import render_scene
-from pseudotrack.tasks.clip_codec import decode_clip_bytes, encode_clip, jpegs, mux_jpegs, psnr
+from pseudotrack.tasks.clip_codec import (
+    decode_clip_bytes,
+    encode_clip,
+    encode_clip_described,
+    jpegs,
+    mux_jpegs,
+    psnr,
+)
 from pseudotrack.tasks.decode import _decord, choose_stride, decode_clip, probe_video
 
 
@@ -171,6 +178,25 @@ def test_stored_generated_clips_are_near_lossless(make):
     frames = make()
     back = decode_clip_bytes(encode_clip(frames, 12.0))
     assert back.shape == frames.shape and psnr(back, frames) >= 40.0
+
+
+def test_a_clip_stores_as_the_same_bytes_every_time():
+    """Labels are bit-identical whatever process encodes them: no random container UIDs in the stored clip."""
+    frames = videos.translating_frames(4, 32, 48, 1, 0)
+    assert encode_clip(frames, 24.0) == encode_clip(frames, 24.0)
+
+
+def test_one_noisy_frame_among_smooth_ones_raises_the_quality():
+    """The PSNR check decodes back the largest JPEGs, so one noise frame in a long smooth clip is caught
+    wherever it sits (evenly spaced picks would miss frame 13 of 40); every frame then reads back at 40 dB."""
+    frames = videos.translating_frames(40, 64, 64, 1.0, 0.5)
+    frames[13] = np.random.default_rng(1).integers(0, 256, frames[13].shape, dtype=np.uint8)
+    data, described = encode_clip_described(frames, 12.0)
+    assert described["jpeg_quality"] == 100
+    back = decode_clip_bytes(data)
+    assert min(psnr(b, f) for b, f in zip(back, frames, strict=True)) >= 40.0
+    smooth = encode_clip_described(videos.translating_frames(40, 64, 64, 1.0, 0.5), 12.0)[1]
+    assert smooth["jpeg_quality"] == 95  # a smooth clip keeps quality 95
 
 
 def test_stored_clip_that_is_not_a_whole_clip_fails_cleanly():

@@ -14,6 +14,7 @@ from pseudotrack.config import RoundConfig
 from pseudotrack.errors import ConfigError
 from pseudotrack.flows.label_round import run_round
 from pseudotrack.tasks import pipeline
+from pseudotrack.tasks.clip_codec import CLIP_FIELD
 from pseudotrack.tasks.pipeline import bound_by, cpu_worker_count, in_flight_limit, signal_name
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
@@ -78,7 +79,7 @@ def test_labels_identical_for_any_worker_count(bucket, tmp_path):
         results[workers] = (summary, shard_members(tmp_path / f"ws{workers}"))
     base, members = results[0]
     assert base.labelled == 6 and base.failed == 1, base
-    assert len([m for m in members if m.endswith(".clip.mkv")]) == 6
+    assert len([m for m in members if m.endswith(f".{CLIP_FIELD}")]) == 6  # one stored clip per labelled video
     for workers in (1, 3):
         summary, got = results[workers]
         assert (summary.labelled, summary.failed, summary.failure_reasons) == (

@@ -234,3 +234,36 @@ def test_cuda_batched_forward(teachers, name, tmp_path):
         if tol is not None:
             for (frames, q), got in zip(clips, outs, strict=True):
                 assert np.abs(got.tracks - teacher.predict(frames, q).tracks).max() <= tol
+
+
+def test_to_device_on_the_cpu_is_a_plain_copy():
+    """Off CUDA the helper neither pins nor changes values: frames and queries arrive as `.to(device)` gives them."""
+    from pseudotrack.teachers.neural import to_device
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)[:, ::2]  # not contiguous
+    got = to_device(frames, torch.device("cpu"))
+    assert got.dtype == torch.uint8 and not got.is_pinned() and np.array_equal(got.numpy(), frames)
+    queries = torch.rand(5, 3)
+    assert torch.equal(to_device(queries, "cpu"), queries)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["cotracker3_offline", "cotracker2", "tapir"])
+def test_cuda_pinned_copies_give_the_same_labels(name, tmp_path, monkeypatch):
+    """Pinned, non-blocking host -> GPU copies of frames and queries change no output: the copies are
+    ordered on the stream before the kernels that read them."""
+    from pseudotrack.teachers import neural
+
+    make, options = MODELS[name]
+    path = tmp_path / "w.pth"
+    torch.save(rule_weights(make()), path)
+    clips = mixed_clips()
+    teacher = create_teacher(name, checkpoint=path, **options)
+    teacher.setup("cuda")
+    pinned = teacher.predict_batch(clips)
+    monkeypatch.setattr(neural, "PIN_HOST_COPIES", False)
+    plain = teacher.predict_batch(clips)
+    for a, b in zip(pinned, plain, strict=True):
+        assert np.array_equal(a.tracks, b.tracks) and np.array_equal(a.visibility, b.visibility)
+        assert np.array_equal(a.confidence, b.confidence)

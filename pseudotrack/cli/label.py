@@ -114,7 +114,11 @@ def status(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Counts per round by state, teacher and failure reason, read from the catalog (--failed: the failed videos)."""
+    """Counts per round by state, teacher and failure reason, read from the catalog (--failed: the failed videos).
+
+    Finished rounds also show the teacher's busy fraction, clips/s and what bounded them (cpu or teacher),
+    from runs/<round>/summary.json.
+    """
     from ..errors import ConfigError
     from ..storage.catalog import Catalog
     from ..storage.uri import open_store
@@ -127,12 +131,44 @@ def status(
     except ConfigError as exc:
         fail(str(exc))
         return
+    if not failed:
+        result["throughput"] = _rounds_throughput(store, sorted(result.get("rounds", {})), round_id)
     if as_json:
         out.print_json(json.dumps(result, default=str))
     elif failed:
         _print_failures(result, round_id)
     else:
         _print_status(result)
+        _print_throughput(result["throughput"])
+
+
+def _rounds_throughput(store, rounds: list[str], round_id: str | None) -> dict[str, dict]:
+    """round -> `round_throughput` of its runs/<round>/summary.json, for rounds that recorded batch time."""
+    from ..storage.layout import runs_prefix
+    from ..tasks.pipeline import round_throughput
+
+    found = {}
+    for name in [round_id] if round_id else rounds:
+        try:
+            summary = json.loads(store.read_bytes(f"{runs_prefix(name)}summary.json"))
+        except (FileNotFoundError, ValueError):  # not written yet, cut short, or not a round id: nothing to show
+            continue
+        figures = round_throughput(summary)
+        if figures:
+            found[name] = figures
+    return found
+
+
+def _print_throughput(rows: dict[str, dict]) -> None:
+    """Per round: whether more CPU workers would help (bound by cpu) or only a faster teacher would."""
+    if not rows:
+        return
+    table = Table()
+    for column in ("round", "teacher busy", "clips/s", "bound by"):
+        table.add_column(column, justify="left" if column in ("round", "bound by") else "right")
+    for name, row in sorted(rows.items()):
+        table.add_row(name, f"{row['teacher_busy']:.0%}", f"{row['clips_per_s']:.2f}", row["bound_by"])
+    print_table("labelling throughput (from runs/<round>/summary.json)", table)
 
 
 def _print_failures(rows: list[dict], round_id: str | None) -> None:

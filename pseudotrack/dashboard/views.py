@@ -447,6 +447,25 @@ def student_reports(store: ObjectStore, infos: list[ObjectInfo], cache: FileCach
     return out
 
 
+# --------------------------------------------------------------------------- labelling throughput
+
+
+def pipeline_rows(plans: dict[str, dict]) -> dict:
+    """Per round with batch time recorded: teacher busy fraction, clips/s and "bound by" (cpu or teacher).
+
+    From runs/<round>/summary.json's summed stage seconds (`tasks.pipeline.round_throughput`), as
+    `pseudotrack status` shows them; rounds still running have none yet.
+    """
+    from ..tasks.pipeline import TEACHER_BOUND, round_throughput
+
+    rows = []
+    for name, plan in sorted(plans.items()):
+        figures = round_throughput(plan.get("summary"))
+        if figures:
+            rows.append({"round_id": name, **{k: _finite(v) if k != "bound_by" else v for k, v in figures.items()}})
+    return {"rows": rows, "teacher_bound": TEACHER_BOUND}
+
+
 # --------------------------------------------------------------------------- everything
 
 
@@ -468,6 +487,7 @@ def collect(store: ObjectStore, catalog: Catalog, cache: FileCache) -> dict:
     state = catalog.read_state(CATALOG_COLUMNS)
     data = catalog_views(state, plans, [m["shard"] for m in manifests if m.get("shard")])
     data["totals"]["shards"] = len(manifests)
+    data["pipeline"] = pipeline_rows(plans)
     students = student_reports(store, report_infos, cache)
     data.update(
         shards=shard_stats(manifests),

@@ -6,7 +6,8 @@ FFmpeg-based player or reader opens it. 4:4:4 matters: chroma subsampling
 (4:2:0, what video writers default to) costs saturated colour edges about 8 dB.
 A clip that would come back below `min_psnr` (film grain, noise, tiny textured
 frames) is stored at quality 100, about 50 dB on anything, pure noise included;
-the check decodes a few frames with the same decoder readers use.
+the check decodes the frames with the largest JPEGs (the likeliest to fall
+below) with the same decoder readers use.
 
 Why MJPEG and not H.264 (bench/bench_clip_codec.py, on the sample clips at
 64x384x512): x264 in 4:4:4 at CRF 10 stores a clip in a half to a quarter of
@@ -38,12 +39,19 @@ CLIP_CODEC = "mjpeg"
 CLIP_QUALITY = 95  # JPEG quality of stored frames; raised to 100 when a clip would fall below MIN_PSNR
 MIN_PSNR = 40.0
 DEFAULT_FPS = 30.0  # written when a clip's frame rate is unusable
-_PSNR_CHECK_FRAMES = 8  # frames decoded back to check a stored clip's quality
+_PSNR_CHECK_FRAMES = 4  # frames decoded back to check a stored clip's quality (the largest JPEGs)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 arrays in dB (inf when equal)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    """Peak signal-to-noise ratio of two uint8 arrays in dB (inf when equal).
+
+    OpenCV sums the squared differences in one pass without float copies of
+    both frames (the same value as numpy's float64 mean, to rounding).
+    """
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr of arrays of different shapes {a.shape} and {b.shape}")
+    mse = cv2.norm(a.reshape(-1), b.reshape(-1), cv2.NORM_L2SQR) / a.size if a.size else 0.0
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
@@ -82,8 +90,16 @@ def _decode_jpegs(data: list[bytes]) -> list[np.ndarray]:
 
 
 def worst_psnr(frames: np.ndarray, data: list[bytes]) -> float:
-    """The lowest PSNR over a few evenly spaced frames decoded back."""
-    picks = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), _PSNR_CHECK_FRAMES)).round().astype(int))
+    """The lowest PSNR over the frames whose JPEGs are largest, decoded back.
+
+    At one quality setting the quantisation error grows with a frame's fine
+    detail and noise, and so does its JPEG, so the largest JPEGs are the
+    frames likeliest to fall below the bar: a clip whose one frame is noise is
+    caught, where evenly spaced picks could miss it. Checking a few frames,
+    not all, keeps the check a small part of encoding.
+    """
+    sizes = np.array([len(jpeg) for jpeg in data])
+    picks = np.sort(np.argsort(-sizes, kind="stable")[: min(len(frames), _PSNR_CHECK_FRAMES)])
     back = _decode_jpegs([data[i] for i in picks])
     if len(back) != len(picks):
         return -math.inf
@@ -96,8 +112,8 @@ def mux_jpegs(data: list[bytes], width: int, height: int, fps: float, container_
 
     rate = Fraction(fps if math.isfinite(fps) and fps > 0 else DEFAULT_FPS).limit_denominator(1001)
     buf = io.BytesIO()
-    # bitexact: no random segment UID, date or library version in the file, so the same frames give the same
-    # bytes in any process (a re-run overwrites a shard with identical samples; tests compare bytes)
+    # bitexact: without it FFmpeg's Matroska writer puts random segment and track UIDs (and its version) in
+    # every file, so the same clip would not give the same bytes in two runs or two worker processes
     with av.open(buf, "w", format=container_format, container_options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream("mjpeg", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuvj444p"
@@ -115,7 +131,7 @@ def mux_jpegs(data: list[bytes], width: int, height: int, fps: float, container_
 def encode_clip(frames: np.ndarray, fps: float, min_psnr: float | None = MIN_PSNR) -> bytes:
     """frames: uint8 [T, H, W, 3] RGB, H and W even -> Matroska bytes that `decode_clip_bytes` reads.
 
-    Quality 95 unless a few frames decoded back fall below `min_psnr` dB, then
+    Quality 95 unless the frames with the largest JPEGs, decoded back, fall below `min_psnr` dB, then
     quality 100; `min_psnr=None` skips the check.
     """
     return encode_clip_described(frames, fps, min_psnr)[0]

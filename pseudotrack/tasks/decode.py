@@ -110,7 +110,17 @@ def _decord():
 
 
 def _to_numpy(batch) -> np.ndarray:
-    """decord returns its own NDArray, or a torch tensor if some other code switched decord's bridge."""
+    """decord returns its own NDArray, or a torch tensor if some other code switched decord's bridge.
+
+    An NDArray is taken over through DLPack rather than copied: `asnumpy`
+    copies the whole clip into fresh memory (page faults included), a large
+    share of decoding's CPU for a 64-frame clip (bench/bench_cpu_stages.py).
+    The array keeps decord's buffer alive and frees it when it goes.
+    """
+    if hasattr(batch, "to_dlpack"):
+        from torch.utils.dlpack import from_dlpack  # torch is loaded before decord (`_decord`)
+
+        return from_dlpack(batch.to_dlpack()).numpy()
     if hasattr(batch, "asnumpy"):
         return batch.asnumpy()
     if hasattr(batch, "numpy"):

@@ -86,6 +86,33 @@ def bound_by(stage_seconds: dict[str, float]) -> str:
     return "teacher" if teacher_busy(stage_seconds) >= TEACHER_BOUND else "cpu"
 
 
+def round_throughput(summary: dict) -> dict | None:
+    """What bounded a round: teacher busy fraction, clips per second of batch time, and `bound_by`.
+
+    From a round's `runs/<round>/summary.json` (RoundSummary.to_dict): its
+    `stage_seconds` are its batches' stage seconds summed, so the busy fraction
+    is the teacher's share of all batch time and clips/s is the videos labelled
+    per second a batch ran (one batch process's rate; batches running side by
+    side add up). None while the round has recorded no batch time (still
+    planning or running, or nothing to label).
+    """
+    stages = summary.get("stage_seconds") if isinstance(summary, dict) else None
+    if not isinstance(stages, dict):
+        return None
+    stages = {k: float(v) for k, v in stages.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    batch = stages.get("batch", 0.0)
+    if not batch > 0:
+        return None
+    labelled = summary.get("labelled")
+    labelled = labelled if isinstance(labelled, int) and not isinstance(labelled, bool) else 0
+    return {
+        "teacher_busy": teacher_busy(stages),
+        "clips_per_s": labelled / batch,
+        "bound_by": bound_by(stages),
+        "batch_seconds": batch,
+    }
+
+
 def signal_name(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         try:

@@ -52,7 +52,7 @@ from .blocks import (
     sincos_2d,
 )
 from .checkpoints import load_into
-from .neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames
+from .neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames, to_device
 from .support_points import grid_points
 
 # Official file name -> sliding-window length the file was trained with.
@@ -455,7 +455,7 @@ class CoTracker2Teacher(NeuralTeacher):
             )
             if t < cfg.window_len:  # a full window, so even very short clips get one
                 video = torch.cat([video, video[:, -1:].expand(-1, cfg.window_len - t, -1, -1, -1)], dim=1)
-            queries = torch.from_numpy(np.stack([p.model_queries for p in group])).to(self.device)
+            queries = to_device(np.stack([p.model_queries for p in group]), self.device)
             point_chunk = max(1, self.point_chunk // len(group))
             tracks, vis = self.model(video, queries, self.iters, point_chunk, self.frame_chunk)
             results = []

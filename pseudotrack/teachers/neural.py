@@ -211,6 +211,28 @@ class NeuralTeacher:
         return nullcontext()
 
 
+PIN_HOST_COPIES = True  # host -> CUDA copies of frames and queries go through pinned memory, without blocking
+
+
+def to_device(x: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host array or tensor on `device`.
+
+    To a CUDA device the copy goes through pinned (page-locked) memory with
+    `non_blocking=True`: the GPU copies by DMA on its stream, ordered before
+    the kernels that read it, while the host thread goes on to the next chunk
+    instead of waiting; from pageable memory the copy is synchronous and
+    staged. Elsewhere (CPU) it is a plain `.to(device)`, so nothing changes.
+    The pinned buffer comes from PyTorch's caching host allocator, which keeps
+    it until the copy has finished even when the tensor is dropped at once.
+    """
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    device = torch.device(device)
+    if device.type != "cuda" or not PIN_HOST_COPIES or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def resize_frames(
     frames: np.ndarray,
     size: tuple[int, int],
@@ -223,7 +245,7 @@ def resize_frames(
     out = []
     step = max(1, chunk)
     for i in range(0, len(frames), step):
-        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + step])).to(device)
+        x = to_device(frames[i : i + step], device)
         x = x.permute(0, 3, 1, 2).float()
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners, antialias=antialias)

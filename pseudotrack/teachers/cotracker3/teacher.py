@@ -10,7 +10,7 @@ import torch
 
 from ...errors import ConfigError
 from ..base import TeacherOutput, TeacherSpec, register_teacher
-from ..neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames
+from ..neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames, to_device
 from ..support_points import early_sift_points, grid_points
 from .model import (
     OFFLINE_FILES,
@@ -123,7 +123,7 @@ class CoTracker3Teacher(NeuralTeacher):
         size = self.model_resolution()
         with torch.inference_mode(), self.autocast():
             video = torch.cat([resize_frames(p.frames, size, self.device, self.frame_chunk) for p in group])
-            queries = torch.from_numpy(np.stack([p.model_queries for p in group])).to(self.device)
+            queries = to_device(np.stack([p.model_queries for p in group]), self.device)
             out = self.model(video, queries, self.iters, self.chunks)
             results = []
             for b, p in enumerate(group):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ...errors import ConfigError
 from ..base import TeacherOutput, TeacherSpec, register_teacher
-from ..neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames
+from ..neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames, to_device
 from .model import BOOTSTAPIR_CONFIG, OFFICIAL_FILE, TAPIR_CONFIG, Tapir, TapirConfig, checkpoint_filter
 
 
@@ -110,10 +110,10 @@ class TapirTeacher(NeuralTeacher):
             video = (video / 255 * 2 - 1).permute(0, 1, 3, 4, 2)  # B T mh mw 3 in [-1, 1]
             queries = [F.pad(torch.from_numpy(p.model_queries), (0, 0, 0, most - p.n)) for p in group]  # dummies
             chunk = max(1, self.query_chunk // len(group)) if self.query_chunk > 0 else self.query_chunk
-            out = self.model(video, torch.stack(queries).to(self.device), chunk, self.frame_chunk)
+            out = self.model(video, to_device(torch.stack(queries), self.device), chunk, self.frame_chunk)
             results = []
             for b, p in enumerate(group):
-                to_model = torch.from_numpy(p.to_model).to(self.device)
+                to_model = to_device(p.to_model, self.device)
                 tracks = out["tracks"][b, : p.n].float() / to_model.flip(0) - 0.5  # N T 2 (x, y) clip pixels
                 occ, expd = out["occlusion"][b, : p.n].float(), out["expected_dist"][b, : p.n].float()
                 results.append(
