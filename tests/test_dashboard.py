@@ -40,11 +40,12 @@ from pseudotrack.teachers.base import TeacherOutput
 EVIL_CAPTION = '<script>document.title="pwned"</script> a dog & "cat" <b>bold</b> <img src=x onerror=alert(1)>'
 EVIL_KEY = "videos/<i>odd</i> name.mp4"
 EVIL_REASON = "decoder said <img src=x onerror=alert(2)>"
-SECRET = "dashboard-test-secret-9f3a7c"
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 # --------------------------------------------------------------------------- building a workspace
+
+SECRET = "dashboard-test-secret-9f3a7c"
 
 
 def scene_sample(seed: int, key: str) -> Sample:
@@ -643,8 +644,11 @@ def test_preview_png_draws_tracks_and_is_cached(served):
 
 
 def test_no_credentials_in_page_or_json(s3_uri, monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_SESSION_TOKEN", SECRET + "-session")
+    # distinctive credentials the test S3 server accepts (SeaweedFS checks signatures, so they must be real)
+    from seaweedfs import LEAK_ACCESS_KEY, LEAK_SECRET_KEY
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", LEAK_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", LEAK_SECRET_KEY)
     uri = s3_uri + "?X-Amz-Signature=SIGSECRET123"  # S3 takes it as part of the prefix; we must not show it
     Catalog(open_store(uri)).append(
         [
@@ -670,7 +674,7 @@ def test_no_credentials_in_page_or_json(s3_uri, monkeypatch):
                 status, _, body = request(url + path)
                 text = body.decode()
                 assert status == expect, text
-                for secret in (SECRET, "SIGSECRET123", "hunter2pass", "someone:"):
+                for secret in (LEAK_SECRET_KEY, LEAK_ACCESS_KEY, "SIGSECRET123", "hunter2pass", "someone:"):
                     assert secret not in text, (path, secret)
             if expect == 200:
                 assert dash.display_uri(uri) in text or json.loads(body)["workspace"] == s3_uri
