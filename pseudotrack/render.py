@@ -134,8 +134,8 @@ def render_sample_file(
 ) -> dict:
     """Draw a sample's tracks to a PNG grid or MP4; color_by_quality colours each track by its score.
 
-    Returns {teacher, source_key, frames, quality}: quality is the teacher's mean score, or None
-    when the shard has no scores (written before they existed), which is drawn grey.
+    Returns {teacher, source_key, frames}, and with color_by_quality `quality`: the teacher's mean
+    score, or None when the shard has no scores (written before they existed), drawn grey.
     """
     from .demo import write_video
     from .tasks.clip_codec import decode_clip_bytes
@@ -157,5 +157,7 @@ def render_sample_file(
         cv2.imwrite(str(output), cv2.cvtColor(frame_grid(drawn), cv2.COLOR_RGB2BGR))
     else:
         raise ConfigError(f"--out {output}: use a .png (frame grid) or .mp4 (all frames) file name")
-    quality = float(np.mean(scores)) if scores is not None and len(scores) else None
-    return {"teacher": name, "source_key": sample["meta"]["source_key"], "frames": len(frames), "quality": quality}
+    info = {"teacher": name, "source_key": sample["meta"]["source_key"], "frames": len(frames)}
+    if color_by_quality:
+        info["quality"] = float(np.mean(scores)) if scores is not None and len(scores) else None
+    return info
