@@ -243,7 +243,8 @@ def run_round(
         results, failures = _run_pool(config, work, checkpoints, catalog, progress_id, notify)
         summary.calibration = read_calibration(workspace, round_id)  # the first batch on a worker wrote it
     else:
-        summary.calibration = calibrate_round(config, checkpoints, workspace)
+        # only when there is something to label: a watcher's tick with nothing new costs nothing
+        summary.calibration = calibrate_round(config, checkpoints, workspace) if planned else {}
         if summary.calibration:
             workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
         results, failures = _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id, notify)

@@ -8,7 +8,6 @@ summary.json; rows written before scores existed count as *unknown*, never as ze
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -22,70 +21,65 @@ WORST = 6  # worst samples listed per round
 CALIBRATION_FIGURES = ("delta_avg", "average_jaccard", "occlusion_accuracy")
 
 
-def _finite(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
 def round_quality(latest_in_rounds: pa.Table, worst: int = WORST) -> dict[str, dict]:
     """round id -> {scored, unknown, mean, low_fraction, filtered, teachers: {label: {count, mean, histogram}},
     worst: [{sample_key, video_key, quality_mean, teachers, shard_id}]}, over each round's labelled samples.
 
     A sample's teacher label is its teacher, or the names joined with '+' when several labelled it
     (its score is then their mean). `filtered` counts videos dropped on quality (--min-sample-quality).
-    Empty when the table lacks the quality columns.
+    Empty when the table lacks the quality columns. Vectorised: the dashboard asks on every refresh.
     """
     names = set(latest_in_rounds.column_names)
-    if not set(QUALITY_COLUMNS[:1]) <= names or latest_in_rounds.num_rows == 0:
+    if "quality_mean" not in names or latest_in_rounds.num_rows == 0:
         return {}
-    rows = latest_in_rounds.select(
-        [c for c in ("round_id", "status", "stage", "video_key", "sample_key", "teachers", "shard_id") if c in names]
-        + [c for c in QUALITY_COLUMNS if c in names]
-    ).to_pylist()
+    table = latest_in_rounds
+    rounds = np.asarray(pc.fill_null(table["round_id"], "(none)").to_pylist(), dtype=object)
+    status = np.asarray(table["status"].to_pylist(), dtype=object)
+    stage = np.asarray(pc.fill_null(table["stage"], "").to_pylist(), dtype=object) if "stage" in names else None
+    score = np.asarray(pc.fill_null(table["quality_mean"].cast(pa.float64()), float("nan")), np.float64)
+    low = (
+        np.asarray(pc.fill_null(table["quality_low_fraction"].cast(pa.float64()), float("nan")), np.float64)
+        if "quality_low_fraction" in names
+        else np.full(len(score), np.nan)
+    )
+    labelled = status == "labelled"
+    known = labelled & np.isfinite(score)
+    quality_filtered = (status == "filtered") & (stage == "quality") if stage is not None else np.zeros_like(known)
+    labels = np.asarray(pc.fill_null(pc.binary_join(table["teachers"], "+"), "(none)").to_pylist(), dtype=object)
     out: dict[str, dict] = {}
-    for row in rows:
-        entry = out.setdefault(
-            row.get("round_id") or "(none)",
-            {"scored": 0, "unknown": 0, "filtered": 0, "_scores": [], "_lows": [], "teachers": {}, "_rows": []},
-        )
-        if row["status"] == "filtered" and row.get("stage") == "quality":
-            entry["filtered"] += 1
-            continue
-        if row["status"] != "labelled":
-            continue
-        score = _finite(row.get("quality_mean"))
-        if score is None:
-            entry["unknown"] += 1
-            continue
-        entry["scored"] += 1
-        entry["_scores"].append(score)
-        if _finite(row.get("quality_low_fraction")) is not None:
-            entry["_lows"].append(row["quality_low_fraction"])
-        label = "+".join(row.get("teachers") or []) or "(none)"
-        entry["teachers"].setdefault(label, []).append(score)
-        entry["_rows"].append(row)
-    for entry in out.values():
-        scores, lows, kept = entry.pop("_scores"), entry.pop("_lows"), entry.pop("_rows")
-        entry["mean"] = float(np.mean(scores)) if scores else None
-        entry["low_fraction"] = float(np.mean(lows)) if lows else None
-        entry["teachers"] = {
-            label: {
-                "count": len(values),
-                "mean": float(np.mean(values)),
+    for name in sorted(set(rounds[labelled | quality_filtered].tolist())):
+        mine = rounds == name
+        scored = np.flatnonzero(mine & known)
+        lows = low[scored][np.isfinite(low[scored])]
+        teachers = {}
+        for label in sorted(set(labels[scored].tolist())):
+            values = score[scored][labels[scored] == label]
+            teachers[label] = {
+                "count": int(len(values)),
+                "mean": float(values.mean()),
                 "histogram": np.histogram(values, bins=BINS, range=(0.0, 1.0))[0].tolist(),
             }
-            for label, values in sorted(entry["teachers"].items())
+        order = scored[np.lexsort((np.arange(len(scored)), score[scored]))][:worst]
+        columns = [c for c in ("sample_key", "video_key", "teachers", "shard_id") if c in names]
+        picked = table.take(pa.array(order, pa.int64())).select(columns).to_pylist() if len(order) else []
+        out[name] = {
+            "scored": int(len(scored)),
+            "unknown": int((mine & labelled & ~known).sum()),
+            "filtered": int((mine & quality_filtered).sum()),
+            "mean": float(score[scored].mean()) if len(scored) else None,
+            "low_fraction": float(lows.mean()) if len(lows) else None,
+            "teachers": teachers,
+            "worst": [
+                {
+                    "sample_key": row.get("sample_key"),
+                    "video_key": row.get("video_key"),
+                    "quality_mean": float(score[i]),
+                    "teachers": list(row.get("teachers") or []),
+                    "shard_id": row.get("shard_id"),
+                }
+                for i, row in zip(order, picked, strict=True)
+            ],
         }
-        kept.sort(key=lambda r: (r["quality_mean"], r.get("video_key") or ""))
-        entry["worst"] = [
-            {
-                "sample_key": r.get("sample_key"),
-                "video_key": r.get("video_key"),
-                "quality_mean": float(r["quality_mean"]),
-                "teachers": list(r.get("teachers") or []),
-                "shard_id": r.get("shard_id"),
-            }
-            for r in kept[:worst]
-        ]
     return out
 
 
