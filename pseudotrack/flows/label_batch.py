@@ -316,7 +316,8 @@ def _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log)
                 fold_quietly(catalog)  # the children append a file per batch; the round folds them
             latest = catalog.latest(config.round_id)
             for key, status in zip(latest["video_key"].to_pylist(), latest["status"].to_pylist(), strict=True):
-                if key in keys and key not in seen and status in ("labelled", "failed"):
+                # a planned video is 'filtered' here only on its quality score (caption verdicts are not planned)
+                if key in keys and key not in seen and status in ("labelled", "failed", "filtered"):
                     seen.add(key)
                     notify(status, {"video_key": key})
             finals_read, catalog_read = finals, time.monotonic()

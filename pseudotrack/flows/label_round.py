@@ -35,7 +35,7 @@ from ..tasks.shards import recover_committed as _recover_committed
 from .round_calibration import calibrate_round, read_calibration
 from .summary import RoundSummary, artifact_key, next_steps
 
-# on_progress(event, payload): "planned", then "labelled"/"failed" per video, then "done" (the CLI's progress bar)
+# on_progress(event, payload): "planned", then "labelled"/"failed"/"filtered" (on quality) per video, then "done"
 OnProgress = Callable[[str, dict], None]
 
 
