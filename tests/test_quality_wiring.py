@@ -324,3 +324,19 @@ def test_dashboard_shows_the_quality_section(scored_round, old_workspace, tmp_pa
     assert "label quality of lk in q1" in page  # the histogram's label
     assert "2 unknown" in page
     assert board.preview(worst[0]["sample_key"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibration_scenes_sizes_or_turns_off_calibration(bucket, tmp_path):
+    off = run_round(
+        RoundConfig(
+            bucket=str(bucket),
+            workspace=str(tmp_path / "a"),
+            round_id="o1",
+            calibration_scenes=0,
+            cpu_workers=0,
+            **SMALL,
+        )
+    )
+    assert off.labelled >= 2 and off.calibration == {}
+    with pytest.raises(ConfigError, match="calibration_scenes=-1"):
+        RoundConfig(bucket=str(bucket), workspace=str(tmp_path / "b"), calibration_scenes=-1)

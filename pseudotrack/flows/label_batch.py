@@ -58,7 +58,7 @@ def batch_result_key(round_id: str, batch_id: str) -> str:
 
 def run_batch(config: RoundConfig, videos: list[PlannedVideo], checkpoints: dict[str, str | None]) -> dict:
     bucket, workspace = open_workspace(config)
-    if videos and not workspace.exists(calibration_key(config.round_id or "")):
+    if videos and config.calibration_scenes and not workspace.exists(calibration_key(config.round_id or "")):
         # the pool's round process has no teachers: the first batch calibrates them, on its worker's
         # device, once per round (batches starting together may each do it; the last write stays)
         calibrate_round(config, checkpoints, workspace)

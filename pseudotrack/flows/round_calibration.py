@@ -21,16 +21,16 @@ def calibrate_round(config: RoundConfig, checkpoints: dict[str, str | None], wor
     written to runs/<round>/calibration.json; a teacher that cannot be calibrated is recorded with why,
     and never fails the round.
     """
-    from ..student.calibration import calibrate_teachers
+    from ..student.calibration import CalibrationSet, calibrate_teachers
     from ..tasks.labelling import TeacherPool
 
-    if not checkpoints:
+    if not checkpoints or config.calibration_scenes < 1:
         return {}
     try:
         teachers = TeacherPool(checkpoints, config.device)
     except Exception as exc:  # e.g. a device that cannot be resolved here; the batches will say more
         return {name: {"teacher": name, "error": f"{type(exc).__name__}: {exc}"} for name in checkpoints}
-    result = calibrate_teachers(teachers.get, teachers.names)
+    result = calibrate_teachers(teachers.get, teachers.names, CalibrationSet(scenes=config.calibration_scenes))
     workspace.write_bytes(calibration_key(config.round_id or ""), json.dumps(result, indent=2, sort_keys=True).encode())
     return result
 
