@@ -187,6 +187,11 @@ class RoundConfig:
             "A video whose mean track score is below this (0..1) is filtered with the reason. Default: off."
         ),
     )
+    # each round labels this many generated scenes with each teacher and records δ_avg, AJ and OA (0: off)
+    calibration_scenes: int = field(
+        default=3,
+        metadata=_help("Generated scenes each teacher is calibrated on per round (δ_avg, AJ, OA); 0 turns it off."),
+    )
     # orchestration: "local" runs batches in this process; "pool" sends each to the label-batch deployment
     executor: str = field(
         default="local",
@@ -264,6 +269,10 @@ class RoundConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 problems.append(f"{name}={value!r} must be a number between 0 and 1" + (" (or unset)" * optional))
+        if isinstance(self.calibration_scenes, bool) or not isinstance(self.calibration_scenes, int):
+            problems.append(f"calibration_scenes={self.calibration_scenes!r} must be a whole number (0: off)")
+        elif self.calibration_scenes < 0:
+            problems.append(f"calibration_scenes={self.calibration_scenes} must be 0 (off) or more")
         if self.executor not in ("local", "pool"):
             problems.append(f"executor={self.executor!r}: choose local (in this process) or pool (label-batch runs)")
         if self.round_id is not None:

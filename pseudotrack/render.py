@@ -10,6 +10,7 @@ import numpy as np
 from .errors import ConfigError
 
 OUTLINE = (0, 0, 0)
+UNKNOWN_QUALITY = (160, 160, 160)  # grey: a track without a score (shards written before scores existed)
 
 
 def track_colors(n: int) -> np.ndarray:
@@ -21,17 +22,39 @@ def track_colors(n: int) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
 
 
+def quality_colors(scores: np.ndarray | None, n: int) -> np.ndarray:
+    """[n, 3] uint8 RGB by label quality score: red (0) through yellow to green (1); grey when unknown.
+
+    Unknown (None, or a non-finite score) is a neutral grey, never the colour of a zero score.
+    """
+    if scores is None:
+        return np.tile(np.array(UNKNOWN_QUALITY, np.uint8), (n, 1))
+    s = np.asarray(scores, np.float64)
+    known = np.isfinite(s)
+    hues = (np.clip(np.where(known, s, 0.0), 0.0, 1.0) * 60).astype(np.uint8)  # OpenCV hue 0 red .. 60 green
+    hsv = np.stack([hues, np.full(n, 255, np.uint8), np.full(n, 230, np.uint8)], axis=-1)[None]
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+    rgb[~known] = UNKNOWN_QUALITY
+    return rgb
+
+
 def draw_tracks(
-    frames: np.ndarray, tracks: np.ndarray, visibility: np.ndarray, max_tracks: int = 96, trail: int = 8
+    frames: np.ndarray,
+    tracks: np.ndarray,
+    visibility: np.ndarray,
+    max_tracks: int = 96,
+    trail: int = 8,
+    colors: np.ndarray | None = None,
 ) -> np.ndarray:
     """frames uint8 [T,H,W,3]; tracks [T,N,2]; visibility [T,N] -> frames with tracks drawn.
 
     Visible points are filled dots with a trail; occluded ones are rings. Dots and trails are
     a few pixels thick with a dark outline, so they read on bright and busy footage alike.
+    colors: uint8 [N, 3] RGB per track (e.g. `quality_colors`); None spreads hues.
     """
     t_len, n = tracks.shape[:2]
     pick = np.linspace(0, n - 1, min(n, max_tracks)).round().astype(int) if n else np.zeros(0, int)
-    colors = track_colors(len(pick))
+    colors = track_colors(len(pick)) if colors is None else np.asarray(colors, np.uint8)[pick]
     out = frames.copy()
     short_side = min(frames.shape[1:3])
     radius = max(3, round(short_side / 80))
@@ -107,7 +130,13 @@ def render_sample_file(
     sample_key: str | None = None,
     teacher: str | None = None,
     max_tracks: int = 96,
+    color_by_quality: bool = False,
 ) -> dict:
+    """Draw a sample's tracks to a PNG grid or MP4; color_by_quality colours each track by its score.
+
+    Returns {teacher, source_key, frames}, and with color_by_quality `quality`: the teacher's mean
+    score, or None when the shard has no scores (written before they existed), drawn grey.
+    """
     from .demo import write_video
     from .tasks.clip_codec import decode_clip_bytes
 
@@ -117,7 +146,9 @@ def render_sample_file(
     if name not in labels:
         raise ConfigError(f"sample has no labels from teacher {name!r}; it has: {', '.join(sorted(labels))}")
     frames = decode_clip_bytes(sample["clip"])
-    drawn = draw_tracks(frames, labels[name]["tracks"], labels[name]["visibility"], max_tracks)
+    scores = labels[name].get("quality")
+    colors = quality_colors(scores, len(sample["queries"])) if color_by_quality else None
+    drawn = draw_tracks(frames, labels[name]["tracks"], labels[name]["visibility"], max_tracks, colors=colors)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".mp4":
@@ -126,4 +157,7 @@ def render_sample_file(
         cv2.imwrite(str(output), cv2.cvtColor(frame_grid(drawn), cv2.COLOR_RGB2BGR))
     else:
         raise ConfigError(f"--out {output}: use a .png (frame grid) or .mp4 (all frames) file name")
-    return {"teacher": name, "source_key": sample["meta"]["source_key"], "frames": len(frames)}
+    info = {"teacher": name, "source_key": sample["meta"]["source_key"], "frames": len(frames)}
+    if color_by_quality:
+        info["quality"] = float(np.mean(scores)) if scores is not None and len(scores) else None
+    return info

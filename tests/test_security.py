@@ -161,7 +161,8 @@ def test_shards_hold_only_documented_fields_and_no_pickles(tmp_path):
     store = open_store(workspace)
     manifests = committed_shards(store, "safe")
     assert sum(m["count"] for m in manifests) == 3
-    allowed = {"clip.mkv", "json", "queries.npy"} | {f"lk.{f}.npy" for f in ("tracks", "visibility", "confidence")}
+    fields = ("tracks", "visibility", "confidence", "quality")  # quality: per-track scores (README, Formats)
+    allowed = {"clip.mkv", "json", "queries.npy"} | {f"lk.{f}.npy" for f in fields}
     members = 0
     for manifest in manifests:
         with tarfile.open(store.local_path(manifest["shard"])) as tar:

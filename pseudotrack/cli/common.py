@@ -85,8 +85,26 @@ def round_progress() -> tuple[Progress, Callable[[str, dict], None]]:
         elif event in ("labelled", "failed") and state["task"] is not None:
             state[event] += 1
             progress.update(state["task"], advance=1, labelled=state["labelled"], failed=state["failed"])
+        elif event == "filtered" and state["task"] is not None:  # labelled, then dropped on its quality score
+            progress.update(state["task"], advance=1)
 
     return progress, on_progress
+
+
+def print_calibration(calibration: dict) -> None:
+    """The round's teacher calibration on generated scenes (δ_avg, AJ, OA), or why a teacher has none."""
+    if not calibration:
+        return
+    table = Table()
+    for column in ("teacher", "δ_avg", "AJ", "OA"):
+        table.add_column(column, justify="left" if column == "teacher" else "right")
+    for name, c in sorted(calibration.items()):
+        if c.get("error"):
+            table.add_row(name, f"not calibrated: {c['error']}", "", "")
+        else:
+            keys = ("delta_avg", "average_jaccard", "occlusion_accuracy")
+            table.add_row(name, *("–" if c.get(k) is None else f"{c[k]:.3f}" for k in keys))
+    print_table("teacher calibration", table)
 
 
 def bar_progress(remaining: bool = True) -> Progress:
@@ -115,7 +133,8 @@ def print_summary(summary: dict) -> None:
     if summary["failure_reasons"]:
         print_counts("failure reasons", summary["failure_reasons"], "reason")
     if summary["filter_rules"]:
-        print_counts("caption filter", summary["filter_rules"], "rule")
+        print_counts("caption and quality filter", summary["filter_rules"], "rule")
+    print_calibration(summary.get("calibration") or {})
     if summary.get("skipped"):  # claimed by a round running beside this one, which labels them
         print_counts("left to another run", summary["skipped"], "why")
     rate = (summary["labelled"] + summary["failed"]) / max(summary["seconds"], 1e-9)

@@ -128,6 +128,8 @@ def status(
         store.check_readable()
         catalog = Catalog(store)
         result = catalog.failures(round_id=round_id) if failed else catalog.summary(round_id=round_id)
+        if not failed:
+            result["quality"] = _label_quality(store, catalog, round_id)
     except ConfigError as exc:
         fail(str(exc))
         return
@@ -140,6 +142,7 @@ def status(
     else:
         _print_status(result)
         _print_throughput(result["throughput"])
+        _print_label_quality(result["quality"])
 
 
 def _rounds_throughput(store, rounds: list[str], round_id: str | None) -> dict[str, dict]:
@@ -169,6 +172,46 @@ def _print_throughput(rows: dict[str, dict]) -> None:
     for name, row in sorted(rows.items()):
         table.add_row(name, f"{row['teacher_busy']:.0%}", f"{row['clips_per_s']:.2f}", row["bound_by"])
     print_table("labelling throughput (from runs/<round>/summary.json)", table)
+
+
+def _label_quality(store, catalog, round_id: str | None) -> dict:
+    """Per round: the samples' quality scores and the teachers' calibration (tasks/quality_report.py)."""
+    from ..tasks.quality_report import quality_report
+
+    return quality_report(store, catalog, round_id)
+
+
+def _print_label_quality(report: dict) -> None:
+    """Two tables: label quality per round and teacher, then calibration per round and teacher."""
+    from ..tasks.quality_report import CALIBRATION_FIGURES
+
+    def fmt(value) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    scores = Table()
+    for column in ("round", "teacher", "samples", "mean score"):
+        scores.add_column(column, justify="left" if column in ("round", "teacher") else "right")
+    for name, entry in sorted(report.items()):
+        for teacher, t in entry.get("teachers", {}).items():
+            scores.add_row(name, teacher, str(t["count"]), fmt(t["mean"]))
+        if entry.get("unknown"):
+            scores.add_row(name, "(no scores: older shards)", str(entry["unknown"]), "unknown")
+        if entry.get("filtered"):
+            scores.add_row(name, "(filtered on quality)", str(entry["filtered"]), "")
+    if scores.row_count:
+        print_table("label quality (labelled samples)", scores)
+    calibration = Table()
+    for column in ("round", "teacher", "δ_avg", "AJ", "OA", "seconds"):
+        calibration.add_column(column, justify="left" if column in ("round", "teacher") else "right")
+    for name, entry in sorted(report.items()):
+        for teacher, c in sorted(entry.get("calibration", {}).items()):
+            if c.get("error"):
+                calibration.add_row(name, teacher, f"not calibrated: {c['error']}", "", "", "")
+            else:
+                figures = [fmt(c.get(k)) for k in CALIBRATION_FIGURES]
+                calibration.add_row(name, teacher, *figures, f"{c.get('seconds') or 0.0:.1f}")
+    if calibration.row_count:
+        print_table("teacher calibration (generated scenes)", calibration)
 
 
 def _print_failures(rows: list[dict], round_id: str | None) -> None:
@@ -236,6 +279,13 @@ def show(
         "tracks.png"
     ),
     max_tracks: Annotated[int, typer.Option(help="Draw at most this many tracks.")] = 96,
+    color_by_quality: Annotated[
+        bool,
+        typer.Option(
+            help="Colour tracks by their label quality score: red (low) to green (high); grey when the "
+            "shard has no scores."
+        ),
+    ] = False,
 ) -> None:
     """Render one sample's pseudo-tracks over its frames to a PNG or MP4."""
     from ..errors import ConfigError
@@ -245,9 +295,18 @@ def show(
         fail("give exactly one of --video KEY or --sample KEY")
     try:
         info = render_sample_file(
-            workspace, output, video_key=video, sample_key=sample, teacher=teacher, max_tracks=max_tracks
+            workspace,
+            output,
+            video_key=video,
+            sample_key=sample,
+            teacher=teacher,
+            max_tracks=max_tracks,
+            color_by_quality=color_by_quality,
         )
     except ConfigError as exc:
         fail(str(exc))
         return
     out.print(f"wrote {output} ({info['teacher']} labels of {info['source_key']}, {info['frames']} frames)")
+    if color_by_quality:
+        mean = info["quality"]
+        out.print(f"label quality: {'unknown (no scores in this shard)' if mean is None else f'mean {mean:.3f}'}")

@@ -71,6 +71,20 @@ def train_command(
         str | None, typer.Option(help="After training evaluate on 'synthetic' or a TAP-Vid pickle; 'none' skips.")
     ] = "synthetic",
     eval_videos: Annotated[int, typer.Option(help="Benchmark videos to evaluate on.")] = 8,
+    min_track_quality: Annotated[
+        float | None,
+        typer.Option(
+            help="Do not supervise tracks whose label quality score is below this (0..1); they stay in the "
+            "shards. Default: each sample's round threshold (round --min-track-quality), if any."
+        ),
+    ] = None,
+    quality_weighting: Annotated[
+        bool,
+        typer.Option(
+            help="Weigh each track's loss by its label quality score (floor 0.05). Shards without scores "
+            "are weighed equally."
+        ),
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """Fine-tune a CoTracker3 student on pseudo-label shards; run it again to resume from the last checkpoint.
@@ -102,6 +116,8 @@ def train_command(
             checkpoint_every=checkpoint_every,
             seed=seed,
             device=device,
+            min_track_quality=min_track_quality,
+            quality_weighting=quality_weighting,
         )
     except ConfigError as exc:
         fail(str(exc))

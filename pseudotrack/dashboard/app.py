@@ -161,6 +161,28 @@ def page_charts(data: dict) -> dict:
         "reasons": charts.hbar_chart(data["reasons"], "failures", charts.RED, width=1120, label_chars=80),
         "shards": charts.histogram_chart(data["shards"]["edges"], data["shards"]["histogram"], "shard sizes"),
         "runs": [charts.line_chart(r["steps"], r["loss"], f"loss of {r['run']}") for r in data["training"]],
+        "quality": quality_charts(data.get("quality") or {}),
+    }
+
+
+def quality_charts(quality: dict) -> dict[str, dict[str, object]]:
+    """round -> teacher -> histogram of the per-sample mean label quality score (0 to 1)."""
+    edges = quality.get("edges") or []
+    return {
+        r["round_id"]: {
+            teacher: charts.histogram_chart(
+                edges,
+                t["histogram"],
+                f"label quality of {teacher} in {r['round_id']}",
+                fmt=lambda v: f"{v:.1f}",
+                width=360,
+                height=180,
+                color=charts.GREEN,
+                title=f"{teacher}: mean score per sample",
+            )
+            for teacher, t in r.get("teachers", {}).items()
+        }
+        for r in quality.get("rounds", [])
     }
 
 

@@ -247,6 +247,7 @@ def histogram_chart(
     width: int = 540,
     height: int = 220,
     color: str = BLUE,
+    title: str = "shards",
 ) -> Markup | None:
     """Columns over value bins (`edges` has one more entry than `counts`), e.g. shard sizes."""
     if not counts or not any(counts):
@@ -262,7 +263,7 @@ def histogram_chart(
         _count_axis(ax.yaxis)
         ax.yaxis.grid(True, color=GRID)
         ax.set_axisbelow(True)
-        ax.set_title("shards", loc="left", color=MUTED, fontsize=11)
+        ax.set_title(title, loc="left", color=MUTED, fontsize=11)
 
     return _draw(width, height, label, draw)
 

@@ -46,6 +46,8 @@ CATALOG_COLUMNS = (
     "created_at",
     "sample_key",
     "shard_id",
+    "quality_mean",
+    "quality_low_fraction",
 )
 VIDEOS_PER_HOUR = (
     "videos/hour = videos finished (labelled + failed by the labelling stage) "
@@ -270,6 +272,25 @@ def catalog_views(state: CatalogState, plans: dict[str, dict], shards: list[str]
     }
 
 
+def label_quality_views(state: CatalogState, plans: dict[str, dict]) -> dict:
+    """The label-quality section: per round, score histograms per teacher, the worst samples (with
+    previews), and the teachers' calibration from the round's summary.json. Newest round first."""
+    from ..tasks.quality_report import calibration_of, histogram_edges, round_quality
+
+    per_round = round_quality(state.latest_in_rounds)
+    rounds = []
+    for name in sorted(per_round.keys() | plans.keys(), key=lambda n: state.round_spans.get(n, (None, _EPOCH))[1]):
+        entry = per_round.get(name, {"scored": 0, "unknown": 0, "filtered": 0, "teachers": {}, "worst": []})
+        calibration = calibration_of(plans.get(name, {}).get("summary"))
+        if not (entry["scored"] or entry["unknown"] or entry["filtered"] or calibration):
+            continue
+        rounds.append({"round_id": name, **entry, "calibration": calibration})
+    return {"edges": histogram_edges(), "rounds": rounds[::-1]}
+
+
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
 # --------------------------------------------------------------------------- the workspace's files
 
 
@@ -488,6 +509,7 @@ def collect(store: ObjectStore, catalog: Catalog, cache: FileCache) -> dict:
     data = catalog_views(state, plans, [m["shard"] for m in manifests if m.get("shard")])
     data["totals"]["shards"] = len(manifests)
     data["pipeline"] = pipeline_rows(plans)
+    data["quality"] = label_quality_views(state, plans)
     students = student_reports(store, report_infos, cache)
     data.update(
         shards=shard_stats(manifests),

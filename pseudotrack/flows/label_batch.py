@@ -39,6 +39,8 @@ from ..storage.catalog import Catalog, fold_quietly
 from ..storage.layout import runs_prefix
 from ..storage.uri import open_store, open_workspace
 from ..tasks.labelling import BatchResult, PlannedVideo, batch_id_for, label_batch
+from .round_calibration import calibrate_round
+from .summary import calibration_key
 
 DEPLOYMENT = "label-batch/label-batch"
 READ_CHUNK = 200  # flow runs per read: the API's default page size
@@ -56,6 +58,10 @@ def batch_result_key(round_id: str, batch_id: str) -> str:
 
 def run_batch(config: RoundConfig, videos: list[PlannedVideo], checkpoints: dict[str, str | None]) -> dict:
     bucket, workspace = open_workspace(config)
+    if videos and config.calibration_scenes and not workspace.exists(calibration_key(config.round_id or "")):
+        # the pool's round process has no teachers: the first batch calibrates them, on its worker's
+        # device, once per round (batches starting together may each do it; the last write stays)
+        calibrate_round(config, checkpoints, workspace)
     result = asdict(label_batch(videos, config, checkpoints, bucket, workspace, Catalog(workspace)))
     workspace.write_bytes(
         batch_result_key(config.round_id or "", result["batch_id"]), json.dumps(result, sort_keys=True).encode()
@@ -310,7 +316,8 @@ def _wait(client, config, runs, catalog, notify, on_progress, poll_seconds, log)
                 fold_quietly(catalog)  # the children append a file per batch; the round folds them
             latest = catalog.latest(config.round_id)
             for key, status in zip(latest["video_key"].to_pylist(), latest["status"].to_pylist(), strict=True):
-                if key in keys and key not in seen and status in ("labelled", "failed"):
+                # a planned video is 'filtered' here only on its quality score (caption verdicts are not planned)
+                if key in keys and key not in seen and status in ("labelled", "failed", "filtered"):
                     seen.add(key)
                     notify(status, {"video_key": key})
             finals_read, catalog_read = finals, time.monotonic()

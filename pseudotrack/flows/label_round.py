@@ -32,9 +32,10 @@ from ..tasks.caption_prefetch import CaptionPrefetch
 from ..tasks.discover import Discovery, VideoItem, batches, discover_task, pending
 from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resolve_checkpoints
 from ..tasks.shards import recover_committed as _recover_committed
+from .round_calibration import calibrate_round, read_calibration
 from .summary import RoundSummary, artifact_key, next_steps
 
-# on_progress(event, payload): "planned", then "labelled"/"failed" per video, then "done" (the CLI's progress bar)
+# on_progress(event, payload): "planned", then "labelled"/"failed"/"filtered" (on quality) per video, then "done"
 OnProgress = Callable[[str, dict], None]
 
 
@@ -142,9 +143,26 @@ def _summary_markdown(summary: RoundSummary) -> str:
         if counts:
             lines += ["", f"| {title} | videos |", "|---|---|"]
             lines += [f"| {_md_escape(k)} | {v} |" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+    lines += _calibration_markdown(summary.calibration)
     if summary.next_steps:
         lines += ["", "## Next", "", *(f"- {_md_escape(step)}" for step in summary.next_steps)]
     return "\n".join(lines)
+
+
+def _calibration_markdown(calibration: dict[str, dict]) -> list[str]:
+    if not calibration:
+        return []
+    lines = ["", "| teacher (calibration) | δ_avg | AJ | OA |", "|---|---|---|---|"]
+    for name, c in sorted(calibration.items()):
+        if c.get("error"):
+            lines.append(f"| {_md_escape(name)} | not calibrated: {_md_escape(c['error'])} | | |")
+        else:
+            cells = [f"{c[k]:.3f}" if c.get(k) is not None else "–" for k in CALIBRATION_FIGURES]
+            lines.append(f"| {_md_escape(name)} | {' | '.join(cells)} |")
+    return lines
+
+
+CALIBRATION_FIGURES = ("delta_avg", "average_jaccard", "occlusion_accuracy")
 
 
 def _md_escape(text: str) -> str:
@@ -223,11 +241,18 @@ def run_round(
     work = batches(planned, config.batch_size)
     if config.executor == "pool":
         results, failures = _run_pool(config, work, checkpoints, catalog, progress_id, notify)
+        summary.calibration = read_calibration(workspace, round_id)  # the first batch on a worker wrote it
     else:
+        # only when there is something to label: a watcher's tick with nothing new costs nothing
+        summary.calibration = calibrate_round(config, checkpoints, workspace) if planned else {}
+        if summary.calibration:
+            workspace.write_bytes(f"runs/{round_id}/summary.json", _json(summary.to_dict()))
         results, failures = _run_local(config, work, checkpoints, bucket, workspace, catalog, progress_id, notify)
     for result in results:
         summary.labelled += result.labelled
         summary.failed += result.failed
+        summary.filtered += result.filtered
+        summary.filter_rules = dict(Counter(summary.filter_rules) + Counter(result.filter_rules))
         summary.shards += result.shards
         summary.teachers = dict(Counter(summary.teachers) + Counter(result.teachers))
         summary.failure_reasons = dict(Counter(summary.failure_reasons) + Counter(result.reasons))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from ..storage.layout import runs_prefix
+
 
 @dataclass
 class RoundSummary:
@@ -24,6 +26,9 @@ class RoundSummary:
     failed_batches: list[dict] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # planned videos left to another round, by why
     seconds: float = 0.0
+    # teacher -> {delta_avg, average_jaccard, occlusion_accuracy, scenes, queries, seconds, failed} on the
+    # generated calibration set (student/calibration.py), or {"error": why}; empty when not calibrated
+    calibration: dict[str, dict] = field(default_factory=dict)
     next_steps: list[str] = field(default_factory=list)  # how to resume or retry, when something failed
 
     def to_dict(self) -> dict:
@@ -48,6 +53,11 @@ def next_steps(summary: RoundSummary) -> list[str]:
             "with --retry-failed to label them again (later rounds skip them otherwise)"
         )
     return steps
+
+
+def calibration_key(round_id: str) -> str:
+    """Where a round's calibration is written (beside its summary.json), by the round or a pool batch."""
+    return f"{runs_prefix(round_id)}calibration.json"
 
 
 def artifact_key(*parts: str) -> str:

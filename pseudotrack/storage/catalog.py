@@ -76,6 +76,11 @@ SCHEMA = pa.schema(
         ("batch_id", pa.string()),
         ("created_at", pa.timestamp("us", tz="UTC")),
         ("duration_s", pa.float64()),
+        # label quality (tasks/quality.py catalog_columns); null in rows written before it existed
+        ("quality_mean", pa.float64()),  # the sample's mean track score over its teachers
+        ("quality_min_teacher", pa.float64()),  # the lowest teacher's mean score
+        ("quality_low_fraction", pa.float64()),  # share of tracks below the low threshold
+        ("quality_fb", pa.bool_()),  # whether the forward-backward check ran on the clip
     ],
     metadata={"pseudotrack.catalog": "1"},
 )
@@ -446,7 +451,7 @@ def rows_to_table(rows: list[Mapping[str, Any]], stem: str, now: datetime) -> pa
                 v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True, default=_json_default)
                 for v in values
             ]
-        elif name in ("fps", "duration_s"):
+        elif name in ("fps", "duration_s", "quality_mean", "quality_min_teacher", "quality_low_fraction"):
             values = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
         try:
             arrays.append(pa.array(values, type=field.type, from_pandas=True))

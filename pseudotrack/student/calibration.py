@@ -119,3 +119,25 @@ def calibrate(teacher: Teacher, calibration_set: CalibrationSet = CalibrationSet
         seconds=time.perf_counter() - start,
         failed=failed,
     )
+
+
+def calibrate_teachers(
+    get_teacher, names: list[str], calibration_set: CalibrationSet = CalibrationSet()
+) -> dict[str, dict]:
+    """Each teacher's calibration as a plain dict for a round's record, never raising for a teacher.
+
+    get_teacher: name -> a set-up teacher (the round's `TeacherPool.get`, so nothing is loaded twice).
+    A teacher that cannot be set up or calibrated gets {"error": why} instead of figures, and the
+    round goes on: calibration describes the teachers, it does not gate the labels. NaN (every scene
+    failed) is written as None, since strict JSON has no NaN.
+    """
+    out: dict[str, dict] = {}
+    for name in names:
+        try:
+            figures = calibrate(get_teacher(name), calibration_set).to_dict()
+        except Exception as exc:  # recorded, not raised: a round never fails on its calibration
+            out[name] = {"teacher": name, "error": f"{type(exc).__name__}: {exc}"}
+            continue
+        figures["teacher"] = name
+        out[name] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in figures.items()}
+    return out

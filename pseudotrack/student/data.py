@@ -55,6 +55,9 @@ class ClipSpec:
     min_frames: shortest random trim (offline); equal to num_frames means no trim
     max_stride: largest extra frame stride drawn where the labelled clip has the frames
                 (the labeller already drew the recipe's 1..4; leave 1 to keep its clips)
+    min_track_quality: tracks scored below it are not supervised; None: the sample's own
+                threshold (the round's --min-track-quality, recorded in its JSON), if any
+    quality_weighting: per-track loss weights from the scores (`quality_loss_weights`)
     """
 
     num_frames: int = 64
@@ -63,6 +66,8 @@ class ClipSpec:
     width: int = 512
     max_stride: int = 1
     min_frames: int | None = None
+    min_track_quality: float | None = None
+    quality_weighting: bool = False
 
     def trim_range(self) -> tuple[int, int]:
         low = self.num_frames if self.min_frames is None else self.min_frames
@@ -224,6 +229,25 @@ def scale_points(points: np.ndarray, source_hw: tuple[int, int], target_hw: tupl
     return points * np.array([sx, sy], np.float32)
 
 
+def track_supervision(sample: dict, teacher: str, spec: ClipSpec) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(tracks the loss may use bool [N] or None for all, loss weights float32 [N] or None for equal ones).
+
+    From the teacher's scores in the shard (`<teacher>.quality.npy`); a shard written before the
+    scores existed has unknown quality: nothing is masked and nothing is weighted, never zero.
+    """
+    from ..tasks.quality import quality_loss_weights, track_quality_mask
+
+    scores = sample["labels"][teacher].get("quality")
+    if scores is None:
+        return None, None
+    threshold = spec.min_track_quality
+    if threshold is None:
+        threshold = (sample.get("meta", {}).get("quality") or {}).get("min_track_quality")
+    mask = track_quality_mask(scores, threshold) if threshold is not None else None
+    weights = quality_loss_weights(scores) if spec.quality_weighting else None
+    return mask, weights
+
+
 def prepare_clip(
     sample: dict, frames: np.ndarray, spec: ClipSpec, num_frames: int, rng: np.random.Generator
 ) -> dict | None:
@@ -232,7 +256,9 @@ def prepare_clip(
     sample: `tasks.shards.decode_sample` output; frames: uint8 [T0, H0, W0, 3]
     returns video uint8 [T, H, W, 3] (channels move on the device, not here), queries f32 [N, 3],
             tracks f32 [T, N, 2], visible bool [T, N],
-            valid bool [N], occluded_supervised bool, teacher, key
+            valid bool [N], weights f32 [N] (loss weight of each track; ones without quality weighting),
+            occluded_supervised bool, teacher, key
+    Tracks masked on quality (`track_supervision`) are not chosen: they stay in the shard, unsupervised.
     """
     teachers = sorted(sample["labels"])
     if not teachers:
@@ -244,9 +270,13 @@ def prepare_clip(
         raise ValueError(f"sample {sample['key']}: {len(frames)} frames but labels of {len(tracks)}")
     indices = frame_indices(len(frames), num_frames, spec.max_stride, rng)
     queries, valid = rebase_queries(sample["queries"].astype(np.float32), tracks, visible, indices)
+    quality_mask, quality_weights = track_supervision(sample, teacher, spec)
+    if quality_mask is not None:
+        valid = valid & quality_mask
     if not valid.any():
         return None
     chosen, track_valid = choose_tracks(valid, spec.num_tracks, rng)
+    weights = np.ones(len(chosen), np.float32) if quality_weights is None else quality_weights[chosen]
     clip_tracks = tracks[indices][:, chosen]
     clip_queries = queries[chosen]
     video = frames[indices]
@@ -263,6 +293,7 @@ def prepare_clip(
         "tracks": torch.from_numpy(np.ascontiguousarray(clip_tracks)),
         "visible": torch.from_numpy(np.ascontiguousarray(visible[indices][:, chosen])),
         "valid": torch.from_numpy(track_valid),
+        "weights": torch.from_numpy(np.ascontiguousarray(weights, np.float32)),
         "occluded_supervised": occluded_ok,
         "teacher": teacher,
         "key": sample["key"],
@@ -273,7 +304,7 @@ def collate(clips: list[dict]) -> dict:
     """Stack clips of equal T and N into a batch.
 
     returns video uint8 [B, T, H, W, 3], queries [B, N, 3], tracks [B, T, N, 2], visible [B, T, N],
-            valid [B, N], occluded_supervised bool [B], teachers list, keys list
+            valid [B, N], weights [B, N], occluded_supervised bool [B], teachers list, keys list
     """
     return {
         "video": torch.stack([c["video"] for c in clips]),
@@ -281,6 +312,7 @@ def collate(clips: list[dict]) -> dict:
         "tracks": torch.stack([c["tracks"] for c in clips]),
         "visible": torch.stack([c["visible"] for c in clips]),
         "valid": torch.stack([c["valid"] for c in clips]),
+        "weights": torch.stack([c["weights"] for c in clips]),
         "occluded_supervised": torch.tensor([c["occluded_supervised"] for c in clips]),
         "teachers": [c["teacher"] for c in clips],
         "keys": [c["key"] for c in clips],

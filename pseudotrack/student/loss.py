@@ -61,15 +61,20 @@ def huber(error: torch.Tensor, delta: float = HUBER_DELTA) -> torch.Tensor:
     return torch.where(abs_err <= delta, quadratic, linear)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` holds; 0 (with a gradient path) when the mask is empty.
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) mean of `values` where `mask` holds; 0 (with a gradient path) when the mask is empty.
 
-    values: float [...]; mask: bool or float, broadcastable to values.
+    values: float [...]; mask: bool or float, broadcastable to values; weights: float, broadcastable,
+    positive (per-track quality weights): the sum of weight * value over the mask divided by the sum
+    of the weights there, so only their ratios matter.
     An empty mask happens legitimately (no occluded labels in a batch, or a
     TAPIR-only batch), so it must not produce NaN.
     """
     mask = mask.to(values.dtype).expand_as(values)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    if weights is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    mask = mask * weights.to(values.dtype).expand_as(values)
+    return (values * mask).sum() / mask.sum().clamp(min=1e-6)
 
 
 def track_loss(
@@ -81,6 +86,7 @@ def track_loss(
     delta: float = HUBER_DELTA,
     gamma: float = GAMMA,
     occluded_weight: float = OCCLUDED_WEIGHT,
+    track_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar track loss averaged over windows (see the module docstring for the recipe).
 
@@ -89,11 +95,14 @@ def track_loss(
     supervised:          bool  [B, T, N]    where a label may be used at all: real (not padded)
                                             tracks, and for the online model frames >= query frame
     occluded_supervised: bool  [B]          the sample's teacher tracks through occlusion
+    track_weights:       float [B, N] | None per-track weights (label quality, `--quality-weighting`):
+                                            each mean becomes a weighted mean; None weighs tracks equally
     """
     if not windows:
         raise ValueError("track_loss needs at least one window of predictions")
     visible_mask = supervised & target_visible
     occluded_mask = supervised & ~target_visible & occluded_supervised.view(-1, 1, 1)
+    weights = None if track_weights is None else track_weights.float().unsqueeze(1)  # [B, 1, N]
     total = target_tracks.new_zeros(())
     for window in windows:
         if not window.tracks:
@@ -107,7 +116,7 @@ def track_loss(
         window_loss = target.new_zeros(())
         for k, pred in enumerate(window.tracks, start=1):
             error = huber(pred.float() - target, delta).mean(dim=-1)  # [B, S, N]
-            term = masked_mean(error, vis) + occluded_weight * masked_mean(error, occ)
+            term = masked_mean(error, vis, weights) + occluded_weight * masked_mean(error, occ, weights)
             window_loss = window_loss + gamma ** (num_iters - k) * term
         total = total + window_loss / num_iters
     return total / len(windows)

@@ -74,6 +74,10 @@ class TrainConfig:
     loss_scale:       the authors multiply the track loss by 0.05 before clipping at 10;
                       kept so that clipping acts as in their runs
     resume:           continue from the newest checkpoint in `output` (off: refuse a used folder)
+    min_track_quality: tracks whose label quality score (tasks/quality.py) is below this are not
+                      supervised; None: each sample's round threshold (--min-track-quality), if any
+    quality_weighting: weigh each track's loss by its quality score (floor 0.05); off by default.
+                      Samples of shards without scores are weighed equally either way
     """
 
     workspace: str
@@ -107,6 +111,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = True
+    min_track_quality: float | None = None
+    quality_weighting: bool = False
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
@@ -145,6 +151,10 @@ class TrainConfig:
             problems.append(f"min_frames={self.min_frames} must be between 2 and num_frames={self.num_frames}")
         if self.lr <= 0:
             problems.append(f"lr={self.lr} must be positive")
+        if self.min_track_quality is not None and not (
+            isinstance(self.min_track_quality, (int, float)) and 0.0 <= self.min_track_quality <= 1.0
+        ):
+            problems.append(f"min_track_quality={self.min_track_quality!r} must be a number between 0 and 1")
         if problems:
             raise ConfigError("invalid training configuration: " + "; ".join(problems))
 
@@ -154,7 +164,16 @@ class TrainConfig:
             min_frames = max(2, self.num_frames // 2)
         if self.variant == "online":
             min_frames = self.num_frames  # the online student trains on clips of one length (§3.3)
-        return ClipSpec(self.num_frames, self.num_tracks, height, width, self.max_stride, min_frames)
+        return ClipSpec(
+            self.num_frames,
+            self.num_tracks,
+            height,
+            width,
+            self.max_stride,
+            min_frames,
+            self.min_track_quality,
+            self.quality_weighting,
+        )
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -287,8 +306,9 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     """
     out = dict(batch)
     out["video"] = batch["video"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float().contiguous()
-    for name in ("queries", "tracks", "visible", "valid", "occluded_supervised"):
-        out[name] = batch[name].to(device, non_blocking=True)
+    for name in ("queries", "tracks", "visible", "valid", "weights", "occluded_supervised"):
+        if name in batch:
+            out[name] = batch[name].to(device, non_blocking=True)
     return out
 
 
@@ -309,6 +329,7 @@ def compute_loss(model: torch.nn.Module, batch: dict, config: TrainConfig) -> to
         config.huber_delta,
         config.gamma,
         config.occluded_weight,
+        batch["weights"] if config.quality_weighting and "weights" in batch else None,
     )
 
 

@@ -47,6 +47,7 @@ from .clip_codec import encode_clip_described
 from .containers import MAX_SOURCE_BYTES, check_source_size
 from .pipeline import cpu_worker_count, label_pipelined, start_pool, teacher_busy
 from .prepare import PlannedVideo, PreparedVideo, prepare_video
+from .quality import catalog_columns, clip_quality, forward_backward_chosen, sample_quality_reason
 from .shards import Sample, ShardSink
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,11 @@ class BatchResult:
     batch_id: str
     labelled: int = 0
     failed: int = 0
+    filtered: int = 0  # videos labelled but dropped on their quality score (--min-sample-quality)
     shards: list[str] = field(default_factory=list)
     teachers: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    filter_rules: dict[str, int] = field(default_factory=dict)  # 'quality < S' -> videos filtered on quality
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # why planned videos were left to others -> count
@@ -130,6 +133,9 @@ class TeacherPool:
     def __init__(self, checkpoints: dict[str, str | None], device: str):
         self.checkpoints = checkpoints
         self.device = resolve_device(device)
+        # held while a teacher predicts: the pipelined batch runs the teachers on one thread and the
+        # forward-backward check (finish_video) on another, and a teacher is not meant for two at once
+        self.busy = threading.RLock()
 
     @property
     def names(self) -> list[str]:
@@ -179,7 +185,8 @@ def run_teachers(
         if not todo:
             continue
         teacher = teachers.get(name)
-        outs = predict_clips(teacher, [(prepared[i].clip.frames, prepared[i].queries) for i in todo], max_clips)
+        with teachers.busy:
+            outs = predict_clips(teacher, [(prepared[i].clip.frames, prepared[i].queries) for i in todo], max_clips)
         for i, out in zip(todo, outs, strict=True):
             if isinstance(out, Exception) and not isinstance(out, SampleError):
                 raise out
@@ -203,8 +210,12 @@ def finish_video(
     config: RoundConfig,
     teachers: TeacherPool,
     timings: dict[str, float],
-) -> tuple[Sample, dict]:
-    """The labelled clip as a sample and its catalog row."""
+) -> tuple[Sample | None, dict]:
+    """The labelled clip as a sample and its catalog row; (None, a `filtered` row) when its quality is too low.
+
+    The labels are scored here (tasks/quality.py), in the batch's process, in both the plain and
+    the pipelined batch: the forward-backward check needs the teachers, which live here.
+    """
     video, clip, facts, queries, query_stats, chosen = (
         p.video,
         p.clip,
@@ -244,6 +255,7 @@ def finish_video(
         "seed": config.seed,
         "pseudotrack_version": __version__,
     }
+    scores, meta["quality"] = score_labels(p, labels, config, teachers, timings)
     notes = {n: labels[n].notes for n in chosen if labels[n].notes}
     if notes:  # labels made differently from the normal call (e.g. queries in parts after running out of memory)
         meta["teacher_notes"] = notes
@@ -265,16 +277,73 @@ def finish_video(
         "teachers": chosen,
         "teacher_sha256": shas,
         "sample_key": key,
+        **catalog_columns(meta["quality"]),
     }
     if p.clip_bytes is None:
         timings["encode"] = timings.get("encode", 0.0) + t4 - t3
-    return Sample(key, clip_bytes, queries, labels, meta), row
+    reason = sample_quality_reason(meta["quality"], config.min_sample_quality)
+    if reason:
+        return None, quality_filtered_row(row, reason, config.min_sample_quality)
+    return Sample(key, clip_bytes, queries, labels, meta, quality=scores), row
+
+
+def score_labels(
+    p: PreparedVideo,
+    labels: dict[str, TeacherOutput],
+    config: RoundConfig,
+    teachers: TeacherPool,
+    timings: dict[str, float],
+) -> tuple[dict, dict]:
+    """Each chosen teacher's per-track scores and the sample's `quality` object (SampleError on NaN).
+
+    The forward-backward check runs only on the clips `forward_backward_chosen` draws from the seed
+    and the video key, so a rerun checks the same clips.
+    """
+    t = time.perf_counter()
+    chosen = [n for n in p.chosen if n in labels]
+    predicts = None
+    if forward_backward_chosen(config.seed, p.video.key, config.quality_sample):
+        predicts = {n: _locked_predict(teachers, n) for n in chosen}
+    scores, quality = clip_quality(
+        p.clip.frames,
+        p.queries,
+        {n: labels[n] for n in chosen},
+        predicts=predicts,
+        tracks_occluded={n: bool(teachers.get(n).tracks_occluded) for n in chosen},
+    )
+    quality["min_track_quality"] = config.min_track_quality
+    timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t
+    return scores, quality
+
+
+def _locked_predict(teachers: TeacherPool, name: str):
+    teacher = teachers.get(name)
+
+    def predict(frames, queries):
+        with teachers.busy:
+            return teacher.predict(frames, queries)
+
+    return predict
+
+
+def quality_filtered_row(row: dict, reason: str, threshold: float | None) -> dict:
+    """A labelled clip's row turned into a terminal `filtered` one: its scores stay, it has no shard."""
+    keep = ("video_key", "size", "etag", "caption", "num_frames", "fps", "duration_s", "width", "height")
+    quality = {k: v for k, v in row.items() if k.startswith("quality_")}
+    return {
+        **{k: row[k] for k in keep if k in row},
+        **quality,
+        "status": "filtered",
+        "filter_rule": f"quality < {threshold:g}",
+        "stage": "quality",
+        "reason": reason,
+    }
 
 
 def label_video(
     video: PlannedVideo, data: bytes, config: RoundConfig, teachers: TeacherPool, timings: dict[str, float]
-) -> tuple[Sample, dict]:
-    """One video to one sample and its catalog row; raises SampleError with the stage that failed."""
+) -> tuple[Sample | None, dict]:
+    """One video to one sample and its catalog row (see `finish_video`); SampleError names the stage that failed."""
     prepared = prepare_video(video, data, config, teachers, timings)
     (labels,) = run_teachers([prepared], teachers, 1, timings)
     if isinstance(labels, Exception):
@@ -284,7 +353,7 @@ def label_video(
 
 def label_in_groups(
     videos: list[PlannedVideo], config: RoundConfig, teachers: TeacherPool, bucket, timings: dict[str, float]
-) -> Iterator[tuple[PlannedVideo, tuple[Sample, dict] | Exception]]:
+) -> Iterator[tuple[PlannedVideo, tuple[Sample | None, dict] | Exception]]:
     """(video, (sample, row) or the exception that failed it) for each video, in order.
 
     Videos are read and prepared `teacher_batch_size` at a time so that their
@@ -316,7 +385,7 @@ def label_in_groups(
         ready = [p for _, p in window if isinstance(p, PreparedVideo)]
         labels = dict(zip(map(id, ready), run_teachers(ready, teachers, size, timings), strict=True))
         for video, p in window:
-            outcome: tuple[Sample, dict] | Exception
+            outcome: tuple[Sample | None, dict] | Exception
             if isinstance(p, Exception):
                 outcome = p
             elif isinstance(labels[id(p)], Exception):
@@ -345,7 +414,7 @@ def read_source(video: PlannedVideo, bucket) -> bytes:
 
 def labelled_outcomes(
     videos: list[PlannedVideo], config: RoundConfig, teachers: TeacherPool, bucket, timings: dict[str, float]
-) -> Iterator[tuple[PlannedVideo, tuple[Sample, dict] | Exception]]:
+) -> Iterator[tuple[PlannedVideo, tuple[Sample | None, dict] | Exception]]:
     """`label_in_groups`, or the same outcomes in the same order from the pipelined batch (tasks/pipeline.py)
     when the config gives CPU worker processes and they start."""
     workers = cpu_worker_count(config.cpu_workers)
@@ -486,6 +555,14 @@ def _label_claimed(
                 keep_failures()
                 raise
             else:
+                if sample is None:  # labelled, then filtered on its quality score: terminal, no shard
+                    pending_failures.append(row)
+                    result.filtered += 1
+                    rule = row["filter_rule"]
+                    result.filter_rules[rule] = result.filter_rules.get(rule, 0) + 1
+                    if on_video:
+                        on_video("filtered", row)
+                    continue
                 fault_point("video.labelled")
                 t = time.perf_counter()
                 committed = sink.add(sample, dict(row, round_id=config.round_id, batch_id=batch_id))

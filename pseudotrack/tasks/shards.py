@@ -30,6 +30,7 @@ from ..faults import fault_point
 from ..storage.layout import MANIFEST_SUFFIX, is_manifest, manifest_key, shard_key, shards_prefix
 from ..teachers.base import TeacherOutput
 from .clip_codec import CLIP_FIELD, LEGACY_CLIP_FIELDS
+from .quality import quality_field
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class Sample:
     queries: np.ndarray  # float32 [N, 3] (t, x, y)
     labels: dict[str, TeacherOutput]  # teacher name -> its pseudo-labels
     meta: dict = field(default_factory=dict)
+    # teacher name -> per-track quality scores float32 [N] (tasks/quality.py); field `<teacher>.quality.npy`.
+    # Shards written before scores existed have none: readers treat their quality as unknown, never as zero.
+    quality: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_record(self) -> dict:
         record: dict = {
@@ -54,6 +58,8 @@ class Sample:
             record[f"{name}.tracks.npy"] = out.tracks
             record[f"{name}.visibility.npy"] = out.visibility
             record[f"{name}.confidence.npy"] = out.confidence
+            if name in self.quality:
+                record[quality_field(name)] = np.asarray(self.quality[name], np.float32)
         record["json"] = json.dumps(to_jsonable(self.meta), sort_keys=True).encode("utf-8")
         return record
 
@@ -230,6 +236,9 @@ def recover_committed(workspace, catalog) -> int:
 def decode_sample(raw: dict) -> dict:
     """A raw webdataset record -> {key, clip, queries, labels: {teacher: {tracks, visibility, confidence}}, meta}.
 
+    A teacher's labels also hold `quality` (float32 [N] scores) when the shard has them; shards
+    written before the scores existed have no such key (unknown quality, see `sample_track_quality`).
+
     `clip` is the stored clip's bytes (clip_codec.decode_clip_bytes reads them), from the field
     CLIP_FIELD or, in shards written before it, the field `mp4` (an MJPEG AVI).
     """
@@ -260,3 +269,9 @@ def read_shard(url: str) -> Iterator[dict]:
     dataset = wds.WebDataset(url, shardshuffle=False, empty_check=False)
     for raw in dataset:
         yield decode_sample(raw)
+
+
+def sample_track_quality(sample: dict, teacher: str) -> np.ndarray | None:
+    """A decoded sample's per-track scores of one teacher, float32 [N]; None when unknown (older shards)."""
+    scores = sample.get("labels", {}).get(teacher, {}).get("quality")
+    return None if scores is None else np.asarray(scores, np.float32)
