@@ -17,7 +17,6 @@ from pseudotrack.student.benchmarks import BenchmarkVideo
 from pseudotrack.student.evaluate import (
     SupportConfig,
     evaluate,
-    grid_points,
     support_queries,
     with_backward_pass,
 )
@@ -287,11 +286,13 @@ def test_authors_frame_zero_support_and_all_at_once_mode(scenes) -> None:
 
 
 def test_grid_points_keep_a_margin_and_centre() -> None:
-    grid = grid_points(5, (384.0, 512.0))
+    from pseudotrack.teachers.support_points import grid_points  # the one grid, shared with the teachers
+
+    grid = grid_points(5, 384.0, 512.0)
     assert grid.shape == (25, 2)
     np.testing.assert_allclose(grid[0], [8, 8])
     np.testing.assert_allclose(grid[-1], [504, 376])
-    np.testing.assert_allclose(grid_points(8, (50.0, 50.0), (100.0, 30.0)).mean(0), [30, 100])
+    np.testing.assert_allclose(grid_points(8, 50.0, 50.0, (100.0, 30.0)).mean(0), [30, 100])
 
 
 def test_backward_pass_fills_frames_before_the_query_for_strided_queries(scenes) -> None:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..teachers.support_points import grid_points
 from .benchmarks import BENCHMARK_SIZE, BenchmarkVideo, resize_video
 from .metrics import METRIC_NAMES, compute_tapvid_metrics, mean_metrics, sample_queries
 
@@ -62,25 +63,6 @@ class SupportConfig:
     on_query_frame: bool = True
 
 
-def grid_points(size: int, extent: tuple[float, float], centre: tuple[float, float] | None = None) -> np.ndarray:
-    """[size*size, 2] (x, y), row-major: a size x size grid over an (h, w) extent around centre (y, x).
-
-    The points keep a margin of w/64 from the extent's border; centre defaults
-    to the middle of the extent.
-    """
-    if size <= 0:
-        return np.zeros((0, 2))
-    h, w = extent
-    cy, cx = centre if centre is not None else (h / 2.0, w / 2.0)
-    if size == 1:
-        return np.array([[cx, cy]], np.float64)
-    margin = w / 64.0
-    ys = np.linspace(cy - h / 2.0 + margin, cy + h / 2.0 - margin, size)
-    xs = np.linspace(cx - w / 2.0 + margin, cx + w / 2.0 - margin, size)
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")
-    return np.stack([gx.reshape(-1), gy.reshape(-1)], axis=-1)
-
-
 def _support_scale(frame_size: tuple[int, int], config: SupportConfig) -> tuple[np.ndarray, tuple[int, int]]:
     """Factors (x, y) from frame pixels to the support frame (align-corners resize), and its size."""
     h, w = frame_size
@@ -91,7 +73,7 @@ def _support_scale(frame_size: tuple[int, int], config: SupportConfig) -> tuple[
 def global_grid(frame_size: tuple[int, int], config: SupportConfig) -> np.ndarray:
     """[G, 2] (x, y) in frame pixels: the global support grid."""
     scale, (sh, sw) = _support_scale(frame_size, config)
-    return grid_points(config.global_grid, (float(sh), float(sw))) / scale
+    return grid_points(config.global_grid, float(sh), float(sw)) / scale
 
 
 def support_queries(query: np.ndarray, frame_size: tuple[int, int], config: SupportConfig) -> np.ndarray:
@@ -102,7 +84,7 @@ def support_queries(query: np.ndarray, frame_size: tuple[int, int], config: Supp
     scale, _ = _support_scale(frame_size, config)
     t, xy = float(query[0]), np.asarray(query[1:3], np.float64)
     qx, qy = xy * scale
-    local = grid_points(config.local_grid, (config.local_extent, config.local_extent), (qy, qx)) / scale
+    local = grid_points(config.local_grid, config.local_extent, config.local_extent, (qy, qx)) / scale
     support = np.concatenate([local, global_grid(frame_size, config)])
     frame = t if config.on_query_frame else 0.0
     rows = np.concatenate([np.full((len(support), 1), frame), support], axis=1)
