@@ -1,25 +1,38 @@
 """A label batch on a GPU worker, CPU stages sequential vs pipelined: the teacher's busy fraction and clips/s.
 
-The teacher is a stand-in that holds "the GPU" for a fixed time per clip (it
-sleeps, releasing the GIL, as a CUDA forward does while the GPU works), so the
-figure measures the pipeline, not a model. The clips are the real videos of
-the shared folder, looped to --clips keys (each key its own frames and
-queries), at the recipe's size: 64 frames of 384x512 with 384 SIFT queries.
-A whole label batch runs (reads, decode, SIFT, encode, teacher, shard writing,
-catalog events) through `run_round` into a local workspace, once with
-cpu_workers=0 (every stage in turn, as before) and once pipelined.
+By default the teacher is a stand-in that holds "the GPU" for a fixed time per
+clip (it sleeps, releasing the GIL, as a CUDA forward does while the GPU
+works), so the figure measures the pipeline, not a model. The clips are the
+real videos of the shared folder, looped to --clips keys (each key its own
+frames and queries), at the recipe's size: 64 frames of 384x512 with 384 SIFT
+queries. A whole label batch runs (reads, decode, SIFT, encode, teacher, shard
+writing, catalog events) through `tasks.labelling.label_batch`, the plain
+function a round's batch task runs, into a local workspace: once with
+cpu_workers=0 (every stage in turn, as before) and once pipelined. No
+orchestrator is involved, so the bench also runs on a GPU host that has the
+package's data dependencies and not Prefect.
 
-The teacher's time is chosen so the CPU can keep up with it on this machine:
-the CPU stages of one clip are timed first (CPU seconds, median of three, one process) and
-the teacher gets --margin (3) times that over the workers, unless --teacher-s is given. The
-workers default to the host's cores minus one. A one-clip pipelined round runs
-first so the worker processes' forkserver (started once per process, then
-reused by every batch) is not counted.
+The stand-in's time is chosen so the CPU can keep up with it on this machine:
+the CPU stages of one clip are timed first (CPU seconds, median of three, one
+process) and the teacher gets --margin (3) times that over the workers, unless
+--teacher-s is given. The workers default to the host's cores minus one. A
+one-clip pipelined batch runs first so the worker processes' forkserver
+(started once per process, then reused by every batch) and the teacher's
+first forward (CUDA context, kernel selection) are not counted.
+
+`--teacher NAME --device cuda` runs a real teacher instead (bf16 autocast on
+CUDA, the teachers' default), with stand-in weights made by the reference
+weight rule (`shared/reference/<teacher>/manifest.json`, as bench_teachers.py
+does): the work per clip is fixed by the sizes, not by the weight values.
+`--sequential-clips` bounds the slow sequential run.
 
     python bench/bench_label_worker.py [--clips 24] [--workers N] [--teacher-s T]
+    python bench/bench_label_worker.py --teacher cotracker3_offline --device cuda --clips 96 --sequential-clips 16
 
 The last line reads:
     pipelined busy=B clips/s=R sequential busy=B0 clips/s=R0 workers=N teacher_s=T
+(teacher_s: the stand-in's seconds per clip, or the real teacher's measured
+teacher seconds per clip in the pipelined run.)
 """
 
 from __future__ import annotations
@@ -35,11 +48,13 @@ from pathlib import Path
 import numpy as np
 
 from pseudotrack.config import RoundConfig
-from pseudotrack.flows.label_round import run_round
+from pseudotrack.storage.catalog import Catalog
+from pseudotrack.storage.uri import open_workspace
 from pseudotrack.tasks.clip_codec import encode_clip
+from pseudotrack.tasks.labelling import label_batch, resolve_checkpoints
 from pseudotrack.tasks.pipeline import cpu_worker_count, teacher_busy
 from pseudotrack.tasks.prepare import PlannedVideo, prepare_video
-from pseudotrack.teachers.base import TeacherOutput, TeacherSpec, register_teacher
+from pseudotrack.teachers.base import TeacherOutput, TeacherSpec, register_teacher, teacher_spec
 
 TEACHER_SECONDS = [0.5]  # set before the rounds run
 
@@ -98,21 +113,25 @@ def cpu_seconds_per_clip(sources: list[Path], config: RoundConfig) -> float:
     return statistics.median(times)
 
 
-def label(bucket: Path, workspace: Path, workers: int, clips: int) -> tuple[float, float, dict]:
+def label(bucket: Path, workspace: Path, workers: int, clips: int, teacher: str, device: str, **extra) -> tuple:
+    """One label batch over the bucket's first `clips` videos: (teacher busy, clips/s, stage seconds)."""
     config = RoundConfig(
         bucket=str(bucket),
         workspace=str(workspace),
         round_id="bench",
-        teachers=["standin"],
-        device="cpu",
+        teachers=[teacher],
+        device=device,
         cpu_workers=workers,
         batch_size=clips,
         missing_caption="keep",
+        **extra,
     )
-    summary = run_round(config)
-    assert summary.labelled == clips and summary.failed == 0, summary
-    stages = summary.stage_seconds
-    return teacher_busy(stages), summary.labelled / stages["batch"], stages
+    store, ws = open_workspace(config)
+    videos = [PlannedVideo(o.key, o.size, o.etag) for o in store.list(suffixes=(".mp4",))][:clips]
+    result = label_batch(videos, config, resolve_checkpoints(config), store, ws, Catalog(ws))
+    assert result.labelled == len(videos) and result.failed == 0, result
+    stages = result.stage_seconds
+    return teacher_busy(stages), result.labelled / stages["batch"], stages
 
 
 def _brief(stages: dict) -> str:
@@ -122,25 +141,51 @@ def _brief(stages: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument(
+        "--sequential-clips", type=int, default=None, help="clips of the sequential run (default --clips)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="CPU worker processes (default: cores - 1)")
     parser.add_argument("--teacher-s", type=float, default=None, help="stand-in teacher seconds per clip")
     parser.add_argument("--margin", type=float, default=3.0, help="teacher time / one clip's CPU stages")
+    parser.add_argument("--teacher", default="standin", help="a registered teacher instead of the stand-in")
+    parser.add_argument("--device", default="cpu", help="the teacher's device (cuda for a real teacher on a GPU)")
+    parser.add_argument("--teacher-batch", type=int, default=None, help="clips per forward (default: the round's)")
     args = parser.parse_args()
     workers = cpu_worker_count(args.workers)
+    seq_clips = args.sequential_clips or args.clips
     with tempfile.TemporaryDirectory(prefix="bench-label-worker-") as tmp:
         root = Path(tmp)
-        sources = write_bucket(root / "bucket", args.clips)
+        extra: dict = {"teacher_batch": args.teacher_batch}
+        if args.teacher != "standin":
+            from bench_teachers import stand_in_checkpoint  # bench/ is on the path when run as a script
+
+            (root / "ckpt").mkdir()
+            if teacher_spec(args.teacher).needs_checkpoint:
+                assert stand_in_checkpoint(args.teacher, root / "ckpt"), f"no reference manifest for {args.teacher}"
+            extra["checkpoints"] = str(root / "ckpt")
+        sources = write_bucket(root / "bucket", max(args.clips, seq_clips))
         cpu_s = cpu_seconds_per_clip(sources, RoundConfig(bucket="b", workspace="w"))
-        teacher_s = args.teacher_s or round(args.margin * cpu_s / workers, 2)
-        TEACHER_SECONDS[0] = teacher_s
         print(f"one clip's CPU stages (decode, SIFT, encode) in one process: {cpu_s:.3f} CPU s")
-        print(f"stand-in teacher: {teacher_s:.2f} s per clip; CPU workers: {workers}; clips: {args.clips}")
+        if args.teacher == "standin":
+            teacher_s = args.teacher_s or round(args.margin * cpu_s / workers, 2)
+            TEACHER_SECONDS[0] = teacher_s
+            print(f"stand-in teacher: {teacher_s:.2f} s per clip; CPU workers: {workers}; clips: {args.clips}")
+        else:
+            print(f"teacher {args.teacher} on {args.device}; CPU workers: {workers}; clips: {args.clips}")
         write_bucket(root / "warm", 1)
-        label(root / "warm", root / "ws-warm", workers, 1)
-        busy0, rate0, stages0 = label(root / "bucket", root / "ws-seq", 0, args.clips)
-        print(f"sequential: teacher busy {busy0:.3f}, {rate0:.3f} clips/s; seconds {_brief(stages0)}")
-        busy, rate, stages = label(root / "bucket", root / "ws-pipe", workers, args.clips)
-        print(f"pipelined:  teacher busy {busy:.3f}, {rate:.3f} clips/s; seconds {_brief(stages)}")
+        label(root / "warm", root / "ws-warm", workers, 1, args.teacher, args.device, **extra)
+        busy0, rate0, stages0 = label(
+            root / "bucket", root / "ws-seq", 0, seq_clips, args.teacher, args.device, **extra
+        )
+        print(
+            f"sequential ({seq_clips} clips): teacher busy {busy0:.3f}, {rate0:.3f} clips/s; seconds {_brief(stages0)}"
+        )
+        busy, rate, stages = label(
+            root / "bucket", root / "ws-pipe", workers, args.clips, args.teacher, args.device, **extra
+        )
+        print(f"pipelined ({args.clips} clips):  teacher busy {busy:.3f}, {rate:.3f} clips/s; seconds {_brief(stages)}")
+        if args.teacher != "standin":
+            teacher_s = stages.get("teacher", 0.0) / args.clips
     print(
         f"pipelined busy={busy:.3f} clips/s={rate:.3f} sequential busy={busy0:.3f} clips/s={rate0:.3f} "
         f"workers={workers} teacher_s={teacher_s:.2f}"

@@ -23,6 +23,11 @@ forward of K clips, as labelling does with `teacher_batch`) and reports the
 time per clip and the peak of the whole call: on a GPU that is the figure that
 says whether batching pays.
 
+`--profile` (CUDA) also profiles one more `predict` per teacher with
+`torch.profiler` and prints its heaviest operators by GPU time, the GPU's
+busy share of that call, and the host-device synchronisations it made: the
+figures that say whether CUDA graphs, compilation or fewer syncs would pay.
+
 `--sweep` times the offline CoTracker3 teacher over query counts x clip
 lengths (its 100 support points included), the table that sizes GPU workers.
 """
@@ -173,6 +178,29 @@ def measure(
     return {"seconds": min(times), "peak_mib": peak, "growth_mib": growth}
 
 
+def profile(name: str, teacher: Teacher, clip: np.ndarray, queries: np.ndarray, rows: int = 12) -> None:
+    """One `predict` under torch.profiler: the heaviest GPU operators, the GPU's busy share, host syncs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        teacher.predict(clip, queries)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    syncs = {e.key: e.count for e in events if "Synchronize" in e.key or e.key in ("aten::item", "aten::nonzero")}
+    copies = {e.key: e.count for e in events if e.key.startswith("Memcpy")}
+    print(
+        f"# profile {name}: wall {wall:.3f} s (profiled), GPU kernels {kernels_us / 1e6:.3f} s "
+        f"({kernels_us / 1e6 / wall:.0%} busy); syncs {syncs}; copies {copies}"
+    )
+    table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
+    print("\n".join("#   " + line for line in table.splitlines()), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -197,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="clips per forward (predict_batch); s/clip reported")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on CUDA, 0 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--profile", action="store_true", help="profile one predict per teacher (CUDA)")
     parser.add_argument("--sweep", action="store_true", help="also sweep the offline CoTracker3 over N x T")
     parser.add_argument("--sweep-n", type=int, nargs="+", default=[64, 256, 1024, 4096])
     parser.add_argument("--sweep-t", type=int, nargs="+", default=[24, 48, 80, 128])
@@ -230,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                 teacher.predict(clip, queries)
             r = measure(teacher, clip, queries, args.device, args.dtype, args.repeat, args.batch)
             print(f"{name:<22}{r['seconds']:>9.2f}{r['peak_mib']:>10.0f}{r['growth_mib']:>12.0f}", flush=True)
+            if args.profile and args.device.startswith("cuda"):
+                try:
+                    profile(name, teacher, clip, queries)
+                except Exception as exc:  # a profiler problem must not cost the other teachers' figures
+                    print(f"# profile {name} failed: {exc!r}", flush=True)
             del teacher
 
         if args.sweep:

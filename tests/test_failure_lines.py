@@ -220,6 +220,6 @@ def test_a_video_that_does_not_decode_is_terminally_failed(bucket, tmp_path):
 def test_a_batch_is_not_retried_by_prefect():
     """One retry policy, the store's (storage/base.py): a storage fault past it, a full disk or a bug fails the
     batch once, and the round says how to resume, instead of Prefect running the whole batch again."""
-    from pseudotrack.tasks.labelling import label_batch_task
+    from pseudotrack.flows.label_round import label_batch_task
 
     assert label_batch_task.retries == 0 and label_batch_task.retry_condition_fn is None

@@ -139,14 +139,3 @@ def test_pool_that_cannot_start_falls_back(bucket, tmp_path, monkeypatch, caplog
     assert summary.labelled == 6 and summary.failed == 1
     warnings = [r for r in caplog.records if "could not start" in r.getMessage()]
     assert len(warnings) == 1 and "labelling in this process instead" in warnings[0].getMessage()
-
-
-@pytest.mark.gpu
-def test_pipelined_on_cuda_matches_in_process(bucket, tmp_path):
-    """Pinned host memory on CUDA: the lk teacher's labels do not change."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    run(bucket, tmp_path / "a", cpu_workers=0, device="cuda")
-    run(bucket, tmp_path / "b", cpu_workers=2, device="cuda")
-    assert shard_members(tmp_path / "a") == shard_members(tmp_path / "b")

@@ -15,8 +15,9 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -30,13 +31,26 @@ from ..storage.uri import open_workspace
 from ..tasks.caption_filter import CaptionRules, filter_captions
 from ..tasks.caption_prefetch import CaptionPrefetch
 from ..tasks.discover import Discovery, VideoItem, batches, discover_task, pending
-from ..tasks.labelling import BatchResult, PlannedVideo, label_batch_task, resolve_checkpoints
+from ..tasks.labelling import BatchResult, PlannedVideo, label_batch, resolve_checkpoints
 from ..tasks.shards import recover_committed as _recover_committed
 from .round_calibration import calibrate_round, read_calibration
 from .summary import RoundSummary, artifact_key, next_steps
 
 # on_progress(event, payload): "planned", then "labelled"/"failed"/"filtered" (on quality) per video, then "done"
 OnProgress = Callable[[str, dict], None]
+
+
+@task(name="label-batch", cache_policy=NO_CACHE)  # no retries here: the store's policy is the only one
+def label_batch_task(
+    videos: list[PlannedVideo],
+    config: RoundConfig,
+    checkpoints: dict[str, str | None],
+    bucket,
+    workspace,
+    catalog,
+    on_video: Callable[[str, dict], None] | None = None,
+) -> BatchResult:
+    return label_batch(videos, config, checkpoints, bucket, workspace, catalog, on_video)
 
 
 def _ignore(event: str, payload: dict) -> None:

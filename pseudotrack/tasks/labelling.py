@@ -14,6 +14,10 @@ resume. Storage faults are retried by the store alone (storage/base.py, the
 package's one retry policy); one that outlasts it fails the batch, and a re-run
 resumes it: shard names are deterministic, so a re-run overwrites, never
 duplicates.
+
+Plain functions only: the Prefect task around `label_batch` lives in the flow
+that submits it (flows/label_round.py), so a GPU host can run a batch with the
+package's data dependencies and no orchestrator installed.
 """
 
 from __future__ import annotations
@@ -25,9 +29,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from .. import __version__
 from ..config import RoundConfig
@@ -594,16 +595,3 @@ def _label_claimed(
     result.teacher_busy = teacher_busy(timings)
     result.clips_per_s = result.labelled / result.seconds if result.seconds > 0 else 0.0
     return result
-
-
-@task(name="label-batch", cache_policy=NO_CACHE)  # no retries here: the store's policy is the only one
-def label_batch_task(
-    videos: list[PlannedVideo],
-    config: RoundConfig,
-    checkpoints: dict[str, str | None],
-    bucket,
-    workspace,
-    catalog,
-    on_video: Callable[[str, dict], None] | None = None,
-) -> BatchResult:
-    return label_batch(videos, config, checkpoints, bucket, workspace, catalog, on_video)
