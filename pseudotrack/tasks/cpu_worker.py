@@ -18,7 +18,9 @@ A worker also stops when the batch's process dies (its parent's sentinel).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -30,6 +32,11 @@ from ..faults import configure_from_env, fault_point
 from .clip_codec import encode_clip_described
 from .decode import _decord
 from .prepare import prepare_video
+
+# Workers yield the CPU to the batch's own process: on a GPU host its teacher thread launches the GPU's
+# kernels one by one, and a launch that waits for a core behind a worker's decode leaves the GPU idle.
+# Only the order in which runnable threads get a core changes; nothing a worker computes does.
+WORKER_NICENESS = 10
 
 
 class _Names:
@@ -69,6 +76,8 @@ def cpu_stages(video, data: bytes, config, names: list[str], on_stage=None) -> t
 def worker_main(conn, fault_vars: dict[str, str]) -> None:
     """A worker process's loop (the target the batch starts)."""
     configure_from_env(fault_vars)
+    with contextlib.suppress(OSError):  # a host that forbids it still labels, at the default priority
+        os.nice(WORKER_NICENESS)
     cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only contend with the other workers
     _decord()  # torch and decord loaded before "ready", not on the first clip
     parent = multiprocessing.parent_process()

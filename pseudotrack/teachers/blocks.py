@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device_constants import device_constant
+
 # ---------------------------------------------------------------- bilinear sampling
 
 
@@ -44,8 +46,8 @@ def bilinear_sample(values: torch.Tensor, coords: torch.Tensor, padding_mode: st
     if coords.shape[-1] != len(sizes):
         raise ValueError(f"coords {tuple(coords.shape)} must end in {len(sizes)} components for values of {sizes}")
     if len(sizes) == 3:
-        coords = coords[..., [1, 2, 0]]  # (t, x, y) -> grid_sample's (x, y, t)
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in reversed(sizes)], device=coords.device)
+        coords = coords.index_select(-1, device_constant((1, 2, 0), coords.device))  # (t, x, y) -> (x, y, t)
+    scale = device_constant(tuple(2.0 / max(s - 1, 1) for s in reversed(sizes)), coords.device)
     grid = coords.float() * scale - 1.0
     return F.grid_sample(values.float(), grid, align_corners=True, padding_mode=padding_mode)
 
@@ -142,7 +144,7 @@ def posenc(x: torch.Tensor, min_deg: int, max_deg: int) -> torch.Tensor:
     """
     if min_deg == max_deg:
         return x
-    scales = torch.tensor([2.0**i for i in range(min_deg, max_deg)], dtype=x.dtype, device=x.device)
+    scales = device_constant(tuple(2.0**i for i in range(min_deg, max_deg)), x.device, x.dtype)
     scaled = (x[..., None, :] * scales[:, None]).flatten(-2)
     return torch.cat([x, torch.sin(torch.cat([scaled, scaled + 0.5 * math.pi], dim=-1))], dim=-1)
 

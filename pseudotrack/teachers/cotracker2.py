@@ -52,6 +52,7 @@ from .blocks import (
     sincos_2d,
 )
 from .checkpoints import load_into
+from .device_constants import device_constant
 from .neural import NeuralTeacher, Prepared, pin_query_frames, resize_frames, to_device
 from .support_points import grid_points
 
@@ -184,7 +185,7 @@ def local_correlations(
     for `point_chunk` tracks at a time.
     """
     b, s, n, c = track_feat.shape
-    norm = torch.sqrt(torch.tensor(c, dtype=torch.float32)).to(coords.device)
+    norm = device_constant(float(np.sqrt(np.float32(c))), coords.device, torch.float32)
     chunks = []
     for start in range(0, n, point_chunk):
         feat = track_feat[:, :, start : start + point_chunk]

@@ -53,6 +53,7 @@ from ..blocks import (
     sincos_1d,
 )
 from ..checkpoints import load_into
+from ..device_constants import device_constant
 
 ONLINE_FILES = ("scaled_online.pth", "baseline_online.pth")
 OFFLINE_FILES = ("scaled_offline.pth", "baseline_offline.pth")
@@ -382,8 +383,8 @@ class CoTracker3(nn.Module):
             around = around.reshape(b, s, c, n, pp).permute(0, 3, 1, 4, 2).reshape(b, n, s * pp, c)
             volume = around @ support[i].transpose(-1, -2)  # B n (S P*P) P*P
             corrs.append(self.corr_mlp(volume.reshape(b, n, s, pp * pp)))  # B n S corr_dim
-        step = torch.tensor(
-            [cfg.model_resolution[1] / cfg.stride, cfg.model_resolution[0] / cfg.stride], device=coords.device
+        step = device_constant(
+            (cfg.model_resolution[1] / cfg.stride, cfg.model_resolution[0] / cfg.stride), coords.device
         )
         to_next = F.pad(coords[:, :-1] - coords[:, 1:], (0, 0, 0, 0, 0, 1)) / step
         to_prev = F.pad(coords[:, 1:] - coords[:, :-1], (0, 0, 0, 0, 1, 0)) / step

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device_constants import device_constant
+
 # ---------------------------------------------------------------- coordinates and sampling
 
 
@@ -28,8 +30,8 @@ def rescale(coords: torch.Tensor, src: Sequence[int], dst: Sequence[int]) -> tor
 
     Multiply first, then divide, as the original does, so rounding matches.
     """
-    dst_t = torch.tensor(tuple(int(s) for s in dst), device=coords.device)
-    src_t = torch.tensor(tuple(int(s) for s in src), device=coords.device)
+    dst_t = device_constant(tuple(int(s) for s in dst), coords.device)
+    src_t = device_constant(tuple(int(s) for s in src), coords.device)
     return coords * dst_t / src_t
 
 
@@ -41,7 +43,7 @@ def sample_at_queries(grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """
     pos = coords.float().clone()
     pos[..., 0] += 0.5  # frame t is the centre of the t-th time cell
-    sizes = torch.tensor(grid.shape[1:4], device=pos.device)
+    sizes = device_constant(tuple(int(s) for s in grid.shape[1:4]), pos.device)
     pos = torch.flip(2 * (pos / sizes) - 1, dims=(-1,))
     out = F.grid_sample(
         grid.permute(0, 4, 1, 2, 3),
@@ -84,13 +86,13 @@ def soft_argmax(heatmap: torch.Tensor, radius: float) -> torch.Tensor:
     near = near < radius**2  # B N T h w 1
     weighted = torch.sum(cells[None, None, None] * near * heatmap[..., None], dim=(3, 4))
     total = torch.sum(near * heatmap[..., None], dim=(3, 4))
-    return weighted / torch.maximum(total, torch.tensor(1e-12, device=heatmap.device))
+    return weighted / torch.maximum(total, device_constant(1e-12, heatmap.device))
 
 
 def unit_norm(x: torch.Tensor) -> torch.Tensor:
     """Scale feature vectors (last axis) to length one, so dot products are cosine similarities."""
     sq = torch.sum(torch.square(x), dim=-1, keepdim=True)
-    return x / torch.sqrt(torch.maximum(sq, torch.tensor(1e-12, device=x.device)))
+    return x / torch.sqrt(torch.maximum(sq, device_constant(1e-12, x.device)))
 
 
 # ---------------------------------------------------------------- ResNet backbone
