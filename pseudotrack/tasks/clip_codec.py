@@ -70,11 +70,16 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 
 
 def jpegs(frames: np.ndarray, quality: int) -> list[bytes]:
-    """Each RGB frame as a 4:4:4 JPEG (OpenCV's libjpeg-turbo: FFmpeg's own MJPEG encoder is slower and coarser)."""
+    """Each RGB frame as a 4:4:4 JPEG (OpenCV's libjpeg-turbo: FFmpeg's own MJPEG encoder is slower and coarser).
+
+    Each frame goes to OpenCV's BGR order in one reused buffer: a fresh array per frame (or one for the
+    whole clip) costs page faults on memory written once.
+    """
     params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    bgr = np.empty(frames.shape[1:], np.uint8)
     out = []
     for frame in frames:
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), params)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR, dst=bgr), params)
         if not ok:
             raise RuntimeError(f"OpenCV could not JPEG-encode a frame of {frame.shape}")
         out.append(buf.tobytes())
@@ -82,11 +87,20 @@ def jpegs(frames: np.ndarray, quality: int) -> list[bytes]:
 
 
 def _decode_jpegs(data: list[bytes]) -> list[np.ndarray]:
-    """JPEG frames decoded by FFmpeg's MJPEG decoder, as `decode_clip_bytes` decodes them."""
+    """JPEG frames decoded by FFmpeg's MJPEG decoder, as `decode_clip_bytes` decodes them.
+
+    On one thread, decoder and colour conversion alike (the same pixels; FFmpeg's default of a thread per
+    core only adds CPU seconds in a worker that is one of many).
+    """
     import av
 
     codec = av.CodecContext.create("mjpeg", "r")
-    return [frame.to_ndarray(format="rgb24") for jpeg in data for frame in codec.decode(av.Packet(jpeg))]
+    codec.thread_count = 1
+    return [
+        frame.reformat(format="rgb24", threads=1).to_ndarray()
+        for jpeg in data
+        for frame in codec.decode(av.Packet(jpeg))
+    ]
 
 
 def worst_psnr(frames: np.ndarray, data: list[bytes]) -> float:

@@ -32,12 +32,16 @@ import contextlib
 import io
 import re
 import struct
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..errors import SampleError
 
 MAX_SOURCE_PIXELS = 8192 * 8192  # larger frames are refused rather than exhausting a worker's memory
 MAX_SOURCE_FRAMES = 1_000_000  # 9 hours at 30 fps; decord indexes every frame (~20 us, ~700 bytes each)
 MAX_SOURCE_BYTES = 4 * 1024**3  # a worker reads the whole file into memory; larger files are refused unread
+
+T = TypeVar("T")
 
 # Top-level boxes an ISO base media file (MP4, MOV, M4V, 3GP) may start with.
 _ISO_FIRST_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid"}
@@ -234,6 +238,16 @@ def _stream_problem(container, name: str, size: int) -> str | None:
 
 def check_container(data: bytes, name: str) -> str:
     """The container family of `data`; SampleError for anything that is not a whole video file."""
+    return check_and_look(data, name)[0]
+
+
+def check_and_look(data: bytes, name: str, look: Callable[[Any], T] | None = None) -> tuple[str, T | None]:
+    """`check_container`, and what `look(container)` finds in the PyAV container it opened, so that a file is
+    opened once for both (decode.probe_video reads its facts this way).
+
+    `look` runs before the end of the stream is read. A SampleError it raises is raised only once the
+    container itself has passed, so a cut or damaged file is refused for what is wrong with the container.
+    """
     import av
 
     if not data:
@@ -247,8 +261,14 @@ def check_container(data: bytes, name: str) -> str:
     problem = _declared_problem(data, kind)
     if problem:
         raise SampleError("decode", problem)
+    seen, refused = None, None
     try:
         with av.open(io.BytesIO(data), "r") as container:
+            if look is not None and container.streams.video:
+                try:
+                    seen = look(container)
+                except SampleError as exc:
+                    refused = exc
             problem = _stream_problem(container, name, len(data))
     except Exception as exc:  # FFmpegError mostly; no other exception may escape for a bad file
         if kind == "mp4" and _iso_child(data, 0, len(data), b"moov") is None:  # FFmpeg's words for it go to its log
@@ -258,7 +278,9 @@ def check_container(data: bytes, name: str) -> str:
         problem += "; the upload may be incomplete: re-upload the whole file"
     if problem:
         raise SampleError("decode", problem)
-    return kind
+    if refused is not None:
+        raise refused
+    return kind, seen
 
 
 def check_source_size(size: int, name: str) -> None:

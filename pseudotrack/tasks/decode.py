@@ -29,8 +29,12 @@ aspect, and takes a random crop of that size (the same box on every frame);
 loader does with `random_resize`. The draws come from the video's own
 generator, so a clip is the same whatever batch or worker decodes it.
 
-decord (FFmpeg) decodes, and it is the decoder that resizes, which is much
-cheaper than decoding full frames and resizing after. Its habits shape the code
+The probe reads its facts from the PyAV container `check_container` opens
+anyway (frames counted from the packets as decord counts them, the first
+keyframe decoded without conversion for its displayed size), so decord opens a
+video once, at the clip's size. decord (FFmpeg) decodes the clip, and it is the
+decoder that resizes, which is much cheaper than decoding full frames and
+resizing after. Its habits shape the code
 (DESIGN.md pitfalls): torch is imported before it, both width and height are
 passed, sorted indices are read with one `get_batch`, and data goes in as
 `io.BytesIO`.
@@ -48,7 +52,7 @@ import numpy as np
 
 from ..config import RESIZE_MODES
 from ..errors import SampleError
-from .containers import MAX_SOURCE_FRAMES, MAX_SOURCE_PIXELS, check_container
+from .containers import MAX_SOURCE_FRAMES, MAX_SOURCE_PIXELS, check_and_look
 from .containers import short as _short
 
 log = logging.getLogger(__name__)
@@ -128,10 +132,8 @@ def _to_numpy(batch) -> np.ndarray:
     return np.asarray(batch)
 
 
-def _open_reader(data: bytes, name: str, width: int = -1, height: int = -1, check: bool = True):
-    """A decord reader; `check=False` only for bytes `probe_video` has already checked."""
-    if check:
-        check_container(data, name)
+def _open_reader(data: bytes, name: str, width: int = -1, height: int = -1):
+    """A decord reader, only for bytes `probe_video` has checked (decode_clip takes its facts)."""
     decord = _decord()
     try:
         return decord.VideoReader(io.BytesIO(data), width=width, height=height, num_threads=1)
@@ -141,10 +143,10 @@ def _open_reader(data: bytes, name: str, width: int = -1, height: int = -1, chec
         raise SampleError("decode", f"cannot decode: {name} does not open as a video ({_short(exc)})") from None
 
 
-def _usable_fps(reader, name: str) -> tuple[float, bool]:
+def _usable_fps(rate, name: str) -> tuple[float, bool]:
     try:
-        fps = float(reader.get_avg_fps())
-    except Exception:
+        fps = float(rate)
+    except (TypeError, ValueError, ZeroDivisionError):
         fps = float("nan")
     if math.isfinite(fps) and 0.5 <= fps <= 1000:
         return fps, False
@@ -152,24 +154,69 @@ def _usable_fps(reader, name: str) -> tuple[float, bool]:
     return DEFAULT_FPS, True
 
 
+def _first_look(container, data: bytes, name: str, skip: bool = True) -> tuple[int, int, int, object]:
+    """(frames, displayed width, height, average rate) of the video stream, from one pass over its packets.
+
+    Frames are counted as decord counts them (every packet of the stream, read until the demuxer stops),
+    so the indices drawn from the count are decord's. Only the first frame is decoded, on one thread and
+    without converting it: to know the stream decodes at all, and its size as shown (a quarter turn in
+    the display matrix swaps width and height, as decord turns the frames upright). With `skip`, the
+    packets after the first keyframe are not decoded at all (the decoder hands the held-back first frame
+    over when flushed); a stream that gives no frame that way is decoded again from a fresh open.
+    """
+    import av
+
+    stream = container.streams.video[0]
+    codec = stream.codec_context
+    codec.thread_count = 1
+    frames, first = 0, None
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.FFmpegError:  # a read error ends the stream for decord's index too
+            break
+        if packet.size:
+            frames += 1
+            if frames > MAX_SOURCE_FRAMES:
+                raise SampleError("decode", f"too long: over {MAX_SOURCE_FRAMES} frames; cut the video")
+        if first is None:
+            try:
+                first = next(iter(packet.decode()), None)  # the empty packet at the end flushes the decoder
+            except Exception as exc:
+                raise SampleError(
+                    "decode", f"truncated or corrupt: the first frame of {name} does not decode ({_short(exc)})"
+                ) from None
+            if skip and first is None and packet.is_keyframe:
+                codec.skip_frame = "ALL"
+    if first is None and skip:  # e.g. a keyframe whose picture needs the packets after it
+        with av.open(io.BytesIO(data), "r") as again:
+            return _first_look(again, data, name, skip=False)
+    if first is None:
+        raise SampleError("decode", f"truncated or corrupt: the first frame of {name} does not decode (no frame)")
+    width, height = first.width, first.height
+    if abs(round(first.rotation or 0)) % 180 == 90:
+        width, height = height, width
+    return frames, width, height, stream.average_rate
+
+
 def probe_video(data: bytes, name: str, min_frames: int = MIN_FRAMES) -> VideoFacts:
-    """Frame count, rate and size of a video; decodes only its first frame, to know it decodes at all."""
-    reader = _open_reader(data, name)
-    num_frames = len(reader)
+    """Frame count, rate and size of a video, from the PyAV container `check_container` opens anyway.
+
+    decord is not opened here: the clip's reader opens at the clip's size (`decode_clip`), so a video is
+    opened once by each library, and the probe decodes only its first frame.
+    """
+    _, (num_frames, width, height, rate) = check_and_look(
+        data, name, lambda container: _first_look(container, data, name)
+    )
     if num_frames < min_frames:
         plural = "frame" if num_frames == 1 else "frames"
         raise SampleError("decode", f"too short: only {num_frames} {plural}; need at least {min_frames}")
-    if num_frames > MAX_SOURCE_FRAMES:  # containers whose headers check_container does not read
-        raise SampleError("decode", f"too long: {num_frames} frames, over {MAX_SOURCE_FRAMES}; cut the video")
-    try:
-        height, width = _to_numpy(reader[0]).shape[:2]
-    except Exception as exc:
-        raise SampleError(
-            "decode", f"truncated or corrupt: the first frame of {name} does not decode ({_short(exc)})"
-        ) from None
     if width * height > MAX_SOURCE_PIXELS:
         raise SampleError("decode", f"too large: frames of {width}x{height} exceed {MAX_SOURCE_PIXELS} pixels")
-    fps, assumed = _usable_fps(reader, name)
+    fps, assumed = _usable_fps(rate, name)
     return VideoFacts(int(num_frames), fps, int(width), int(height), num_frames / fps, assumed)
 
 
@@ -297,7 +344,7 @@ def decode_clip(
 
 def _decode_at(data: bytes, name: str, indices: np.ndarray, height: int, width: int) -> np.ndarray:
     """The frames at `indices`, resized to height x width by decord's scaler (or by OpenCV where it errs)."""
-    reader = _open_reader(data, name, width=width, height=height, check=False)
+    reader = _open_reader(data, name, width=width, height=height)
     try:
         frames = _to_numpy(reader.get_batch(indices.tolist()))
     except Exception as exc:
@@ -315,7 +362,7 @@ def _decode_then_resize(data: bytes, name: str, indices: np.ndarray, height: int
     Then the frames are decoded at their own size and resized here; area
     averaging when shrinking keeps them close to what the decoder would give.
     """
-    reader = _open_reader(data, name, check=False)
+    reader = _open_reader(data, name)
     try:
         full = _to_numpy(reader.get_batch(indices.tolist()))
     except Exception as exc:
