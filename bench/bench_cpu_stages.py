@@ -14,7 +14,9 @@ start and keyframes, as in a round), at the recipe's size (64 frames of 384x512,
 
 With `--base COMMIT` (e.g. 36fd075, before decode and encode were cut) it also times decode, SIFT at
 `queries.SIFT_SCALE` and encode with that commit's package (`git archive` into a temporary folder, run in a
-subprocess on the same draws), and prints both, and their sums, in one run.
+subprocess on the same draws), and prints both, and their sums, in one run. On a host without the git
+history (a GPU host), `--base-dir DIR` names a folder holding that commit's package instead
+(`git archive 36fd075 pseudotrack | tar -x -C DIR`).
 
     python bench/bench_cpu_stages.py [--draws 6] [--scales 1.0,0.5] [--blur 2.5] [--base 36fd075]
 """
@@ -93,16 +95,21 @@ def stage_seconds(paths: list[Path], draws: int, frames: int) -> dict[str, float
     return {k: float(np.mean(v)) for k, v in got.items()}
 
 
-def base_stage_seconds(commit: str, draws: int, frames: int) -> dict[str, float]:
-    """`stage_seconds` with the package as it was at `commit`, in a subprocess (this file run with --stages-only)."""
+def base_stage_seconds(commit: str, draws: int, frames: int, base_dir: str | None = None) -> dict[str, float]:
+    """`stage_seconds` with the package as it was at `commit`, in a subprocess (this file run with --stages-only).
+
+    `base_dir`: a folder already holding that commit's `pseudotrack` package, for a host without the history."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(
-            ["git", "-C", str(root), "archive", commit, "pseudotrack"], check=True, capture_output=True
-        ).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp, filter="data")
-        env = {**os.environ, "PYTHONPATH": tmp}
+        if base_dir:
+            tmp = str(Path(base_dir).resolve())
+        else:
+            archive = subprocess.run(
+                ["git", "-C", str(root), "archive", commit, "pseudotrack"], check=True, capture_output=True
+            ).stdout
+            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+                tar.extractall(tmp, filter="data")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")]))}
         out = subprocess.run(
             [sys.executable, __file__, "--stages-only", "--draws", str(draws), "--frames", str(frames)],
             check=True,
@@ -129,6 +136,9 @@ def main() -> None:
     parser.add_argument("--blur", type=float, default=2.5)
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--base", help="a commit whose decode and encode to time beside this tree's (e.g. 36fd075)")
+    parser.add_argument(
+        "--base-dir", help="a folder holding --base's pseudotrack package (git archive BASE pseudotrack | tar -x)"
+    )
     parser.add_argument("--stages-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cv2.setNumThreads(1)  # as in a CPU worker: CPU seconds on one core
@@ -136,7 +146,7 @@ def main() -> None:
         print(json.dumps(stage_seconds(sorted(shared_videos().glob("*.mp4")), args.draws, args.frames)))
         return
     if args.base:
-        before = base_stage_seconds(args.base, args.draws, args.frames)
+        before = base_stage_seconds(args.base, args.draws, args.frames, args.base_dir)
         after = stage_seconds(sorted(shared_videos().glob("*.mp4")), args.draws, args.frames)
         print_stages(f"before ({args.base})", before)
         print_stages("after (this tree)", after)

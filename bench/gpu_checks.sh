@@ -25,11 +25,13 @@ nvidia-smi -L; nproc
 $py -c "import torch, decord, av, webdataset, cv2; print('torch', torch.__version__, torch.cuda.get_device_name())"
 step worker_cotracker3_offline 170 $py bench/bench_label_worker.py --teacher cotracker3_offline --device cuda \
     --clips "$clips" --sequential-clips 8
+step teachers 100 $py bench/bench_teachers.py --teachers cotracker3_offline cotracker3_online tapir --device cuda \
+    --repeat 3 --profile
+step teachers_batch4 60 $py bench/bench_teachers.py --teachers cotracker3_offline tapir --device cuda --repeat 3 \
+    --batch 4
 step gpu_tests 150 $py -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline_cuda.py \
     tests/test_teacher_cotracker3.py tests/test_teacher_cotracker2.py tests/test_teacher_tapir.py \
     tests/test_teacher_batching.py
 step worker_tapir 110 $py bench/bench_label_worker.py --teacher tapir --device cuda --clips "$clips" --sequential-clips 8
 step worker_cotracker3_online 130 $py bench/bench_label_worker.py --teacher cotracker3_online --device cuda \
     --clips "$clips" --sequential-clips 8
-step teachers 90 $py bench/bench_teachers.py --teachers cotracker3_offline cotracker3_online tapir --device cuda \
-    --repeat 3 --profile
