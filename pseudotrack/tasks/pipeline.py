@@ -9,6 +9,9 @@ several times the teacher's forward). Here:
                                     caller writes shards and catalog rows in that order, as before
     batch process, teacher thread   takes prepared clips as they arrive, up to `teacher_batch` per call
                                     (the usual grouping by teacher), and runs the teachers
+    batch process, finisher thread  scores each labelled clip (`finish`: the quality signals) as soon as
+                                    the teacher hands it over, so neither the main thread's intake nor
+                                    the teacher waits for it
     worker processes (N)            decode, SIFT queries and clip encoding, one video at a time
                                     (tasks/cpu_worker.py); forkserver context (torch and fork do not mix),
                                     preloaded once per batch process, so later batches start in milliseconds
@@ -44,6 +47,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import wait
 
 from ..errors import SampleError
@@ -251,12 +255,28 @@ def label_pipelined(
     finish: a labelled clip -> (sample, catalog row) (`finish_video`). Closes `pool` when done.
     """
     limit = in_flight_limit(len(pool.workers), teacher_batch)
-    outcomes: dict[int, object] = {}  # index -> exception, or (prepared, labels-or-exception) from the teacher
+    outcomes: dict[int, object] = {}  # index -> exception, or the finisher's Future of finish(prepared, labels)
     lock = threading.Lock()
     to_teacher: queue.Queue = queue.Queue()
     wake_r, wake_w = multiprocessing.Pipe(duplex=False)
     teacher_failure: list[BaseException] = []
     pin = device.startswith("cuda")
+    # one thread: finish's timings keys are its own, and the quality signals' heavy parts run in OpenCV and
+    # numpy, which let the other threads go on
+    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pseudotrack-finish")
+    wake_lock = threading.Lock()  # the teacher and the finisher both wake the main thread; a pipe is not shared
+
+    def wake(count: int) -> None:
+        with wake_lock, contextlib.suppress(OSError):
+            wake_w.send(count)
+
+    def finished(p: PreparedVideo, labels) -> tuple | Exception:
+        if isinstance(labels, Exception):
+            return labels
+        try:
+            return finish(p, labels)
+        except Exception as exc:
+            return exc
 
     def teacher_loop() -> None:
         try:
@@ -278,11 +298,13 @@ def label_pipelined(
                 results = teach([p for _, p in group])
                 with lock:
                     for (index, p), labels in zip(group, results, strict=True):
-                        outcomes[index] = (p, labels)
-                wake_w.send(len(group))
+                        future = finisher.submit(finished, p, labels)
+                        future.add_done_callback(lambda _: wake(1))
+                        outcomes[index] = future
+                wake(len(group))
         except BaseException as exc:  # the batch fails with it, in the main thread
             teacher_failure.append(exc)
-            wake_w.send(-1)
+            wake(-1)
 
     teacher = threading.Thread(target=teacher_loop, name="pseudotrack-teacher", daemon=True)
     teacher.start()
@@ -291,17 +313,14 @@ def label_pipelined(
         while next_yield < len(videos):
             with lock:
                 outcome = outcomes.pop(next_yield, None)
+            if isinstance(outcome, Future) and not outcome.done():
+                with lock:
+                    outcomes[next_yield] = outcome  # scored meanwhile; its callback wakes the wait below
+                outcome = None
+            elif isinstance(outcome, Future):
+                outcome = outcome.result()
             if outcome is not None:
                 video = videos[next_yield]
-                if isinstance(outcome, tuple):
-                    p, labels = outcome
-                    if isinstance(labels, Exception):
-                        outcome = labels
-                    else:
-                        try:
-                            outcome = finish(p, labels)
-                        except Exception as exc:
-                            outcome = exc
                 next_yield += 1
                 yield video, outcome
                 continue
@@ -329,6 +348,7 @@ def label_pipelined(
         to_teacher.put(None)
         pool.close()
         teacher.join()
+        finisher.shutdown(wait=True, cancel_futures=True)
         wake_r.close()
         wake_w.close()
 
