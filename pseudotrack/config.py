@@ -109,7 +109,8 @@ class RoundConfig:
         default=None,
         metadata=_help(
             "Worker processes for a label batch's CPU stages (decode, SIFT, encode), ahead of the teacher. "
-            "Default: the cores minus one; 0: all in the batch's own process."
+            "Default: the cores minus one, shared by the --workers batches run at once; 0: all in the batch's "
+            "own process."
         ),
     )
     # clips (§3.1): 384x512, 64 frames for an online student, random stride 1..4

@@ -4,6 +4,7 @@ that crashes fails only its video, a pool that cannot start falls back to the in
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -63,6 +64,10 @@ def run(bucket: Path, workspace: Path, **overrides):
 
 def test_cpu_workers_config():
     assert cpu_worker_count(0) == 0 and cpu_worker_count(3) == 3 and cpu_worker_count(None) >= 1
+    # batches side by side in one process share the cores instead of each starting cores - 1 workers
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_worker_count(None, 2) == max(1, (cores - 1) // 2) and cpu_worker_count(None, 10**6) == 1
+    assert cpu_worker_count(3, 4) == 3  # an explicit number is per batch, as given
     with pytest.raises(ConfigError, match="cpu_workers=-1 must be 0"):
         RoundConfig(bucket="b", workspace="w", cpu_workers=-1)
     assert in_flight_limit(1, 1) == 3

@@ -418,7 +418,7 @@ def labelled_outcomes(
 ) -> Iterator[tuple[PlannedVideo, tuple[Sample | None, dict] | Exception]]:
     """`label_in_groups`, or the same outcomes in the same order from the pipelined batch (tasks/pipeline.py)
     when the config gives CPU worker processes and they start."""
-    workers = cpu_worker_count(config.cpu_workers)
+    workers = cpu_worker_count(config.cpu_workers, config.workers if config.executor == "local" else 1)
     pool = start_pool(workers) if workers and videos else None
     if pool is None:
         yield from label_in_groups(videos, config, teachers, bucket, timings)

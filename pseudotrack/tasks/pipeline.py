@@ -63,15 +63,16 @@ TEACHER_BOUND = 0.9  # a teacher busy at least this fraction of a batch's time i
 _PRELOAD = ["torch", "decord", "pseudotrack.tasks.cpu_worker"]
 
 
-def cpu_worker_count(cpu_workers: int | None) -> int:
-    """Worker processes for the CPU stages: the configured number, else the host's cores minus one (at least 1)."""
+def cpu_worker_count(cpu_workers: int | None, batches_at_once: int = 1) -> int:
+    """Worker processes for one batch's CPU stages: the configured number, else the host's cores minus one,
+    shared by the `batches_at_once` batches this process runs side by side (each has its own pool), at least 1."""
     if cpu_workers is not None:
         return cpu_workers
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, (cores - 1) // max(1, batches_at_once))
 
 
 def in_flight_limit(workers: int, teacher_batch: int) -> int:
