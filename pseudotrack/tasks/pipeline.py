@@ -4,7 +4,9 @@ Run one after another, a clip's stages leave the GPU idle while the CPU
 decodes, samples SIFT queries and encodes (on a GPU host the CPU stages take
 several times the teacher's forward). Here:
 
-    batch process, main thread      reads each video (storage), hands it to an idle worker, takes results
+    batch process, read threads     read the next videos' bytes from storage, READ_AHEAD at a time, so an
+                                    object store's latency is not paid on the main thread
+    batch process, main thread      hands each video's bytes to an idle worker, takes results
                                     back, and yields (video, outcome) in the batch's planned order, so the
                                     caller writes shards and catalog rows in that order, as before
     batch process, teacher thread   takes prepared clips as they arrive, up to `teacher_batch` per call
@@ -58,6 +60,7 @@ from .prepare import PlannedVideo, PreparedVideo
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0  # seconds for a worker to import its libraries and say it is ready
+READ_AHEAD = 4  # source reads in flight ahead of the workers: their cost is storage latency, not CPU
 TEACHER_BOUND = 0.9  # a teacher busy at least this fraction of a batch's time is the bound, not the CPU
 # imported once by the forkserver, so a worker starts in milliseconds (decord wants torch imported before it)
 _PRELOAD = ["torch", "decord", "pseudotrack.tasks.cpu_worker"]
@@ -271,6 +274,20 @@ def label_pipelined(
         with wake_lock, contextlib.suppress(OSError):
             wake_w.send(count)
 
+    reader = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="pseudotrack-read")
+    reads: dict[int, Future] = {}
+    read_lock = threading.Lock()
+
+    def timed_read(video: PlannedVideo) -> bytes | SampleError:
+        t = time.perf_counter()
+        try:
+            return read(video)
+        except SampleError as exc:
+            return exc
+        finally:
+            with read_lock:
+                timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
+
     def finished(p: PreparedVideo, labels) -> tuple | Exception:
         if isinstance(labels, Exception):
             return labels
@@ -309,7 +326,7 @@ def label_pipelined(
 
     teacher = threading.Thread(target=teacher_loop, name="pseudotrack-teacher", daemon=True)
     teacher.start()
-    next_read = next_yield = 0
+    next_read = next_ask = next_yield = 0
     try:
         while next_yield < len(videos):
             with lock:
@@ -325,20 +342,19 @@ def label_pipelined(
                 next_yield += 1
                 yield video, outcome
                 continue
+            while len(reads) < READ_AHEAD and next_ask < len(videos) and next_ask - next_yield < limit:
+                reads[next_ask] = reader.submit(timed_read, videos[next_ask])
+                reads[next_ask].add_done_callback(lambda _: wake(0))
+                next_ask += 1
             worker = pool.idle()
-            if next_read < len(videos) and next_read - next_yield < limit and worker is not None:
-                video = videos[next_read]
-                t = time.perf_counter()
-                try:
-                    data = read(video)
-                except SampleError as exc:
-                    data = exc
-                timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
+            if next_read < next_ask and worker is not None and reads[next_read].done():
+                # a storage fault past the store's retries raises here and fails the batch, as in-process
+                data = reads.pop(next_read).result()
                 if isinstance(data, Exception):
                     with lock:
                         outcomes[next_read] = data
                 else:
-                    pool.submit(worker, next_read, (next_read, video, data, config, names))
+                    pool.submit(worker, next_read, (next_read, videos[next_read], data, config, names))
                 del data
                 next_read += 1
                 continue
@@ -347,6 +363,7 @@ def label_pipelined(
                 raise teacher_failure[0]
     finally:
         to_teacher.put(None)
+        reader.shutdown(wait=True, cancel_futures=True)
         pool.close()
         teacher.join()
         finisher.shutdown(wait=True, cancel_futures=True)
