@@ -257,8 +257,8 @@ def main() -> None:
         "--student",
         type=Path,
         default=None,
-        help="a trained tiny student to reuse; default /tmp/pseudotrack_quality_student_<steps>x<frames>.pth, "
-        "trained and saved there when missing",
+        help="a trained tiny student to reuse; default /tmp/pseudotrack_quality_student_<steps>x<frames>_<h>x<w>.pth, "
+        "trained (with --train-steps, --train-frames, --height, --width) and saved there when missing",
     )
     parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--train-frames", type=int, default=16)
@@ -274,7 +274,8 @@ def main() -> None:
     torch.set_num_threads(2)
 
     size = (args.height, args.width)
-    path = args.student or Path(f"/tmp/pseudotrack_quality_student_{args.train_steps}x{args.train_frames}.pth")
+    recipe = f"{args.train_steps}x{args.train_frames}_{args.height}x{args.width}"
+    path = args.student or Path(f"/tmp/pseudotrack_quality_student_{recipe}.pth")
     if not path.is_file():
         print(f"training a tiny student for {args.train_steps} steps on {args.train_frames}-frame clips -> {path}")
         train_tiny_student(path, args.train_steps, args.train_frames, size)
