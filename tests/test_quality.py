@@ -179,8 +179,9 @@ def test_sample_summary_is_plain_json_and_feeds_filters_masks_and_weights() -> N
     assert (
         summary["teachers"]["lk"]["low_fraction"] == 0.25 and summary["teachers"]["lk"]["signals"]["agreement"] is None
     )
-    columns = q.catalog_columns(summary)
+    columns = q.catalog_columns(summary, ["tapir", "lk"])
     assert columns["quality_min_teacher"] == pytest.approx(0.3125) and columns["quality_fb"] is True
+    assert columns.pop("quality_teachers") == pytest.approx([0.3125, 0.625])  # in the row's teacher order
     assert all(isinstance(v, (float, bool)) for v in columns.values())
     assert q.sample_quality_reason(summary, 0.5) == "quality: 0.469 < 0.5"
     assert q.sample_quality_reason(summary, 0.4) is None and q.sample_quality_reason(summary, None) is None
@@ -242,3 +243,39 @@ def test_clip_quality_scores_every_teacher_against_the_others_in_one_call() -> N
     assert lk_part["signals"]["consistency"] is not None and noop_part["signals"]["consistency"] is None
     assert noop_part["signals"]["confidence"] is None  # all ones: no confidence, unknown
     assert lk_part["mean"] > noop_part["mean"]
+
+
+def test_report_gives_each_teacher_its_own_scores_and_reads_older_rows() -> None:
+    """A clip two teachers labelled counts in each one's distribution with that teacher's own mean; a row from
+    before the per-teacher column counts under the joined label with the sample's mean; unscored is unknown."""
+    import pyarrow as pa
+
+    from pseudotrack.tasks.quality_report import round_quality
+
+    rows = [
+        {"teachers": ["lk", "tapir"], "quality_mean": 0.5, "quality_teachers": [0.9, 0.1]},
+        {"teachers": ["lk"], "quality_mean": 0.7, "quality_teachers": [0.7]},
+        {"teachers": ["lk", "tapir"], "quality_mean": 0.4, "quality_teachers": None},  # written before the column
+        {"teachers": ["lk"], "quality_mean": None, "quality_teachers": None},  # before scores existed
+    ]
+    table = pa.table(
+        {
+            "round_id": ["r"] * len(rows),
+            "status": ["labelled"] * len(rows),
+            "stage": pa.array([None] * len(rows), pa.string()),
+            "video_key": [f"v{i}" for i in range(len(rows))],
+            "sample_key": [f"s{i}" for i in range(len(rows))],
+            "teachers": [r["teachers"] for r in rows],
+            "quality_mean": pa.array([r["quality_mean"] for r in rows], pa.float64()),
+            "quality_low_fraction": pa.array([None] * len(rows), pa.float64()),
+            "quality_teachers": pa.array([r["quality_teachers"] for r in rows], pa.list_(pa.float64())),
+        }
+    )
+    report = round_quality(table)["r"]
+    teachers = report["teachers"]
+    assert set(teachers) == {"lk", "tapir", "lk+tapir"}
+    assert teachers["lk"]["count"] == 2 and teachers["lk"]["mean"] == pytest.approx(0.8)
+    assert teachers["tapir"]["count"] == 1 and teachers["tapir"]["mean"] == pytest.approx(0.1)
+    assert teachers["tapir"]["histogram"][1] == 1  # 0.1 falls in the second of ten bins
+    assert teachers["lk+tapir"]["count"] == 1 and teachers["lk+tapir"]["mean"] == pytest.approx(0.4)
+    assert report["scored"] == 3 and report["unknown"] == 1

@@ -81,6 +81,7 @@ SCHEMA = pa.schema(
         ("quality_min_teacher", pa.float64()),  # the lowest teacher's mean score
         ("quality_low_fraction", pa.float64()),  # share of tracks below the low threshold
         ("quality_fb", pa.bool_()),  # whether the forward-backward check ran on the clip
+        ("quality_teachers", pa.list_(pa.float64())),  # each teacher's mean track score, in `teachers` order
     ],
     metadata={"pseudotrack.catalog": "1"},
 )

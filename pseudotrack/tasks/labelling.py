@@ -278,7 +278,7 @@ def finish_video(
         "teachers": chosen,
         "teacher_sha256": shas,
         "sample_key": key,
-        **catalog_columns(meta["quality"]),
+        **catalog_columns(meta["quality"], chosen),
     }
     if p.clip_bytes is None:
         timings["encode"] = timings.get("encode", 0.0) + t4 - t3

@@ -515,16 +515,22 @@ def sample_quality(
     }
 
 
-def catalog_columns(quality: Mapping | None) -> dict[str, float | bool | None]:
-    """A few catalog columns from a sample's `quality` object (None when the sample has none)."""
+def catalog_columns(quality: Mapping | None, names: list[str] | None = None) -> dict:
+    """A few catalog columns from a sample's `quality` object (None when the sample has none).
+
+    `quality_teachers` holds each of `names`' mean track score (None where unknown), in that order: the
+    row's `teachers`, so a report can show each teacher's distribution even for clips two teachers labelled.
+    """
     quality = quality or {}
     teachers = quality.get("teachers", {})
     worst = [t["mean"] for t in teachers.values() if t.get("mean") is not None]
+    means = [teachers.get(n, {}).get("mean") for n in (names if names is not None else list(teachers))]
     return {
         "quality_mean": quality.get("mean"),
         "quality_min_teacher": float(min(worst)) if worst else None,
         "quality_low_fraction": quality.get("low_fraction"),
         "quality_fb": bool(quality.get("forward_backward", False)),
+        "quality_teachers": [None if m is None else float(m) for m in means] if teachers else None,
     }
 
 

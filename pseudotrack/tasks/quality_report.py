@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from ..storage.layout import runs_prefix
 
-QUALITY_COLUMNS = ("quality_mean", "quality_min_teacher", "quality_low_fraction", "quality_fb")
+QUALITY_COLUMNS = ("quality_mean", "quality_min_teacher", "quality_low_fraction", "quality_fb", "quality_teachers")
 BINS = 10  # histogram of per-sample mean scores over [0, 1]
 WORST = 6  # worst samples listed per round
 CALIBRATION_FIGURES = ("delta_avg", "average_jaccard", "occlusion_accuracy")
@@ -25,8 +25,10 @@ def round_quality(latest_in_rounds: pa.Table, worst: int = WORST) -> dict[str, d
     """round id -> {scored, unknown, mean, low_fraction, filtered, teachers: {label: {count, mean, histogram}},
     worst: [{sample_key, video_key, quality_mean, teachers, shard_id}]}, over each round's labelled samples.
 
-    A sample's teacher label is its teacher, or the names joined with '+' when several labelled it
-    (its score is then their mean). `filtered` counts videos dropped on quality (--min-sample-quality).
+    Each teacher's distribution holds its own mean score on every sample it labelled (the catalog's
+    `quality_teachers`); a row written before that column existed counts under its teacher, or the
+    names joined with '+' when several labelled it, with the sample's mean score.
+    `filtered` counts videos dropped on quality (--min-sample-quality).
     Empty when the table lacks the quality columns. Vectorised: the dashboard asks on every refresh.
     """
     names = set(latest_in_rounds.column_names)
@@ -46,14 +48,25 @@ def round_quality(latest_in_rounds: pa.Table, worst: int = WORST) -> dict[str, d
     known = labelled & np.isfinite(score)
     quality_filtered = (status == "filtered") & (stage == "quality") if stage is not None else np.zeros_like(known)
     labels = np.asarray(pc.fill_null(pc.binary_join(table["teachers"], "+"), "(none)").to_pylist(), dtype=object)
+    names_per_row = table["teachers"].to_pylist()
+    own = table["quality_teachers"].to_pylist() if "quality_teachers" in names else [None] * table.num_rows
     out: dict[str, dict] = {}
     for name in sorted(set(rounds[labelled | quality_filtered].tolist())):
         mine = rounds == name
         scored = np.flatnonzero(mine & known)
         lows = low[scored][np.isfinite(low[scored])]
+        by_label: dict[str, list[float]] = {}
+        for i in scored:
+            pairs = list(zip(names_per_row[i] or [], own[i], strict=False)) if own[i] else []
+            if pairs:
+                for teacher, value in pairs:
+                    if value is not None and np.isfinite(value):
+                        by_label.setdefault(teacher, []).append(value)
+            else:
+                by_label.setdefault(labels[i], []).append(score[i])
         teachers = {}
-        for label in sorted(set(labels[scored].tolist())):
-            values = score[scored][labels[scored] == label]
+        for label in sorted(by_label):
+            values = np.asarray(by_label[label], np.float64)
             teachers[label] = {
                 "count": int(len(values)),
                 "mean": float(values.mean()),
