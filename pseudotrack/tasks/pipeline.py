@@ -330,14 +330,12 @@ def label_pipelined(
     try:
         while next_yield < len(videos):
             with lock:
-                outcome = outcomes.pop(next_yield, None)
-            if isinstance(outcome, Future) and not outcome.done():
-                with lock:
-                    outcomes[next_yield] = outcome  # scored meanwhile; its callback wakes the wait below
-                outcome = None
-            elif isinstance(outcome, Future):
-                outcome = outcome.result()
+                outcome = outcomes.get(next_yield)
+            if isinstance(outcome, Future):  # still being scored: its callback wakes the wait below
+                outcome = outcome.result() if outcome.done() else None
             if outcome is not None:
+                with lock:
+                    del outcomes[next_yield]
                 video = videos[next_yield]
                 next_yield += 1
                 yield video, outcome
