@@ -182,7 +182,8 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
 
     Started in the foreground of a subprocess: `--background` dies with its CLI (DESIGN.md).
     """
-    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect import context as prefect_context
+    from prefect.context import get_settings_context
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
     home = tmp_path_factory.mktemp("prefect-home")
@@ -209,13 +210,14 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
         )
     try:
         _wait_healthy(url, proc, log, timeout=180)
-        # Prefect reads its settings once at import; a settings context is what the client consults (also
-        # made the global one, for threads started earlier); the variable is for subprocesses (CLI, workers).
+        # Prefect reads its settings once at import; a settings context is what the client consults. It is
+        # also made the process-global one (the public `prefect.context.GLOBAL_SETTINGS_CONTEXT`), which a
+        # thread started without our context falls back to; the variable is for subprocesses (CLI, workers).
         with (
             pytest.MonkeyPatch.context() as mp,
             temporary_settings({PREFECT_API_URL: url, PREFECT_SERVER_ANALYTICS_ENABLED: False}),
-            _temporary_global_settings_context(get_settings_context()),
         ):
+            mp.setattr(prefect_context, "GLOBAL_SETTINGS_CONTEXT", get_settings_context())
             mp.setenv("PREFECT_API_URL", url)
             mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             try:

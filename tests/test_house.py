@@ -178,6 +178,18 @@ def test_no_private_names_of_other_libraries() -> None:
     assert found == {}
 
 
+def test_tests_and_benches_use_no_private_names_either() -> None:
+    """The rule holds for the code that checks and measures the package too: it breaks on the same upgrades."""
+    root = PACKAGE.parent
+    found = {
+        str(p.relative_to(root)): uses
+        for folder in ("tests", "bench")
+        for p in sorted((root / folder).rglob("*.py"))
+        if (uses := private_uses(ast.parse(p.read_text(), str(p))))
+    }
+    assert found == {}
+
+
 def test_the_private_name_finder_finds_them() -> None:
     source = (
         "import prefect.flow_engine as engine\n"
