@@ -16,6 +16,7 @@ from pseudotrack.errors import ConfigError
 from pseudotrack.flows.label_round import run_round
 from pseudotrack.tasks import pipeline
 from pseudotrack.tasks.clip_codec import CLIP_FIELD
+from pseudotrack.tasks.frame_slots import FrameSlots
 from pseudotrack.tasks.pipeline import bound_by, cpu_worker_count, in_flight_limit, signal_name
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
@@ -76,16 +77,47 @@ def test_cpu_workers_config():
     assert bound_by({"teacher": 2.0, "batch": 10.0}) == "cpu"
 
 
-def test_labels_identical_for_any_worker_count(bucket, tmp_path):
-    """cpu_workers 0 (in-process), 1 and 3: the committed shards hold the same bytes, failures the same reasons."""
+class WatchedSlots(FrameSlots):
+    """The batch's frame slots, noting how many clips came back through them and what was free at the end."""
+
+    made: list[WatchedSlots] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.views = 0
+        self.free_at_close = None
+        WatchedSlots.made.append(self)
+
+    def view(self, slot, shape):
+        self.views += 1
+        return super().view(slot, shape)
+
+    def close(self):
+        self.free_at_close = self.free()
+        super().close()
+
+
+def test_labels_identical_for_any_worker_count(bucket, tmp_path, monkeypatch):
+    """cpu_workers 0 (in-process), 1 and 3, frames back through shared memory or the pipes: the committed
+    shards hold the same bytes, failures the same reasons."""
+    monkeypatch.setattr(pipeline, "FrameSlots", WatchedSlots)
+    WatchedSlots.made.clear()
     results = {}
-    for workers in (0, 1, 3):
-        summary = run(bucket, tmp_path / f"ws{workers}", cpu_workers=workers)
+    for workers in (0, 1, 3, "3 by pipe"):
+        if workers == "3 by pipe":
+            monkeypatch.setattr(pipeline, "USE_FRAME_SLOTS", False)
+        summary = run(bucket, tmp_path / f"ws{workers}", cpu_workers=int(str(workers)[0]))
         results[workers] = (summary, shard_members(tmp_path / f"ws{workers}"))
     base, members = results[0]
     assert base.labelled == 6 and base.failed == 1, base
     assert len([m for m in members if m.endswith(f".{CLIP_FIELD}")]) == 6  # one stored clip per labelled video
-    for workers in (1, 3):
+    # with 1 and 3 workers every labelled clip came back through a slot, all slots were free at the end, and
+    # nothing is left in /dev/shm; the pipe run made none
+    slots = WatchedSlots.made
+    assert len(slots) == 2 and [s.count for s in slots] == [in_flight_limit(1, 1), in_flight_limit(3, 1)]
+    assert [s.views for s in slots] == [6, 6]
+    assert all(s.free_at_close == s.count and not os.path.exists(s.path) for s in slots)
+    for workers in (1, 3, "3 by pipe"):
         summary, got = results[workers]
         assert (summary.labelled, summary.failed, summary.failure_reasons) == (
             base.labelled,
@@ -114,18 +146,24 @@ def _catalog_rows(workspace: Path) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("signal_var", ["PSEUDOTRACK_FAULT_SEGV", "PSEUDOTRACK_FAULT_POINT"])
-def test_crashed_worker_fails_its_video_alone(bucket, tmp_path, monkeypatch, signal_var):
+@pytest.mark.parametrize("point", ["worker.queries", "worker.frames"])
+def test_crashed_worker_fails_its_video_alone(bucket, tmp_path, monkeypatch, signal_var, point):
     """A worker dying on one file (SIGSEGV as decord does on some damaged files; SIGKILL as the kernel's
-    out-of-memory killer does) fails that video with its stage and signal; a new worker takes the rest."""
+    out-of-memory killer does) fails that video with its stage and signal; a new worker takes the rest.
+    Also while it copies the frames into their shared-memory slot: the slot goes back, the batch goes on."""
     reference = run(bucket, tmp_path / "reference", cpu_workers=0)
-    monkeypatch.setenv(signal_var, "worker.queries.bear_b.mp4:1")
+    monkeypatch.setattr(pipeline, "FrameSlots", WatchedSlots)
+    WatchedSlots.made.clear()
+    monkeypatch.setenv(signal_var, f"{point}.bear_b.mp4:1")
     summary = run(bucket, tmp_path / "ws", cpu_workers=1)
+    assert len(WatchedSlots.made) == 1 and WatchedSlots.made[0].free_at_close == WatchedSlots.made[0].count
     name = "SIGSEGV" if signal_var.endswith("SEGV") else "SIGKILL"
     assert summary.labelled == reference.labelled - 1 and summary.failed == reference.failed + 1
     rows = _catalog_rows(tmp_path / "ws")
     assert rows["bear_b.mp4"]["status"] == "failed"
     row = rows["bear_b.mp4"]
-    assert f"{row['stage']}: {row['reason']}" == f"queries: worker crashed (signal {name})"
+    stage = "queries" if point == "worker.queries" else "encode"  # the copy follows the encode stage
+    assert f"{row['stage']}: {row['reason']}" == f"{stage}: worker crashed (signal {name})"
     # every other video labelled exactly as in-process
     ref, got = shard_members(tmp_path / "reference"), shard_members(tmp_path / "ws")
     bear_b = {n for n, data in ref.items() if n.endswith(".json") and b'"bear_b.mp4"' in data}

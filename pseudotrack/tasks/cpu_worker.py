@@ -8,11 +8,14 @@ decord must be imported after it (DESIGN.md pitfalls).
 
 Messages on the worker's pipe, worker to batch:
     ("ready",)                       after the imports, once
+    ("attached", ok)                 after an "attach": whether it maps the batch's frame slots
     ("stage", name)                  as each stage starts, so a crash is reported with its stage
     ("done", index, result)          result: ("ok", PreparedVideo, timings) or
                                      ("sample_error", stage, reason, timings) or
                                      ("error", type name, message, traceback, timings)
-and batch to worker: (index, PlannedVideo, bytes, RoundConfig, teacher names), or None to stop.
+and batch to worker: ("attach", path, slot bytes, slots) (tasks/frame_slots.py), or
+(index, PlannedVideo, bytes, RoundConfig, teacher names, slot or None), or None to stop. With a slot,
+the frames of an "ok" result are in it (PreparedVideo.frames_slot) rather than in the message.
 A worker also stops when the batch's process dies (its parent's sentinel).
 """
 
@@ -31,6 +34,7 @@ from ..errors import SampleError
 from ..faults import configure_from_env, fault_point
 from .clip_codec import encode_clip_described
 from .decode import _decord
+from .frame_slots import WorkerSlots
 from .prepare import prepare_video
 
 # Workers yield the CPU to the batch's own process: on a GPU host its teacher thread launches the GPU's
@@ -80,6 +84,7 @@ def worker_main(conn, fault_vars: dict[str, str]) -> None:
         os.nice(WORKER_NICENESS)
     cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only contend with the other workers
     _decord()  # torch and decord loaded before "ready", not on the first clip
+    slots: WorkerSlots | None = None
     parent = multiprocessing.parent_process()
     watched = [conn] + ([parent.sentinel] if parent is not None else [])
     conn.send(("ready",))
@@ -92,10 +97,40 @@ def worker_main(conn, fault_vars: dict[str, str]) -> None:
             return
         if job is None:
             return
-        index, video, data, config, names = job
+        if job[0] == "attach":
+            slots = attach(slots, *job[1:])
+            conn.send(("attached", slots is not None))
+            continue
+        index, video, data, config, names, slot = job
         result = cpu_stages(video, data, config, names, on_stage=lambda name: conn.send(("stage", name)))
         del data
+        if slot is not None and slots is not None and result[0] == "ok":
+            move_frames(result, slots, slot)
         try:
             conn.send(("done", index, result))
         except (BrokenPipeError, OSError):
             return
+
+
+def attach(current: WorkerSlots | None, path: str, size: int, count: int) -> WorkerSlots | None:
+    """Map a batch's frame slots (dropping an earlier batch's); None when they cannot be mapped."""
+    if current is not None:
+        current.close()
+    try:
+        return WorkerSlots(path, size, count)
+    except (OSError, ValueError):
+        return None
+
+
+def move_frames(result: tuple, slots: WorkerSlots, slot: int) -> None:
+    """Put an "ok" result's frames into its slot, leaving the message without them (or as it was if they
+    do not fit). The copy's CPU counts in the result's timings, as the stages' does."""
+    prepared, timings = result[1], result[2]
+    fault_point("worker.frames")  # crash tests: a worker killed while its frames go into their slot
+    fault_point(f"worker.frames.{prepared.video.key}")
+    cpu = time.process_time()
+    frames = prepared.clip.frames
+    if slots.put(slot, frames):
+        prepared.frames_slot = (slot, tuple(frames.shape))
+        prepared.clip.frames = None
+    timings["cpu"] = timings.get("cpu", 0.0) + time.process_time() - cpu

@@ -16,7 +16,9 @@ several times the teacher's forward). Here:
                                     the teacher waits for it
     worker processes (N)            decode, SIFT queries and clip encoding, one video at a time
                                     (tasks/cpu_worker.py); forkserver context (torch and fork do not mix),
-                                    preloaded once per batch process, so later batches start in milliseconds
+                                    preloaded once per batch process, so later batches start in milliseconds;
+                                    the decoded frames come back through shared memory, one slot per video
+                                    in flight (tasks/frame_slots.py), or through the pipe where there is none
 
 Bounded: at most Q = 2 * N + teacher_batch videos are between "read" and
 "yielded" at any time (in a worker, queued for the teacher, or waiting for
@@ -55,12 +57,14 @@ from multiprocessing.connection import wait
 from ..errors import SampleError
 from ..faults import fault_env, fault_point
 from .cpu_worker import worker_main
+from .frame_slots import FrameSlots, slot_bytes
 from .prepare import PlannedVideo, PreparedVideo
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0  # seconds for a worker to import its libraries and say it is ready
 READ_AHEAD = 4  # source reads in flight ahead of the workers: their cost is storage latency, not CPU
+USE_FRAME_SLOTS = True  # False sends frames through the pipes (bench/bench_label_worker.py --no-frame-slots)
 TEACHER_BOUND = 0.9  # a teacher busy at least this fraction of a batch's time is the bound, not the CPU
 # imported once by the forkserver, so a worker starts in milliseconds (decord wants torch imported before it)
 _PRELOAD = ["torch", "decord", "pseudotrack.tasks.cpu_worker"]
@@ -137,6 +141,7 @@ class _Worker:
         self.job: int | None = None  # the index of the video it holds
         self.stage = "decode"
         self.ready = False
+        self.slots = False  # whether it maps the batch's frame slots
 
 
 class CpuPool:
@@ -176,6 +181,18 @@ class CpuPool:
                 pass
         worker.process.join(1.0)
         raise RuntimeError(f"a CPU worker process did not start ({signal_name(worker.process.exitcode)})")
+
+    def attach(self, slots: FrameSlots) -> int:
+        """Have every worker map `slots`; how many did (a worker that did not sends frames by pipe)."""
+        for worker in self.workers:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                worker.conn.send(("attach", slots.path, slots.size, slots.count))
+        for worker in self.workers:
+            if worker.conn in wait([worker.conn, worker.process.sentinel], timeout=START_TIMEOUT):
+                with contextlib.suppress(EOFError, OSError):
+                    message = worker.conn.recv()
+                    worker.slots = message == ("attached", True)
+        return sum(w.slots for w in self.workers)
 
     def idle(self) -> _Worker | None:
         return next((w for w in self.workers if w.job is None), None)
@@ -229,6 +246,65 @@ def _result_outcome(video: PlannedVideo, result: tuple) -> PreparedVideo | Excep
     return RuntimeError(f"a CPU worker failed on {video.key}: {result[1]}: {result[2]}")
 
 
+class _Frames:
+    """Which video in flight holds which frame slot; slots go back as soon as nothing reads their frames."""
+
+    def __init__(self, slots: FrameSlots | None):
+        self.slots = slots
+        self.held: dict[int, int] = {}  # video index -> slot
+        self.lock = threading.Lock()
+
+    def assign(self, index: int, worker: _Worker) -> int | None:
+        if self.slots is None or not worker.slots:
+            return None
+        slot = self.slots.take()
+        if slot is not None:
+            with self.lock:
+                self.held[index] = slot
+        return slot
+
+    def arrived(self, index: int, prepared: PreparedVideo) -> None:
+        """Point the clip's frames at its slot (no copy); a clip whose frames came by pipe frees its slot."""
+        with self.lock:
+            slot = self.held.get(index)
+        if prepared.frames_slot is not None and slot == prepared.frames_slot[0]:
+            prepared.clip.frames = self.slots.view(slot, prepared.frames_slot[1])
+            prepared.frames_slot = None
+        elif prepared.frames_slot is not None:
+            raise RuntimeError(f"video {index} came back in frame slot {prepared.frames_slot[0]}, not {slot}")
+        else:
+            self.release(index)
+
+    def release(self, index: int, prepared: PreparedVideo | None = None) -> None:
+        """Give back the video's slot, if it holds one, dropping the clip's view of it first."""
+        with self.lock:
+            slot = self.held.pop(index, None)
+        if slot is not None:
+            if prepared is not None:
+                prepared.clip.frames = None
+            self.slots.give(slot)
+
+    def close(self) -> None:
+        if self.slots is not None:
+            self.slots.close()
+
+
+def open_slots(pool: CpuPool, count: int, config) -> FrameSlots | None:
+    """The batch's frame slots, mapped by its workers; None (frames by pipe) when /dev/shm cannot hold them."""
+    if not USE_FRAME_SLOTS:
+        return None
+    try:
+        slots = FrameSlots(count, slot_bytes(config.num_frames, config.height, config.width))
+    except OSError as exc:
+        log.info("no shared memory for %d clips (%s); frames come back through the workers' pipes", count, exc)
+        return None
+    try:
+        pool.attach(slots)
+    finally:
+        slots.unlink()  # mapped by the workers now, or never: nothing stays in /dev/shm
+    return slots
+
+
 def _pin(prepared: PreparedVideo) -> None:
     """On CUDA, move the frames into page-locked memory (a numpy view of it) so the teacher's host-to-device
     copies run at full speed; the teachers' `torch.from_numpy(frames).to(device)` keeps the pinning."""
@@ -259,6 +335,11 @@ def label_pipelined(
     finish: a labelled clip -> (sample, catalog row) (`finish_video`). Closes `pool` when done.
     """
     limit = in_flight_limit(len(pool.workers), teacher_batch)
+    try:
+        frames = _Frames(open_slots(pool, limit, config))
+    except BaseException:
+        pool.close()
+        raise
     outcomes: dict[int, object] = {}  # index -> exception, or the finisher's Future of finish(prepared, labels)
     lock = threading.Lock()
     to_teacher: queue.Queue = queue.Queue()
@@ -288,13 +369,16 @@ def label_pipelined(
             with read_lock:
                 timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
 
-    def finished(p: PreparedVideo, labels) -> tuple | Exception:
-        if isinstance(labels, Exception):
-            return labels
+    def finished(index: int, p: PreparedVideo, labels) -> tuple | Exception:
         try:
-            return finish(p, labels)
-        except Exception as exc:
-            return exc
+            if isinstance(labels, Exception):
+                return labels
+            try:
+                return finish(p, labels)
+            except Exception as exc:
+                return exc
+        finally:
+            frames.release(index, p)  # the outcome holds labels and encoded bytes, never the frames
 
     def teacher_loop() -> None:
         try:
@@ -316,7 +400,7 @@ def label_pipelined(
                 results = teach([p for _, p in group])
                 with lock:
                     for (index, p), labels in zip(group, results, strict=True):
-                        future = finisher.submit(finished, p, labels)
+                        future = finisher.submit(finished, index, p, labels)
                         future.add_done_callback(lambda _: wake(1))
                         outcomes[index] = future
                 wake(len(group))
@@ -352,11 +436,12 @@ def label_pipelined(
                     with lock:
                         outcomes[next_read] = data
                 else:
-                    pool.submit(worker, next_read, (next_read, videos[next_read], data, config, names))
+                    slot = frames.assign(next_read, worker)
+                    pool.submit(worker, next_read, (next_read, videos[next_read], data, config, names, slot))
                 del data
                 next_read += 1
                 continue
-            _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pin)
+            _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pin, frames)
             if teacher_failure:
                 raise teacher_failure[0]
     finally:
@@ -365,11 +450,12 @@ def label_pipelined(
         pool.close()
         teacher.join()
         finisher.shutdown(wait=True, cancel_futures=True)
+        frames.close()
         wake_r.close()
         wake_w.close()
 
 
-def _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pin) -> None:
+def _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pin, frames: _Frames) -> None:
     """Block until a worker reports, dies, or the teacher finishes a group; take in what arrived."""
     by_conn = {w.conn: w for w in pool.workers}
     by_sentinel = {w.process.sentinel: w for w in pool.workers}
@@ -384,22 +470,23 @@ def _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pi
         worker = by_conn.get(handle) or by_sentinel.get(handle)
         if worker is None:
             continue
-        if not _drain(worker, videos, outcomes, lock, to_teacher, timings, pin):
+        if not _drain(worker, videos, outcomes, lock, to_teacher, timings, pin, frames):
             dead.append(worker)
     for worker in dict.fromkeys(dead):
         worker.process.join(1.0)
         if worker.process.is_alive():
             continue  # its pipe broke but it lives on: the sentinel will tell
-        _drain(worker, videos, outcomes, lock, to_teacher, timings, pin)  # what it sent before it died
+        _drain(worker, videos, outcomes, lock, to_teacher, timings, pin, frames)  # what it sent before it died
         if worker.job is not None:
             reason = f"worker crashed ({signal_name(worker.process.exitcode)})"
             log.warning("%s: %s: %s; starting a new worker", videos[worker.job].key, worker.stage, reason)
+            frames.release(worker.job)
             with lock:
                 outcomes[worker.job] = SampleError(worker.stage, reason)
         pool.replace(worker)
 
 
-def _drain(worker: _Worker, videos, outcomes, lock, to_teacher, timings, pin) -> bool:
+def _drain(worker: _Worker, videos, outcomes, lock, to_teacher, timings, pin, frames: _Frames) -> bool:
     """Take in every message the worker has sent; False when its pipe is closed (it died)."""
     try:
         while worker.conn.poll():
@@ -413,10 +500,13 @@ def _drain(worker: _Worker, videos, outcomes, lock, to_teacher, timings, pin) ->
                 got = _result_outcome(videos[index], result)
                 worker.job = None
                 if isinstance(got, PreparedVideo):
+                    frames.arrived(index, got)
                     if pin:
                         _pin(got)
+                        frames.release(index)  # the pinned copy is the teacher's now
                     to_teacher.put((index, got))
                 else:
+                    frames.release(index)
                     with lock:
                         outcomes[index] = got
     except (EOFError, OSError):

@@ -39,6 +39,7 @@ class PreparedVideo:
     chosen: list[str]
     clip_bytes: bytes | None = None  # the encoded clip, when a worker process encoded it ahead of the teachers
     clip_stored: dict | None = None  # what the sample's JSON records about that stored clip (clip_codec)
+    frames_slot: tuple[int, tuple[int, ...]] | None = None  # (slot, shape) of frames a worker left in shared memory
 
 
 def video_rng(seed: int, key: str) -> np.random.Generator:
