@@ -50,6 +50,7 @@ import numpy as np
 from pseudotrack.config import RoundConfig
 from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.uri import open_workspace
+from pseudotrack.tasks import pipeline
 from pseudotrack.tasks.clip_codec import encode_clip
 from pseudotrack.tasks.labelling import label_batch, resolve_checkpoints
 from pseudotrack.tasks.pipeline import cpu_worker_count, teacher_busy
@@ -134,6 +135,29 @@ def label(bucket: Path, workspace: Path, workers: int, clips: int, teacher: str,
     return teacher_busy(stages), result.labelled / stages["batch"], stages
 
 
+def reaped_children_cpu() -> float:
+    """CPU seconds of the processes this one's children have reaped: the forkserver reaps the CPU workers, so
+    this counts all their work, the sending of results included (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime (fields 16 and 17 of stat)
+    return total / ticks
+
+
+def label_costed(*args, **kwargs) -> tuple:
+    """`label`, and the CPU seconds per clip of the batch's own process and of its CPU workers."""
+    own, workers = time.process_time(), reaped_children_cpu()
+    busy, rate, stages = label(*args, **kwargs)
+    own = time.process_time() - own
+    time.sleep(1.0)  # the forkserver reaps the stopped workers
+    clips = args[3]
+    return busy, rate, stages, own / clips, (reaped_children_cpu() - workers) / clips
+
+
 def _brief(stages: dict) -> str:
     return " ".join(f"{k}={v:.1f}" for k, v in sorted(stages.items()))
 
@@ -180,10 +204,20 @@ def main() -> None:
         print(
             f"sequential ({seq_clips} clips): teacher busy {busy0:.3f}, {rate0:.3f} clips/s; seconds {_brief(stages0)}"
         )
-        busy, rate, stages = label(
+        busy, rate, stages, own, work = label_costed(
             root / "bucket", root / "ws-pipe", workers, args.clips, args.teacher, args.device, **extra
         )
         print(f"pipelined ({args.clips} clips):  teacher busy {busy:.3f}, {rate:.3f} clips/s; seconds {_brief(stages)}")
+        pipeline.USE_FRAME_SLOTS = False  # the same batch with the frames pickled through the workers' pipes
+        busy_p, rate_p, _, own_p, work_p = label_costed(
+            root / "bucket", root / "ws-pipe-frames", workers, args.clips, args.teacher, args.device, **extra
+        )
+        pipeline.USE_FRAME_SLOTS = True
+        print(
+            f"frames back from the workers, CPU s per clip of the batch's process / of its workers: "
+            f"shared memory {own:.3f} / {work:.3f} (busy {busy:.3f}, {rate:.3f} clips/s); "
+            f"through the pipes {own_p:.3f} / {work_p:.3f} (busy {busy_p:.3f}, {rate_p:.3f} clips/s)"
+        )
         if args.teacher != "standin":
             teacher_s = stages.get("teacher", 0.0) / args.clips
     print(

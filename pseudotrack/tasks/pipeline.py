@@ -27,7 +27,10 @@ of 384x512 RGB that is 37.7 MB, plus its encoded bytes (3-6 MB) and queries
 (a few KB). So the batch's process holds at most Q clips: 1 worker and
 teacher_batch 1 on a CPU host give Q = 3 (about 130 MB); 15 workers and
 teacher_batch 4 on a 16-core GPU host give Q = 34 (about 1.4 GB), plus one
-clip being decoded in each worker.
+clip being decoded in each worker. The frames of those Q clips live in Q
+shared-memory slots reserved in /dev/shm when the batch starts (Q x 37.7 MB
+at the recipe's size, taken whole at once, so a /dev/shm too small for them
+is found then and the frames go through the pipes instead).
 
 Guarantees kept: labels do not depend on the worker count or arrival order
 (each video's random draws come from `video_rng`, and the teacher's grouping
