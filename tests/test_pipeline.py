@@ -98,12 +98,14 @@ class WatchedSlots(FrameSlots):
 
 
 def test_labels_identical_for_any_worker_count(bucket, tmp_path, monkeypatch):
-    """cpu_workers 0 (in-process), 1 and 3, frames back through shared memory or the pipes: the committed
-    shards hold the same bytes, failures the same reasons."""
+    """cpu_workers 0 (in-process), 1 and 3, frames back through shared memory or the pipes, one or three
+    scoring threads: the committed shards hold the same bytes, failures the same reasons."""
     monkeypatch.setattr(pipeline, "FrameSlots", WatchedSlots)
     WatchedSlots.made.clear()
     results = {}
     for workers in (0, 1, 3, "3 by pipe"):
+        if workers == 3:  # and three threads scoring the labelled clips, as on a 12-core host
+            monkeypatch.setattr(pipeline, "finisher_count", lambda: 3)
         if workers == "3 by pipe":
             monkeypatch.setattr(pipeline, "USE_FRAME_SLOTS", False)
         summary = run(bucket, tmp_path / f"ws{workers}", cpu_workers=int(str(workers)[0]))
@@ -129,8 +131,9 @@ def test_labels_identical_for_any_worker_count(bucket, tmp_path, monkeypatch):
         assert not differ, f"cpu_workers={workers}: members differ from the in-process run: {differ}"
     # where the time went, and the teacher's share of it
     stages = results[1][0].stage_seconds
-    assert {"read", "decode", "queries", "encode", "teacher", "batch"} <= stages.keys()
+    assert {"read", "decode", "queries", "encode", "teacher", "quality", "batch"} <= stages.keys()
     assert 0 < stages["teacher"] < stages["batch"]
+    assert results[3][0].stage_seconds["quality"] > 0  # the scoring threads' own timings reach the batch's
     # the catalog's duration_s is the source video's length (it was empty on every row)
     rows = _catalog_rows(tmp_path / "ws1")
     assert rows["bear_a.mp4"]["duration_s"] == pytest.approx(82 / 30, rel=0.02)

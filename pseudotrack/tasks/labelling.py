@@ -433,7 +433,7 @@ def labelled_outcomes(
         device=teachers.device,
         read=lambda video: read_source(video, bucket),
         teach=lambda prepared: run_teachers(prepared, teachers, size, timings),
-        finish=lambda p, labels: finish_video(p, labels, config, teachers, timings),
+        finish=lambda p, labels, own: finish_video(p, labels, config, teachers, own),
         timings=timings,
     )
 

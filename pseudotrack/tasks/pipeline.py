@@ -11,9 +11,10 @@ several times the teacher's forward). Here:
                                     caller writes shards and catalog rows in that order, as before
     batch process, teacher thread   takes prepared clips as they arrive, up to `teacher_batch` per call
                                     (the usual grouping by teacher), and runs the teachers
-    batch process, finisher thread  scores each labelled clip (`finish`: the quality signals) as soon as
+    batch process, finisher threads score each labelled clip (`finish`: the quality signals) as soon as
                                     the teacher hands it over, so neither the main thread's intake nor
-                                    the teacher waits for it
+                                    the teacher waits for it; one per four cores (`finisher_count`), as
+                                    a clip's scoring is mostly OpenCV, which lets the other threads run
     worker processes (N)            decode, SIFT queries and clip encoding, one video at a time
                                     (tasks/cpu_worker.py); forkserver context (torch and fork do not mix),
                                     preloaded once per batch process, so later batches start in milliseconds;
@@ -78,11 +79,23 @@ def cpu_worker_count(cpu_workers: int | None, batches_at_once: int = 1) -> int:
     shared by the `batches_at_once` batches this process runs side by side (each has its own pool), at least 1."""
     if cpu_workers is not None:
         return cpu_workers
+    return max(1, (_cores() - 1) // max(1, batches_at_once))
+
+
+def finisher_count() -> int:
+    """Threads scoring labelled clips: one per four cores, 1 to 4.
+
+    On a many-core GPU host one scoring thread caps a batch's clips/s near what the teacher reaches
+    (`bench/bench_label_worker.py` prints the CPU a clip's scoring takes); the scoring is mostly OpenCV,
+    which runs beside the other threads, and a 2-core host keeps one."""
+    return max(1, min(4, _cores() // 4))
+
+
+def _cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, (cores - 1) // max(1, batches_at_once))
+        return os.cpu_count() or 1
 
 
 def in_flight_limit(workers: int, teacher_batch: int) -> int:
@@ -327,7 +340,7 @@ def label_pipelined(
     device: str,
     read: Callable[[PlannedVideo], bytes],
     teach: Callable[[list[PreparedVideo]], list],
-    finish: Callable[[PreparedVideo, dict], tuple],
+    finish: Callable[[PreparedVideo, dict, dict], tuple],
     timings: dict[str, float],
 ) -> Iterator[tuple[PlannedVideo, tuple | Exception]]:
     """(video, (sample, row) or the exception that failed it) for each video, in `videos`' order.
@@ -335,7 +348,8 @@ def label_pipelined(
     read: the video's bytes, or raises SampleError (a storage fault past its retries escapes, failing the batch);
     teach: prepared clips -> for each, its labels by teacher or the exception that failed it (`run_teachers`),
     called from the teacher thread;
-    finish: a labelled clip -> (sample, catalog row) (`finish_video`). Closes `pool` when done.
+    finish: a labelled clip, its labels and a timings dict of its own -> (sample, catalog row) (`finish_video`),
+    called from the finisher threads. Closes `pool` when done.
     """
     limit = in_flight_limit(len(pool.workers), teacher_batch)
     try:
@@ -349,9 +363,8 @@ def label_pipelined(
     wake_r, wake_w = multiprocessing.Pipe(duplex=False)
     teacher_failure: list[BaseException] = []
     pin = device.startswith("cuda")
-    # one thread: finish's timings keys are its own, and the quality signals' heavy parts run in OpenCV and
-    # numpy, which let the other threads go on
-    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pseudotrack-finish")
+    # each call times itself in a dict of its own, added to the batch's under `lock`
+    finisher = ThreadPoolExecutor(max_workers=finisher_count(), thread_name_prefix="pseudotrack-finish")
     wake_lock = threading.Lock()  # the teacher and the finisher both wake the main thread; a pipe is not shared
 
     def wake(count: int) -> None:
@@ -373,15 +386,19 @@ def label_pipelined(
                 timings["read"] = timings.get("read", 0.0) + time.perf_counter() - t
 
     def finished(index: int, p: PreparedVideo, labels) -> tuple | Exception:
+        own: dict[str, float] = {}
         try:
             if isinstance(labels, Exception):
                 return labels
             try:
-                return finish(p, labels)
+                return finish(p, labels, own)
             except Exception as exc:
                 return exc
         finally:
             frames.release(index, p)  # the outcome holds labels and encoded bytes, never the frames
+            with lock:
+                for stage, seconds in own.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
 
     def teacher_loop() -> None:
         try:
@@ -498,8 +515,9 @@ def _drain(worker: _Worker, videos, outcomes, lock, to_teacher, timings, pin, fr
                 worker.stage = message[1]
             elif message[0] == "done":
                 _, index, result = message
-                for stage, seconds in result[-1].items():
-                    timings[stage] = timings.get(stage, 0.0) + seconds
+                with lock:
+                    for stage, seconds in result[-1].items():
+                        timings[stage] = timings.get(stage, 0.0) + seconds
                 got = _result_outcome(videos[index], result)
                 worker.job = None
                 if isinstance(got, PreparedVideo):
