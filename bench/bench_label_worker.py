@@ -55,6 +55,7 @@ from pseudotrack.tasks.clip_codec import encode_clip
 from pseudotrack.tasks.labelling import label_batch, resolve_checkpoints
 from pseudotrack.tasks.pipeline import cpu_worker_count, teacher_busy
 from pseudotrack.tasks.prepare import PlannedVideo, prepare_video
+from pseudotrack.tasks.quality import clip_quality
 from pseudotrack.teachers.base import TeacherOutput, TeacherSpec, register_teacher, teacher_spec
 
 TEACHER_SECONDS = [0.5]  # set before the rounds run
@@ -94,8 +95,9 @@ def write_bucket(root: Path, clips: int) -> list[Path]:
     return sources
 
 
-def cpu_seconds_per_clip(sources: list[Path], config: RoundConfig) -> float:
-    """CPU seconds of one clip's CPU stages in this process (decode, SIFT, encode): median of three.
+def cpu_seconds_per_clip(sources: list[Path], config: RoundConfig) -> tuple[float, float]:
+    """CPU seconds of one clip's CPU stages in this process (decode, SIFT, encode), and of scoring its labels
+    (`clip_quality` on tracks drifting from the queries, one thread, as a scoring thread does): medians of three.
 
     CPU, not wall, seconds: on a machine shared with other work the wall time of one clip swings with the load
     of the moment, the work it needs does not."""
@@ -103,7 +105,7 @@ def cpu_seconds_per_clip(sources: list[Path], config: RoundConfig) -> float:
     class Names:
         names = ["standin"]
 
-    times = []
+    times, scoring = [], []
     for i, path in enumerate([*sources, *sources][:4]):
         data = path.read_bytes()
         t = time.process_time()
@@ -111,7 +113,18 @@ def cpu_seconds_per_clip(sources: list[Path], config: RoundConfig) -> float:
         encode_clip(p.clip.frames, p.clip.fps)
         if i:  # the first pays for importing torch and decord
             times.append(time.process_time() - t)
-    return statistics.median(times)
+        frames, queries = p.clip.frames, p.queries
+        drift = np.random.default_rng(i).normal(0, 1, (len(frames), len(queries), 2)).cumsum(0)
+        labels = TeacherOutput(
+            (queries[None, :, 1:] + drift).astype(np.float32),
+            np.ones((len(frames), len(queries)), bool),
+            np.ones((len(frames), len(queries)), np.float16),
+        )
+        t = time.thread_time()
+        clip_quality(frames, queries, {"standin": labels})
+        if i:
+            scoring.append(time.thread_time() - t)
+    return statistics.median(times), statistics.median(scoring)
 
 
 def label(bucket: Path, workspace: Path, workers: int, clips: int, teacher: str, device: str, **extra) -> tuple:
@@ -188,8 +201,12 @@ def main() -> None:
                 assert stand_in_checkpoint(args.teacher, root / "ckpt"), f"no reference manifest for {args.teacher}"
             extra["checkpoints"] = str(root / "ckpt")
         sources = write_bucket(root / "bucket", max(args.clips, seq_clips))
-        cpu_s = cpu_seconds_per_clip(sources, RoundConfig(bucket="b", workspace="w"))
+        cpu_s, scoring_s = cpu_seconds_per_clip(sources, RoundConfig(bucket="b", workspace="w"))
         print(f"one clip's CPU stages (decode, SIFT, encode) in one process: {cpu_s:.3f} CPU s")
+        print(
+            f"scoring one clip's labels (one thread): {scoring_s:.3f} CPU s; the batch's {pipeline.finisher_count()} "
+            f"scoring thread(s) keep up with up to {pipeline.finisher_count() / scoring_s:.1f} clips/s"
+        )
         if args.teacher == "standin":
             teacher_s = args.teacher_s or round(args.margin * cpu_s / workers, 2)
             TEACHER_SECONDS[0] = teacher_s
