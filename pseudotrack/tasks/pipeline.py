@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 120.0  # seconds for a worker to import its libraries and say it is ready
 READ_AHEAD = 4  # source reads in flight ahead of the workers: their cost is storage latency, not CPU
-USE_FRAME_SLOTS = True  # False sends frames through the pipes (bench/bench_label_worker.py --no-frame-slots)
+USE_FRAME_SLOTS = True  # False sends frames through the pipes (bench/bench_label_worker.py compares the two)
 TEACHER_BOUND = 0.9  # a teacher busy at least this fraction of a batch's time is the bound, not the CPU
 # imported once by the forkserver, so a worker starts in milliseconds (decord wants torch imported before it)
 _PRELOAD = ["torch", "decord", "pseudotrack.tasks.cpu_worker"]
