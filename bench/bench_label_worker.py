@@ -52,10 +52,11 @@ from pseudotrack.storage.catalog import Catalog
 from pseudotrack.storage.uri import open_workspace
 from pseudotrack.tasks import pipeline
 from pseudotrack.tasks.clip_codec import encode_clip
+from pseudotrack.tasks.cpu_pool import cpu_worker_count
 from pseudotrack.tasks.labelling import label_batch, resolve_checkpoints
-from pseudotrack.tasks.pipeline import cpu_worker_count, teacher_busy
 from pseudotrack.tasks.prepare import PlannedVideo, prepare_video
 from pseudotrack.tasks.quality import clip_quality
+from pseudotrack.tasks.throughput import teacher_busy
 from pseudotrack.teachers.base import TeacherOutput, TeacherSpec, register_teacher, teacher_spec
 
 TEACHER_SECONDS = [0.5]  # set before the rounds run

@@ -14,10 +14,12 @@ import pytest
 from pseudotrack.config import RoundConfig
 from pseudotrack.errors import ConfigError
 from pseudotrack.flows.label_round import run_round
-from pseudotrack.tasks import pipeline
+from pseudotrack.tasks import cpu_pool, pipeline
 from pseudotrack.tasks.clip_codec import CLIP_FIELD
+from pseudotrack.tasks.cpu_pool import cpu_worker_count, signal_name
 from pseudotrack.tasks.frame_slots import FrameSlots
-from pseudotrack.tasks.pipeline import bound_by, cpu_worker_count, in_flight_limit, signal_name
+from pseudotrack.tasks.pipeline import in_flight_limit
+from pseudotrack.tasks.throughput import bound_by
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 SMALL = dict(
@@ -179,7 +181,7 @@ def test_pool_that_cannot_start_falls_back(bucket, tmp_path, monkeypatch, caplog
     def broken(workers):
         raise OSError("no processes for you")
 
-    monkeypatch.setattr(pipeline, "CpuPool", broken)
+    monkeypatch.setattr(cpu_pool, "CpuPool", broken)
     with caplog.at_level(logging.WARNING, logger="pseudotrack.tasks.pipeline"):
         summary = run(bucket, tmp_path / "ws", cpu_workers=2)
     assert summary.labelled == 6 and summary.failed == 1

@@ -148,7 +148,7 @@ def status(
 def _rounds_throughput(store, rounds: list[str], round_id: str | None) -> dict[str, dict]:
     """round -> `round_throughput` of its runs/<round>/summary.json, for rounds that recorded batch time."""
     from ..storage.layout import runs_prefix
-    from ..tasks.pipeline import round_throughput
+    from ..tasks.throughput import round_throughput
 
     found = {}
     for name in [round_id] if round_id else rounds:

@@ -474,10 +474,10 @@ def student_reports(store: ObjectStore, infos: list[ObjectInfo], cache: FileCach
 def pipeline_rows(plans: dict[str, dict]) -> dict:
     """Per round with batch time recorded: teacher busy fraction, clips/s and "bound by" (cpu or teacher).
 
-    From runs/<round>/summary.json's summed stage seconds (`tasks.pipeline.round_throughput`), as
+    From runs/<round>/summary.json's summed stage seconds (`tasks.throughput.round_throughput`), as
     `pseudotrack status` shows them; rounds still running have none yet.
     """
-    from ..tasks.pipeline import TEACHER_BOUND, round_throughput
+    from ..tasks.throughput import TEACHER_BOUND, round_throughput
 
     rows = []
     for name, plan in sorted(plans.items()):

@@ -46,10 +46,12 @@ from ..teachers.base import (
 )
 from .clip_codec import encode_clip_described
 from .containers import MAX_SOURCE_BYTES, check_source_size
-from .pipeline import cpu_worker_count, label_pipelined, start_pool, teacher_busy
+from .cpu_pool import cpu_worker_count, start_pool
+from .pipeline import label_pipelined
 from .prepare import PlannedVideo, PreparedVideo, prepare_video
 from .quality import catalog_columns, clip_quality, forward_backward_chosen, sample_quality_reason
 from .shards import Sample, ShardSink
+from .throughput import teacher_busy
 
 log = logging.getLogger(__name__)
 

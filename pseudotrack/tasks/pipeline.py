@@ -49,9 +49,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,27 +57,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import wait
 
 from ..errors import SampleError
-from ..faults import fault_env, fault_point
-from .cpu_worker import worker_main
+from ..faults import fault_point
+from .cpu_pool import CpuPool, PoolWorker, host_cores, signal_name
 from .frame_slots import FrameSlots, slot_bytes
 from .prepare import PlannedVideo, PreparedVideo
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT = 120.0  # seconds for a worker to import its libraries and say it is ready
 READ_AHEAD = 4  # source reads in flight ahead of the workers: their cost is storage latency, not CPU
 USE_FRAME_SLOTS = True  # False sends frames through the pipes (bench/bench_label_worker.py compares the two)
-TEACHER_BOUND = 0.9  # a teacher busy at least this fraction of a batch's time is the bound, not the CPU
-# imported once by the forkserver, so a worker starts in milliseconds (decord wants torch imported before it)
-_PRELOAD = ["torch", "decord", "pseudotrack.tasks.cpu_worker"]
-
-
-def cpu_worker_count(cpu_workers: int | None, batches_at_once: int = 1) -> int:
-    """Worker processes for one batch's CPU stages: the configured number, else the host's cores minus one,
-    shared by the `batches_at_once` batches this process runs side by side (each has its own pool), at least 1."""
-    if cpu_workers is not None:
-        return cpu_workers
-    return max(1, (_cores() - 1) // max(1, batches_at_once))
 
 
 def finisher_count() -> int:
@@ -88,167 +74,12 @@ def finisher_count() -> int:
     On a many-core GPU host one scoring thread caps a batch's clips/s near what the teacher reaches
     (`bench/bench_label_worker.py` prints the CPU a clip's scoring takes); the scoring is mostly OpenCV,
     which runs beside the other threads, and a 2-core host keeps one."""
-    return max(1, min(4, _cores() // 4))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return max(1, min(4, host_cores() // 4))
 
 
 def in_flight_limit(workers: int, teacher_batch: int) -> int:
     """Q: the most videos read and not yet yielded (see the module docstring for the memory it implies)."""
     return 2 * workers + teacher_batch
-
-
-def teacher_busy(stage_seconds: dict[str, float]) -> float:
-    """The fraction of a batch's (or a round's batches') time the teacher was running."""
-    total = stage_seconds.get("batch", 0.0)
-    return stage_seconds.get("teacher", 0.0) / total if total > 0 else 0.0
-
-
-def bound_by(stage_seconds: dict[str, float]) -> str:
-    """'teacher' when the teacher was busy almost all the time (more CPU workers would not help), else 'cpu'."""
-    return "teacher" if teacher_busy(stage_seconds) >= TEACHER_BOUND else "cpu"
-
-
-def round_throughput(summary: dict) -> dict | None:
-    """What bounded a round: teacher busy fraction, clips per second of batch time, and `bound_by`.
-
-    From a round's `runs/<round>/summary.json` (RoundSummary.to_dict): its
-    `stage_seconds` are its batches' stage seconds summed, so the busy fraction
-    is the teacher's share of all batch time and clips/s is the videos labelled
-    per second a batch ran (one batch process's rate; batches running side by
-    side add up). None while the round has recorded no batch time (still
-    planning or running, or nothing to label).
-    """
-    stages = summary.get("stage_seconds") if isinstance(summary, dict) else None
-    if not isinstance(stages, dict):
-        return None
-    stages = {k: float(v) for k, v in stages.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    batch = stages.get("batch", 0.0)
-    if not batch > 0:
-        return None
-    labelled = summary.get("labelled")
-    labelled = labelled if isinstance(labelled, int) and not isinstance(labelled, bool) else 0
-    return {
-        "teacher_busy": teacher_busy(stages),
-        "clips_per_s": labelled / batch,
-        "bound_by": bound_by(stages),
-        "batch_seconds": batch,
-    }
-
-
-def signal_name(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
-
-
-class _Worker:
-    def __init__(self, process, conn):
-        self.process = process
-        self.conn = conn
-        self.job: int | None = None  # the index of the video it holds
-        self.stage = "decode"
-        self.ready = False
-        self.slots = False  # whether it maps the batch's frame slots
-
-
-class CpuPool:
-    """Worker processes that run `cpu_worker.cpu_stages`, replaced when they die."""
-
-    def __init__(self, size: int):
-        self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(_PRELOAD)
-        self.workers: list[_Worker] = []
-        self.replaced = 0
-        try:
-            for _ in range(size):
-                self.workers.append(self._start())
-            for worker in self.workers:
-                self._await_ready(worker)
-        except BaseException:
-            self.close()
-            raise
-
-    def _start(self) -> _Worker:
-        mine, theirs = self.context.Pipe(duplex=True)
-        process = self.context.Process(
-            target=worker_main, args=(theirs, fault_env()), daemon=True, name="pseudotrack-cpu-worker"
-        )
-        process.start()
-        theirs.close()
-        return _Worker(process, mine)
-
-    def _await_ready(self, worker: _Worker) -> None:
-        ready = wait([worker.conn, worker.process.sentinel], timeout=START_TIMEOUT)
-        if worker.conn in ready:
-            try:
-                if worker.conn.recv() == ("ready",):
-                    worker.ready = True
-                    return
-            except (EOFError, OSError):
-                pass
-        worker.process.join(1.0)
-        raise RuntimeError(f"a CPU worker process did not start ({signal_name(worker.process.exitcode)})")
-
-    def attach(self, slots: FrameSlots) -> int:
-        """Have every worker map `slots`; how many did (a worker that did not sends frames by pipe)."""
-        for worker in self.workers:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                worker.conn.send(("attach", slots.path, slots.size, slots.count))
-        for worker in self.workers:
-            if worker.conn in wait([worker.conn, worker.process.sentinel], timeout=START_TIMEOUT):
-                with contextlib.suppress(EOFError, OSError):
-                    message = worker.conn.recv()
-                    worker.slots = message == ("attached", True)
-        return sum(w.slots for w in self.workers)
-
-    def idle(self) -> _Worker | None:
-        return next((w for w in self.workers if w.job is None), None)
-
-    def submit(self, worker: _Worker, index: int, job: tuple) -> None:
-        worker.job, worker.stage = index, "decode"
-        worker.conn.send(job)
-
-    def replace(self, worker: _Worker) -> None:
-        """A dead worker's place goes to a new one (raises if it cannot start)."""
-        worker.conn.close()
-        worker.process.join(1.0)
-        self.workers.remove(worker)
-        fresh = self._start()
-        self.workers.append(fresh)
-        self._await_ready(fresh)
-        self.replaced += 1
-
-    def close(self) -> None:
-        for worker in self.workers:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                worker.conn.send(None)
-        deadline = time.monotonic() + 5.0
-        for worker in self.workers:
-            if worker.job is None:
-                worker.process.join(max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():  # busy on a clip nobody wants any more
-                worker.process.kill()
-                worker.process.join(5.0)
-            worker.conn.close()
-        self.workers = []
-
-
-def start_pool(workers: int) -> CpuPool | None:
-    """The worker pool, or None (with one warning) when it cannot start: the batch then runs in-process."""
-    try:
-        return CpuPool(workers)
-    except Exception as exc:
-        log.warning("CPU worker pool of %d could not start (%s); labelling in this process instead", workers, exc)
-        return None
 
 
 def _result_outcome(video: PlannedVideo, result: tuple) -> PreparedVideo | Exception:
@@ -270,7 +101,7 @@ class _Frames:
         self.held: dict[int, int] = {}  # video index -> slot
         self.lock = threading.Lock()
 
-    def assign(self, index: int, worker: _Worker) -> int | None:
+    def assign(self, index: int, worker: PoolWorker) -> int | None:
         if self.slots is None or not worker.slots:
             return None
         slot = self.slots.take()
@@ -506,7 +337,7 @@ def _wait_for_work(pool, videos, wake_r, outcomes, lock, to_teacher, timings, pi
         pool.replace(worker)
 
 
-def _drain(worker: _Worker, videos, outcomes, lock, to_teacher, timings, pin, frames: _Frames) -> bool:
+def _drain(worker: PoolWorker, videos, outcomes, lock, to_teacher, timings, pin, frames: _Frames) -> bool:
     """Take in every message the worker has sent; False when its pipe is closed (it died)."""
     try:
         while worker.conn.poll():
