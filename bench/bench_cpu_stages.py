@@ -14,6 +14,9 @@ start and keyframes, as in a round), at the recipe's size (64 frames of 384x512,
     `too few features`, on the clips as they are and blurred (a Gaussian of sigma --blur px: fewer features,
     so the rule is exercised).
 
+It also decodes each clip through PyAV with swscale's area filter (the alternative to decord's bilinear scaler
+that the README weighs: other pixels), and prints its CPU and how far its frames are from decord's.
+
 With `--base COMMIT` (e.g. 36fd075, before decode and encode were cut) it also times decode, SIFT at
 `queries.SIFT_SCALE` and encode with that commit's package (`git archive` into a temporary folder, run in a
 subprocess on the same draws), and prints both, and their sums, in one run. On a host without the git
@@ -41,7 +44,7 @@ import numpy as np
 
 from pseudotrack.errors import SampleError
 from pseudotrack.tasks import queries as Q
-from pseudotrack.tasks.clip_codec import encode_clip
+from pseudotrack.tasks.clip_codec import encode_clip, psnr
 from pseudotrack.tasks.decode import decode_clip, probe_video
 from pseudotrack.tasks.prepare import video_rng
 
@@ -144,6 +147,27 @@ def h264_seconds(data: bytes, indices: np.ndarray) -> float:
         return time.process_time() - start
 
 
+def pyav_area_decode(data: bytes, indices: np.ndarray, height: int, width: int) -> tuple[float, np.ndarray]:
+    """(CPU seconds, frames) of the clip decoded by PyAV and brought to height x width by swscale's area filter.
+
+    Not the product's path (decord decodes and its bilinear scaler resizes): the alternative the README weighs,
+    which gives other pixels."""
+    import av
+
+    last, wanted = int(indices[-1]), set(indices.tolist())
+    out = []
+    t = time.process_time()
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        for n, frame in enumerate(container.decode(stream)):
+            if n in wanted:
+                out.append(frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA"))
+            if n >= last:
+                break
+    return time.process_time() - t, np.stack(out)
+
+
 def jpeg_seconds(frames: np.ndarray) -> float:
     """CPU seconds of libjpeg-turbo alone on a clip's frames at the stored quality and sampling."""
     from pseudotrack.tasks.clip_codec import CLIP_QUALITY, jpegs
@@ -185,7 +209,7 @@ def main() -> None:
     scales = list(dict.fromkeys(float(s) for s in args.scales.split(",")))
     paths = sorted(shared_videos().glob("*.mp4"))
     decode_s, encode_s, clips = [], [], 0
-    h264_s, jpeg_s = [], []
+    h264_s, jpeg_s, area_s, area_db = [], [], [], []
     sift_s = {s: [] for s in scales}
     stats = {
         (s, kind): {"found": [], "taken": [], "strong": [], "same": [], "fail": 0} for s in scales for kind in "cb"
@@ -205,6 +229,9 @@ def main() -> None:
             encode_s.append(time.process_time() - t)
             h264_s.append(h264_seconds(data, clip.frame_indices))
             jpeg_s.append(jpeg_seconds(clip.frames))
+            seconds, area = pyav_area_decode(data, clip.frame_indices, *clip.frames.shape[1:3])
+            area_s.append(seconds)
+            area_db.append(psnr(area, clip.frames))
             clips += 1
             blurred = np.stack([cv2.GaussianBlur(f, (0, 0), args.blur) for f in clip.frames])
             state = rng.bit_generator.state
@@ -231,6 +258,10 @@ def main() -> None:
     print(
         f"decode  {np.mean(decode_s):.3f} CPU s/clip, of which FFmpeg's H.264 decoder alone "
         f"{np.mean(h264_s):.3f} (the rest: probe, decord's scaler to RGB)"
+    )
+    print(
+        f"        decoded by PyAV with swscale's area filter instead (other pixels: {np.min(area_db):.1f}-"
+        f"{np.max(area_db):.1f} dB from decord's): {np.mean(area_s):.3f} CPU s/clip, without the probe"
     )
     print(
         f"encode  {np.mean(encode_s):.3f} CPU s/clip, of which libjpeg-turbo alone {np.mean(jpeg_s):.3f} "
