@@ -31,14 +31,14 @@ worker() {  # worker TEACHER SECONDS
 }
 nvidia-smi -L; nproc
 $py -c "import torch, decord, av, webdataset, cv2; print('torch', torch.__version__, torch.cuda.get_device_name())"
-worker cotracker3_offline 70
+worker cotracker3_offline 95
 step gpu_tests 60 $py -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline_cuda.py \
     tests/test_teacher_cotracker3.py tests/test_teacher_cotracker2.py tests/test_teacher_tapir.py \
     tests/test_teacher_batching.py
 step calibration 45 $py bench/bench_calibration.py --teachers lk cotracker3_offline cotracker3_online tapir \
     --device cuda
-worker cotracker3_online 60
-worker tapir 60
+worker cotracker3_online 85
+worker tapir 85
 step teachers 60 $py bench/bench_teachers.py --teachers cotracker3_offline cotracker3_online tapir --device cuda \
     --repeat 3 --profile
 step teachers_batch4 40 $py bench/bench_teachers.py --teachers cotracker3_offline tapir --device cuda --repeat 3 \
