@@ -126,46 +126,32 @@ def base_stage_seconds(commit: str, draws: int, frames: int, base_dir: str | Non
     return json.loads(out.strip().splitlines()[-1])
 
 
-def h264_seconds(data: bytes, indices: np.ndarray) -> float:
-    """CPU seconds of FFmpeg's decoder alone (PyAV, one thread, no conversion) on what a clip must decode.
+def pyav_decode(data: bytes, indices: np.ndarray, size: tuple[int, int] | None = None) -> tuple[float, np.ndarray]:
+    """(CPU seconds, frames) of PyAV decoding what a clip must decode, on one thread.
 
     That is the frames from the keyframe at or before the clip's first through its last, as decord decodes
-    them: the part of the decode stage no change of ours can cut without changing the pixels.
+    them; the clock starts at that keyframe. Without `size`: FFmpeg's decoder alone, no conversion (no frames
+    back), the part of the decode stage no change of ours can cut without changing the pixels. With `size`
+    (height, width): the clip's frames brought to it by swscale's area filter, the alternative to decord's
+    bilinear scaler the README weighs, which gives other pixels.
     """
     import av
 
-    first, last = int(indices[0]), int(indices[-1])
+    first, last, wanted = int(indices[0]), int(indices[-1]), set(indices.tolist())
+    out = []
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         start = time.process_time()
         for n, frame in enumerate(container.decode(stream)):
             if frame.key_frame and n <= first:
-                start = time.process_time()
+                start, out = time.process_time(), []
+            if size is not None and n in wanted:
+                out.append(frame.to_ndarray(width=size[1], height=size[0], format="rgb24", interpolation="AREA"))
             if n >= last:
                 break
-        return time.process_time() - start
-
-
-def pyav_area_decode(data: bytes, indices: np.ndarray, height: int, width: int) -> tuple[float, np.ndarray]:
-    """(CPU seconds, frames) of the clip decoded by PyAV and brought to height x width by swscale's area filter.
-
-    Not the product's path (decord decodes and its bilinear scaler resizes): the alternative the README weighs,
-    which gives other pixels."""
-    import av
-
-    last, wanted = int(indices[-1]), set(indices.tolist())
-    out = []
-    t = time.process_time()
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = 1
-        for n, frame in enumerate(container.decode(stream)):
-            if n in wanted:
-                out.append(frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA"))
-            if n >= last:
-                break
-    return time.process_time() - t, np.stack(out)
+        seconds = time.process_time() - start
+    return seconds, np.stack(out) if out else np.zeros((0,), np.uint8)
 
 
 def jpeg_seconds(frames: np.ndarray) -> float:
@@ -227,9 +213,9 @@ def main() -> None:
             t = time.process_time()
             encode_clip(clip.frames, clip.fps)
             encode_s.append(time.process_time() - t)
-            h264_s.append(h264_seconds(data, clip.frame_indices))
+            h264_s.append(pyav_decode(data, clip.frame_indices)[0])
             jpeg_s.append(jpeg_seconds(clip.frames))
-            seconds, area = pyav_area_decode(data, clip.frame_indices, *clip.frames.shape[1:3])
+            seconds, area = pyav_decode(data, clip.frame_indices, clip.frames.shape[1:3])
             area_s.append(seconds)
             area_db.append(psnr(area, clip.frames))
             clips += 1
