@@ -36,6 +36,14 @@ def slot_bytes(num_frames: int, height: int, width: int) -> int:
     return num_frames * height * width * 3
 
 
+def slot_array(mapping: mmap.mmap, size: int, slot: int, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 frames of `shape` at the start of `slot` in `mapping`, no copy.
+
+    `frombuffer` holds the mapping's buffer while the array lives, so the mapping cannot be closed under it
+    (`np.ndarray(buffer=...)` does not, and a close would leave it pointing at unmapped memory)."""
+    return np.frombuffer(mapping, np.uint8, int(np.prod(shape)), slot * size).reshape(shape)
+
+
 class FrameSlots:
     """The batch process's side: the slots, which are free, and numpy views of what workers wrote."""
 
@@ -81,9 +89,7 @@ class FrameSlots:
 
     def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
         """The frames a worker wrote into `slot` (no copy: valid until the slot is given back)."""
-        # frombuffer holds the mapping's buffer while the view lives, so `close` cannot unmap under it
-        count = int(np.prod(shape))
-        return np.frombuffer(self.map, np.uint8, count, slot * self.size).reshape(shape)
+        return slot_array(self.map, self.size, slot, shape)
 
     def close(self) -> None:
         """Unmap, unless views are still alive somewhere (then the mapping goes with the last of them)."""
@@ -107,9 +113,7 @@ class WorkerSlots:
         """Copy `frames` into `slot`; False (nothing written) when they do not fit."""
         if not 0 <= slot < self.count or frames.dtype != np.uint8 or frames.nbytes > self.size:
             return False
-        target = np.frombuffer(self.map, np.uint8, frames.size, slot * self.size).reshape(frames.shape)
-        target[...] = frames
-        del target
+        slot_array(self.map, self.size, slot, frames.shape)[...] = frames
         return True
 
     def close(self) -> None:
