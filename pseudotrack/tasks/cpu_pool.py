@@ -100,8 +100,8 @@ class CpuPool:
         worker.process.join(1.0)
         raise RuntimeError(f"a CPU worker process did not start ({signal_name(worker.process.exitcode)})")
 
-    def attach(self, slots: FrameSlots) -> int:
-        """Have every worker map `slots`; how many did (a worker that did not sends frames by pipe)."""
+    def attach(self, slots: FrameSlots) -> None:
+        """Have every worker map `slots` (a worker that did not sends its frames by pipe)."""
         for worker in self.workers:
             with contextlib.suppress(BrokenPipeError, OSError):
                 worker.conn.send(("attach", slots.path, slots.size, slots.count))
@@ -110,7 +110,6 @@ class CpuPool:
                 with contextlib.suppress(EOFError, OSError):
                     message = worker.conn.recv()
                     worker.slots = message == ("attached", True)
-        return sum(w.slots for w in self.workers)
 
     def idle(self) -> PoolWorker | None:
         return next((w for w in self.workers if w.job is None), None)

@@ -98,7 +98,7 @@ def worker_main(conn, fault_vars: dict[str, str]) -> None:
         if job is None:
             return
         if job[0] == "attach":
-            slots = attach(slots, *job[1:])
+            slots = attach(*job[1:])
             conn.send(("attached", slots is not None))
             continue
         index, video, data, config, names, slot = job
@@ -112,10 +112,8 @@ def worker_main(conn, fault_vars: dict[str, str]) -> None:
             return
 
 
-def attach(current: WorkerSlots | None, path: str, size: int, count: int) -> WorkerSlots | None:
-    """Map a batch's frame slots (dropping an earlier batch's); None when they cannot be mapped."""
-    if current is not None:
-        current.close()
+def attach(path: str, size: int, count: int) -> WorkerSlots | None:
+    """Map the batch's frame slots (a pool serves one batch, so once); None when they cannot be mapped."""
     try:
         return WorkerSlots(path, size, count)
     except (OSError, ValueError):
