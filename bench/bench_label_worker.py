@@ -162,14 +162,13 @@ def reaped_children_cpu() -> float:
     return total / ticks
 
 
-def label_costed(*args, **kwargs) -> tuple:
+def label_costed(bucket: Path, workspace: Path, workers: int, clips: int, teacher: str, device: str, **extra) -> tuple:
     """`label`, and the CPU seconds per clip of the batch's own process and of its CPU workers."""
-    own, workers = time.process_time(), reaped_children_cpu()
-    busy, rate, stages = label(*args, **kwargs)
+    own, reaped = time.process_time(), reaped_children_cpu()
+    busy, rate, stages = label(bucket, workspace, workers, clips, teacher, device, **extra)
     own = time.process_time() - own
     time.sleep(1.0)  # the forkserver reaps the stopped workers
-    clips = args[3]
-    return busy, rate, stages, own / clips, (reaped_children_cpu() - workers) / clips
+    return busy, rate, stages, own / clips, (reaped_children_cpu() - reaped) / clips
 
 
 def _brief(stages: dict) -> str:
